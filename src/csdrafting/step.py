@@ -1,0 +1,183 @@
+"""One cascade step: build a draft through the cascade, have the target verify it.
+
+Levels are indexed ``0`` (target), ``1 .. m`` (neural drafters, largest first) and ``m + 1``
+(MaG, when on). Drafter level ``c`` is column ``c - 1`` of the K-matrix and, as a reviewer, row ``c``.
+
+The step walks the K-matrix (see ``kmatrix.py``):
+1. ``_fill(0)``: the target's draft is filled left to right by the drafters of row 0 (horizontal).
+2. A neural drafter contributes tokens by reviewing a draft filled, recursively, by the levels
+   below it (``_fill(c)``; vertical) and appending its accepted prefix plus its own next token.
+   MaG contributes tokens by proposing them directly.
+3. The target runs the whole draft in one forward and verifies it exactly (lenience 1).
+
+In sampling mode every draft token travels with the distribution it was drawn from (a point mass
+for MaG, the induced law ``pi`` of ``verify.py`` for a neural reviewer's tokens) because the
+next review's acceptance test is exact only against that distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import verify
+from .kmatrix import KMatrix
+from .levels.mag import MaG
+from .levels.model import ModelLevel
+from .sampling import SamplingParams, warp
+from .stats import ReviewCounters
+
+
+class Draft:
+    """Draft tokens, the level each was first proposed by, and (sampling) the law it follows."""
+
+    __slots__ = ("tokens", "origins", "probs")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.origins: list[int] = []
+        self.probs: list[torch.Tensor | None] = []  # (V,) per token; None = point mass
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, tokens: list[int], origins: list[int], probs: list[torch.Tensor | None]) -> None:
+        self.tokens.extend(tokens)
+        self.origins.extend(origins)
+        self.probs.extend(probs)
+
+    def cut(self, length: int) -> None:
+        del self.tokens[length:], self.origins[length:], self.probs[length:]
+
+
+class CascadeStep:
+    """The draft-review-verify machinery over one set of levels. Holds no sequence of its own:
+    each call gets the committed token ids; the levels' caches memoise what they have run."""
+
+    def __init__(
+        self,
+        target: ModelLevel,
+        drafters: list[ModelLevel],
+        mag: MaG | None,
+        k_matrix: KMatrix,
+        lenience: float,
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.levels: list[ModelLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
+        self.k_matrix = k_matrix
+        self.lenience = lenience
+        self.eos_ids = eos_ids
+        self.names = [level.name for level in self.levels]
+        self.begin(SamplingParams(), None, stop_at_eos=False)
+
+    def begin(self, params: SamplingParams, generator: torch.Generator | None, stop_at_eos: bool) -> None:
+        """Reset every level and counter for a new generation."""
+        self.params = params
+        self.generator = generator
+        self.stop_at_eos = stop_at_eos
+        self.num_committed = 0
+        for level in self.levels:
+            level.reset()
+        self.reviews = [ReviewCounters() for _ in self.levels]
+        self._one_hot_cache: dict[int, torch.Tensor] = {}
+
+    def prefill(self, prompt_ids: list[int]) -> None:
+        """Cache the prompt (all but its last token, which the first step runs) in every level."""
+        self.num_committed = len(prompt_ids)
+        for level in self.levels:
+            if isinstance(level, ModelLevel):
+                level.prefill(prompt_ids[:-1])
+            else:
+                level.observe(prompt_ids, len(prompt_ids))  # builds MaG's index
+
+    def step(self, ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """Emit between 1 and ``max_tokens`` new tokens after the committed ``ids``; returns the
+        tokens and, for each, the level that first proposed it (0 = the target itself)."""
+        self.num_committed = len(ids)
+        draft = self._fill(0, ids, max_tokens - 1)
+        outcome = self._review(0, ids, draft, lenience=1.0)
+        num_accepted = outcome.num_accepted
+        tokens = draft.tokens[:num_accepted] + [outcome.next_token]
+        origins = draft.origins[:num_accepted] + [0]
+        return tokens, origins
+
+    def _fill(self, reviewer: int, context: list[int], limit: int) -> Draft:
+        """The draft that level ``reviewer`` will review after ``context``: at most ``limit`` tokens,
+        filled by the drafters of row ``reviewer`` of the K-matrix, larger drafters first."""
+        draft = Draft()
+        if reviewer >= self.k_matrix.size or limit <= 0:
+            return draft  # no drafters below: the reviewer decodes autoregressively
+        ends = self.k_matrix.cumulative(reviewer)
+        for column in range(reviewer, self.k_matrix.size):
+            goal = min(ends[column], limit)
+            while len(draft) < goal:
+                self._extend(column + 1, context + draft.tokens, draft, goal - len(draft), limit - len(draft))
+                if self.stop_at_eos and self._cut_after_eos(draft):
+                    return draft  # positions after an EOS can never be emitted
+        return draft
+
+    def _extend(self, level_index: int, context: list[int], draft: Draft, need: int, room: int) -> None:
+        """Append at least one token (at most ``room``) from level ``level_index`` to ``draft``."""
+        level = self.levels[level_index]
+        if isinstance(level, MaG):
+            tokens = level.propose(context, self.num_committed, need)
+            draft.add(tokens, [level_index] * need, [None] * need)
+            return
+        sub = self._fill(level_index, context, room - 1)  # room - 1: leave space for its own token
+        outcome = self._review(level_index, context, sub, self.lenience)
+        num_accepted = outcome.num_accepted
+        probs = list(outcome.token_probs) if outcome.token_probs is not None else [None] * (num_accepted + 1)
+        draft.add(sub.tokens[:num_accepted] + [outcome.next_token], sub.origins[:num_accepted] + [level_index], probs)
+
+    def _review(self, level_index: int, context: list[int], draft: Draft, lenience: float) -> verify.ReviewOutcome:
+        """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
+        level = self.levels[level_index]
+        logits = level.next_token_logits(context + draft.tokens, len(draft) + 1)  # (K + 1, V)
+        if self.params.greedy:
+            outcome = verify.review_greedy(logits, draft.tokens, lenience)
+        else:
+            probs = warp(logits, self.params)  # (K + 1, V)
+            draft_probs = self._stack_probs(draft, probs) if len(draft) else None
+            outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
+        if len(draft):
+            self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
+        return outcome
+
+    def _stack_probs(self, draft: Draft, like: torch.Tensor) -> torch.Tensor:
+        """(K, V) draft laws; point masses (MaG) become one-hot rows."""
+        rows = []
+        for token, row in zip(draft.tokens, draft.probs):
+            if row is None:
+                row = self._one_hot_cache.get(token)
+                if row is None:
+                    row = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
+                    row[token] = 1
+                    self._one_hot_cache[token] = row
+            rows.append(row.to(like.dtype))
+        return torch.stack(rows)
+
+    def _cut_after_eos(self, draft: Draft) -> bool:
+        for i, token in enumerate(draft.tokens):
+            if token in self.eos_ids:
+                draft.cut(i + 1)
+                return True
+        return False
+
+    def level_stats(self, emitted: list[int]) -> list[dict]:
+        """Per-level statistics; ``emitted[i]``: output tokens level i proposed first."""
+        out = []
+        for i, level in enumerate(self.levels):
+            kind = "target" if i == 0 else ("mag" if isinstance(level, MaG) else "drafter")
+            entry = {"name": level.name, "kind": kind, "emitted": emitted[i]}
+            if isinstance(level, ModelLevel):
+                entry.update(
+                    forward_calls=level.counters.forward_calls,
+                    tokens_run=level.counters.tokens_run,
+                    num_params=level.num_params,
+                    runner=level.runner_name,
+                )
+            else:
+                entry.update(forward_calls=level.propose_calls, tokens_run=0, num_params=0, runner="mag")
+            if kind != "mag":
+                entry["review"] = self.reviews[i].as_dict()
+            out.append(entry)
+        return out
