@@ -14,7 +14,8 @@ import torch
 
 from .errors import ConfigError, GenerationInputError, ModelLoadError
 from .kmatrix import KMatrix
-from .levels.mag import MaG, BigramTable
+from .levels.base import NeuralLevel
+from .levels.mag import BigramTable, MaG
 from .levels.model import ModelLevel
 from .output import OutputCollector
 from .sampling import SamplingParams
@@ -134,21 +135,23 @@ class Cascade:
         if runner not in ("auto", "lean", "transformers"):
             raise ConfigError(f"runner must be 'auto', 'lean' or 'transformers', got {runner!r}")
         names = list(names) if names is not None else ["target"] + [f"drafter{i + 1}" for i in range(len(drafters))]
-        vocab_size = int(target.config.vocab_size)
-        for name, model in zip(names[1:], drafters):
-            if int(model.config.vocab_size) != vocab_size:
+        self.tokenizer = tokenizer
+        self.target = _as_level(names[0], target, runner)
+        self.drafters = [_as_level(name, model, runner) for name, model in zip(names[1:], drafters)]
+        vocab_size = self.target.vocab_size
+        for level in self.drafters:
+            if level.vocab_size != vocab_size:
                 raise ModelLoadError(
-                    f"drafter {name} has a vocabulary of {model.config.vocab_size} tokens, the target "
+                    f"drafter {level.name} has a vocabulary of {level.vocab_size} tokens, the target "
                     f"{vocab_size}: drafters must share the target's tokenizer"
                 )
-        self.tokenizer = tokenizer
-        self.target = ModelLevel(names[0], target, runner)
-        self.drafters = [ModelLevel(name, model, runner) for name, model in zip(names[1:], drafters)]
         if isinstance(mag, MaG):
             self.mag = mag
         elif mag:
             if bigram is not None and bigram.vocab_size != vocab_size:
-                raise ConfigError(f"bigram table covers {bigram.vocab_size} tokens, the target's vocabulary {vocab_size}")
+                raise ConfigError(
+                    f"bigram table covers {bigram.vocab_size} tokens, the target's vocabulary {vocab_size}"
+                )
             self.mag = MaG(bigram)
         else:
             self.mag = None
@@ -159,7 +162,7 @@ class Cascade:
             self.k_matrix = KMatrix.parse(k_matrix, num_drafting)
         self.lenience = float(lenience)
         if eos_token_ids is None:
-            eos_token_ids = _eos_ids(target, tokenizer)
+            eos_token_ids = _eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = self.target.device
         self.max_context = self.target.max_positions
@@ -186,6 +189,9 @@ class Cascade:
         """
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
+        for path in [target, *drafters]:
+            if not (Path(path) / "config.json").is_file():
+                raise ModelLoadError(f"no model at {path!s}: expected a folder with config.json and weights")
         tokenizer = load_tokenizer(target)
         for path in drafters:
             _check_same_tokenizer(tokenizer, path)
@@ -222,7 +228,7 @@ class Cascade:
             "k_matrix": self.k_matrix.as_lists(),
             "lenience": self.lenience,
             "device": str(self.device),
-            "dtype": str(self.target.backend.dtype if hasattr(self.target.backend, "dtype") else "").replace("torch.", ""),
+            "dtype": str(getattr(getattr(self.target, "backend", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,
         }
 
@@ -243,7 +249,9 @@ class Cascade:
                 raise GenerationInputError("prompt must be a string or a sequence of token ids") from None
             bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
             if bad:
-                raise GenerationInputError(f"token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})")
+                raise GenerationInputError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self.target.vocab_size - 1})"
+                )
         if not ids:
             raise GenerationInputError("prompt is empty (it encodes to no tokens)")
         return ids
@@ -364,6 +372,15 @@ class Cascade:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _as_level(name: str, model, runner: str) -> NeuralLevel:
+    """A transformers model becomes a ModelLevel; an object that already is a level is kept."""
+    if isinstance(model, torch.nn.Module):
+        return ModelLevel(name, model, runner)
+    if isinstance(model, NeuralLevel):
+        return model
+    raise ConfigError(f"{name} must be a transformers causal LM or a NeuralLevel, got {type(model).__name__}")
 
 
 def _runs(origins: list[int], start: int) -> Iterator[tuple[int, int, int]]:

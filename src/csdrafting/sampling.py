@@ -35,11 +35,11 @@ class SamplingParams:
             raise GenerationInputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.temperature < 0:
             raise GenerationInputError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise GenerationInputError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and (
-            not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0)
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
+            raise GenerationInputError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0)):
             raise GenerationInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise GenerationInputError(f"seed must be a non-negative integer or None, got {self.seed!r}")

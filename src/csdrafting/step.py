@@ -22,7 +22,7 @@ import torch
 from . import verify
 from .kmatrix import KMatrix
 from .levels.mag import MaG
-from .levels.model import ModelLevel
+from .levels.base import NeuralLevel
 from .sampling import SamplingParams, warp
 from .stats import ReviewCounters
 
@@ -55,14 +55,14 @@ class CascadeStep:
 
     def __init__(
         self,
-        target: ModelLevel,
-        drafters: list[ModelLevel],
+        target: NeuralLevel,
+        drafters: list[NeuralLevel],
         mag: MaG | None,
         k_matrix: KMatrix,
         lenience: float,
         eos_ids: frozenset[int],
     ) -> None:
-        self.levels: list[ModelLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
+        self.levels: list[NeuralLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
         self.k_matrix = k_matrix
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -84,10 +84,10 @@ class CascadeStep:
         """Cache the prompt (all but its last token, which the first step runs) in every level."""
         self.num_committed = len(prompt_ids)
         for level in self.levels:
-            if isinstance(level, ModelLevel):
-                level.prefill(prompt_ids[:-1])
-            else:
+            if isinstance(level, MaG):
                 level.observe(prompt_ids, len(prompt_ids))  # builds MaG's index
+            else:
+                level.prefill(prompt_ids[:-1])
 
     def step(self, ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
         """Emit between 1 and ``max_tokens`` new tokens after the committed ``ids``; returns the
@@ -168,15 +168,15 @@ class CascadeStep:
         for i, level in enumerate(self.levels):
             kind = "target" if i == 0 else ("mag" if isinstance(level, MaG) else "drafter")
             entry = {"name": level.name, "kind": kind, "emitted": emitted[i]}
-            if isinstance(level, ModelLevel):
+            if isinstance(level, MaG):
+                entry.update(forward_calls=level.propose_calls, tokens_run=0, num_params=0, runner="mag")
+            else:
                 entry.update(
                     forward_calls=level.counters.forward_calls,
                     tokens_run=level.counters.tokens_run,
                     num_params=level.num_params,
                     runner=level.runner_name,
                 )
-            else:
-                entry.update(forward_calls=level.propose_calls, tokens_run=0, num_params=0, runner="mag")
             if kind != "mag":
                 entry["review"] = self.reviews[i].as_dict()
             out.append(entry)

@@ -50,11 +50,13 @@ class LlamaRunner:
         self.layers = []
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}."
-            w = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             self.layers.append(
                 (
                     w["input_layernorm.weight"],
-                    torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
+                    torch.cat(
+                        [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]
+                    ),
                     w["self_attn.o_proj.weight"],
                     w["post_attention_layernorm.weight"],
                     torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),

@@ -113,9 +113,7 @@ class ModelLevel:
         """
         start = min(common_prefix_length(self._ids, ids), len(ids) - num_positions)
         new_ids = ids[start:]
-        logits = self.backend.forward(
-            torch.tensor(new_ids, dtype=torch.long, device=self.device), start, num_positions
-        )
+        logits = self.backend.forward(torch.tensor(new_ids, dtype=torch.long, device=self.device), start, num_positions)
         self._ids = list(ids)
         self.counters.forward_calls += 1
         self.counters.tokens_run += len(new_ids)

@@ -1,0 +1,229 @@
+"""The ``csd`` command. ``main(argv) -> int`` runs in-process (the tests call it directly).
+
+Each subcommand lives in a function ``cmd_<name>(args) -> int``; user errors (``CSDraftingError``)
+become one ``error: ...`` line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, CSDraftingError
+
+# The embedded default family (shipped in the repository's models/ folder).
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_TARGET = MODELS_DIR / "pycode-22m"
+DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
+
+
+def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose and configure the cascade (shared by generate, bench and serve)."""
+    group = parser.add_argument_group("cascade")
+    group.add_argument("--target", help=f"target model folder (default: the embedded {DEFAULT_TARGET.name})")
+    group.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="drafter model folder, largest first; repeat for more (default with no --target: "
+        + " + ".join(p.name for p in DEFAULT_DRAFTERS)
+        + ")",
+    )
+    group.add_argument("--no-mag", action="store_true", help="turn off the MaG statistical drafter")
+    group.add_argument(
+        "--bigram", help="MaG bigram table (.npy from `csd build-bigram`; default: csd_bigram.npy in the target folder)"
+    )
+    group.add_argument(
+        "--k-matrix",
+        help='K-matrix as JSON "[[2,1,4],[0,1,3],[0,0,3]]" or upper-triangle shorthand "2,1,4;1,3;3"',
+    )
+    group.add_argument(
+        "--lenience", type=float, default=1.0, help="how leniently drafters review smaller drafters (>= 1)"
+    )
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: float32)")
+    group.add_argument("--runner", default="auto", choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+
+
+def cascade_from_args(args):
+    from .cascade import Cascade
+
+    target = args.target or str(DEFAULT_TARGET)
+    if args.drafter is not None:
+        drafters = args.drafter
+    else:
+        drafters = [str(p) for p in DEFAULT_DRAFTERS] if args.target is None else []
+    return Cascade.from_pretrained(
+        target,
+        drafters,
+        mag=not args.no_mag,
+        k_matrix=args.k_matrix,
+        lenience=args.lenience,
+        device=args.device,
+        dtype=args.dtype,
+        bigram=args.bigram,
+        runner=args.runner,
+    )
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ConfigError("give either --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read prompt file {args.prompt_file}: {exc}") from None
+    if args.prompt is None:
+        raise ConfigError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    return args.prompt
+
+
+def cmd_generate(args) -> int:
+    prompt = _read_prompt(args)
+    cascade = cascade_from_args(args)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        stop=args.stop,
+    )
+    if args.stream and not args.json:
+        for chunk in cascade.stream(prompt, **options):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            if chunk.stats is not None:
+                stats = chunk.stats
+        sys.stdout.write("\n")
+        print(_summary(stats), file=sys.stderr)
+        return 0
+    result = cascade.generate(prompt, **options)
+    if args.json:
+        payload = result.as_dict()
+        payload["config"] = cascade.describe()
+        print(json.dumps(payload))
+    else:
+        print(result.text)
+        print(_summary(result.stats), file=sys.stderr)
+    return 0
+
+
+def _summary(stats) -> str:
+    rate = stats.acceptance_rate
+    accept = f", acceptance {rate:.2f}" if rate is not None else ""
+    return (
+        f"[{stats.num_new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+        f"{stats.mean_acceptance_length:.2f} tokens per target step{accept}, finish: {stats.finish_reason}]"
+    )
+
+
+def cmd_build_bigram(args) -> int:
+    from .cascade import load_tokenizer
+    from .levels.mag import BigramTable
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    files: list[Path] = []
+    for item in args.corpus:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob(f"*{args.suffix}") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"corpus path not found: {item}")
+    if not files:
+        raise ConfigError(f"no corpus files found (looked for *{args.suffix} under the given folders)")
+    vocab_size = len(tokenizer)
+
+    def sequences():
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # unreadable files are skipped, as a corpus often has a few
+            if text:
+                yield tokenizer(text)["input_ids"]
+
+    table = BigramTable.from_token_ids(sequences(), vocab_size)
+    table.save(args.output)
+    known = int((table.next_token >= 0).sum())
+    print(f"wrote {args.output}: {known} of {vocab_size} tokens have a successor, from {len(files)} files")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csd",
+        description="Cascade Speculative Drafting: faster, lossless generation with the drafters you already have.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text with the cascade")
+    add_cascade_arguments(gen)
+    prompt = gen.add_argument_group("prompt and sampling")
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="read the prompt from this file")
+    prompt.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default: 128)")
+    prompt.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    prompt.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    prompt.add_argument("--top-p", type=float, default=None, help="sample from the top-p probability mass")
+    prompt.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    prompt.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string; repeatable")
+    prompt.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (fixed-length runs)")
+    prompt.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    prompt.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, stats, config")
+    gen.set_defaults(func=cmd_generate)
+
+    big = sub.add_parser("build-bigram", help="build MaG's bigram table from a text corpus")
+    big.add_argument("--tokenizer", required=True, help="folder with the model's tokenizer")
+    big.add_argument("--output", required=True, help="where to write the table (.npy)")
+    big.add_argument("--suffix", default=".py", help="file suffix to collect from corpus folders (default: .py)")
+    big.add_argument("corpus", nargs="+", help="corpus files or folders")
+    big.set_defaults(func=cmd_build_bigram)
+
+    for module in _EXTENSIONS:
+        module.add_parser(sub)
+    return parser
+
+
+def _load_extensions() -> list:
+    """Subcommands defined in other modules (bench, tune, serve), registered when present."""
+    import importlib
+
+    found = []
+    for name in ("csdrafting.bench.cli", "csdrafting.tune.cli", "csdrafting.server.cli"):
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+    return found
+
+
+_EXTENSIONS = _load_extensions()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CSDraftingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
