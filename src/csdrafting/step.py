@@ -21,8 +21,8 @@ import torch
 
 from . import verify
 from .kmatrix import KMatrix
-from .levels.mag import MaG
 from .levels.base import NeuralLevel
+from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .stats import ReviewCounters
 
