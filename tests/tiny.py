@@ -1,0 +1,224 @@
+"""Shared helpers for the tests: tiny enumerable language models and tiny real transformers models.
+
+``TableLevel`` is a table-lookup language model implementing the ``NeuralLevel`` protocol
+(``csdrafting.levels.base``): its next-token logits depend only on (position, last token) or on
+the last two tokens, so the exact joint law of a few generated tokens can be enumerated.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+from csdrafting.sampling import SamplingParams, warp
+
+
+@dataclass
+class TableCounters:
+    forward_calls: int = 0
+    tokens_run: int = 0
+
+
+class TableLevel:
+    """A language model that is a lookup table.
+
+    mode "position": ``table`` (P, V, V); the logits after ``ids`` are ``table[len(ids) - 1, ids[-1]]``.
+    mode "bigram":   ``table`` (V, V, V); the logits after ``ids`` are ``table[ids[-2], ids[-1]]``
+                     (a single-token context uses ``ids[-1]`` twice).
+    It keeps a pretend cache (the ids it was last run on) so ``counters.tokens_run`` counts what a
+    real KV-cached level would run.
+    """
+
+    runner_name = "table"
+
+    def __init__(self, name: str, table: torch.Tensor, mode: str = "position", max_positions: int = 64) -> None:
+        assert mode in ("position", "bigram")
+        self.name = name
+        self.table = table.to(torch.float64)
+        self.mode = mode
+        self.vocab_size = int(table.shape[-1])
+        self.max_positions = max_positions if mode == "bigram" else min(max_positions, int(table.shape[0]))
+        self.num_params = int(table.numel())
+        self.device = torch.device("cpu")
+        self.counters = TableCounters()
+        self._ids: list[int] = []
+
+    def reset(self) -> None:
+        self._ids = []
+        self.counters = TableCounters()
+
+    def logits_after(self, ids: list[int]) -> torch.Tensor:
+        """(V,) next-token logits after the context ``ids``."""
+        if self.mode == "position":
+            return self.table[len(ids) - 1, ids[-1]]
+        prev = ids[-2] if len(ids) >= 2 else ids[-1]
+        return self.table[prev, ids[-1]]
+
+    def _ran(self, ids: list[int], first_needed: int) -> None:
+        shared = 0
+        while shared < min(len(self._ids), len(ids)) and self._ids[shared] == ids[shared]:
+            shared += 1
+        start = min(shared, first_needed)
+        self.counters.tokens_run += len(ids) - start
+        self._ids = list(ids)
+
+    def prefill(self, ids: list[int]) -> None:
+        if ids:
+            self._ran(ids, len(ids))
+
+    def next_token_logits(self, ids: list[int], num_positions: int) -> torch.Tensor:
+        assert 1 <= num_positions <= len(ids) <= self.max_positions
+        rows = [self.logits_after(ids[: len(ids) - num_positions + i + 1]) for i in range(num_positions)]
+        self.counters.forward_calls += 1
+        self._ran(ids, len(ids) - num_positions)
+        return torch.stack(rows)  # (num_positions, V)
+
+
+def random_table(seed: int, vocab_size: int, mode: str = "position", positions: int = 16, scale: float = 1.5):
+    """Random logits for a TableLevel (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (positions, vocab_size, vocab_size) if mode == "position" else (vocab_size,) * 3
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+def exact_joint(level: TableLevel, prompt: list[int], num_tokens: int, params: SamplingParams) -> dict:
+    """{(t1, .., tn): probability} of the next ``num_tokens`` tokens under the level's warped law."""
+    out = {}
+    vocab = range(level.vocab_size)
+    for seq in itertools.product(vocab, repeat=num_tokens):
+        prob = 1.0
+        ids = list(prompt)
+        for token in seq:
+            probs = warp(level.logits_after(ids).unsqueeze(0), params)[0]
+            prob *= float(probs[token])
+            ids.append(token)
+            if prob == 0.0:
+                break
+        out[seq] = prob
+    return out
+
+
+def chisquare_pvalue(counts: dict, expected_probs: dict, min_expected: float = 5.0) -> float:
+    """Pearson chi-square p-value of observed ``counts`` against ``expected_probs``.
+
+    Outcomes with probability 0 must never be observed (any such observation returns 0.0).
+    Outcomes whose expected count is below ``min_expected`` are pooled into one bin.
+    """
+    total = sum(counts.values())
+    for outcome in counts:
+        if expected_probs.get(outcome, 0.0) == 0.0 and counts[outcome] > 0:
+            return 0.0
+    observed, expected = [], []
+    pool_obs, pool_exp = 0, 0.0
+    for outcome, prob in expected_probs.items():
+        if prob == 0.0:
+            continue
+        exp = prob * total
+        if exp < min_expected:
+            pool_obs += counts.get(outcome, 0)
+            pool_exp += exp
+        else:
+            observed.append(counts.get(outcome, 0))
+            expected.append(exp)
+    if pool_exp > 0:
+        observed.append(pool_obs)
+        expected.append(pool_exp)
+    observed = np.asarray(observed, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    expected *= observed.sum() / expected.sum()  # absorb float round-off of the probabilities
+    if len(observed) < 2:
+        return 1.0
+    return float(stats.chisquare(observed, expected).pvalue)
+
+
+# -- tiny real transformers models --------------------------------------------------------------
+
+
+def tiny_llama(
+    seed: int,
+    vocab_size: int = 96,
+    hidden_size: int = 48,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    init: float = 0.3,
+    eos_token_id: int | None = None,
+    max_positions: int = 256,
+):
+    """A randomly initialised float64 LlamaForCausalLM (peaky logits, so greedy has few near-ties)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        initializer_range=init,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+def tiny_gpt2(seed: int, vocab_size: int = 96, hidden_size: int = 48, init: float = 0.3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        initializer_range=init,
+        bos_token_id=None,
+        eos_token_id=None,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).to(torch.float64).eval()
+
+
+def copy_model(model):
+    """An independent copy with identical weights."""
+    clone = type(model)(model.config).to(torch.float64).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def noisy_copy(model, seed: int, scale: float):
+    """The model's weights plus Gaussian noise of ``scale`` times each tensor's std."""
+    clone = copy_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clone.parameters():
+            std = float(param.std()) if param.numel() > 1 else 1.0
+            param.add_(torch.randn(param.shape, generator=g, dtype=param.dtype) * std * scale)
+    return clone
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy decoding with transformers' own ``generate`` (no EOS stopping)."""
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
