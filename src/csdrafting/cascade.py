@@ -127,6 +127,7 @@ class Cascade:
         names: Sequence[str] | None = None,
         runner: str = "auto",
         eos_token_ids: Sequence[int] | None = None,
+        adaptive: bool | None = None,
     ) -> None:
         if isinstance(lenience, bool) or not isinstance(lenience, (int, float)) or not math.isfinite(lenience):
             raise ConfigError(f"lenience must be a number >= 1, got {lenience!r}")
@@ -156,17 +157,22 @@ class Cascade:
         else:
             self.mag = None
         num_drafting = len(self.drafters) + int(self.mag is not None)
-        if k_matrix is None or k_matrix == "default":
+        automatic = k_matrix is None or (isinstance(k_matrix, str) and k_matrix in ("auto", "default"))
+        if automatic:
             self.k_matrix = KMatrix.default(len(self.drafters), self.mag is not None)
         else:
             self.k_matrix = KMatrix.parse(k_matrix, num_drafting)
+        # "auto" adapts the schedule online; an explicit K-matrix is used as given unless asked
+        self.adaptive = bool(automatic if adaptive is None else adaptive)
         self.lenience = float(lenience)
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = self.target.device
         self.max_context = self.target.max_positions
-        self._step = CascadeStep(self.target, self.drafters, self.mag, self.k_matrix, self.lenience, self.eos_token_ids)
+        self._step = CascadeStep(
+            self.target, self.drafters, self.mag, self.k_matrix, self.lenience, self.eos_token_ids, self.adaptive
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -181,6 +187,7 @@ class Cascade:
         dtype: str = "float32",
         bigram: str | Path | None = None,
         runner: str = "auto",
+        adaptive: bool | None = None,
     ) -> Cascade:
         """Load a target and drafters from local Hugging Face folders.
 
@@ -215,6 +222,31 @@ class Cascade:
             bigram=table,
             names=names,
             runner=runner,
+            adaptive=adaptive,
+        )
+
+    @classmethod
+    def from_config(cls, config, runner: str = "auto") -> Cascade:
+        """Build from a ``CascadeConfig``, a dict of its fields, or a path to a JSON config file."""
+        from .config import CascadeConfig
+
+        if isinstance(config, (str, Path)):
+            config = CascadeConfig.load(config)
+        elif isinstance(config, dict):
+            config = CascadeConfig.from_dict(config)
+        if config.target is None:
+            raise ConfigError("the configuration names no target model")
+        return cls.from_pretrained(
+            config.target,
+            config.drafters,
+            mag=config.mag,
+            k_matrix=config.k_matrix,
+            lenience=config.lenience,
+            device=config.device,
+            dtype=config.dtype,
+            bigram=config.bigram,
+            runner=runner,
+            adaptive=config.adaptive,
         )
 
     # -- configuration -------------------------------------------------------------------------
@@ -227,6 +259,7 @@ class Cascade:
             "mag": self.mag is not None,
             "k_matrix": self.k_matrix.as_lists(),
             "lenience": self.lenience,
+            "adaptive": self.adaptive,
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "backend", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,

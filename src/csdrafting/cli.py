@@ -20,8 +20,12 @@ DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
 
 
 def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose and configure the cascade (shared by generate, bench and serve)."""
+    """Flags that choose and configure the cascade (shared by generate, bench, tune and serve).
+
+    Precedence: a flag given on the command line, then the --config file, then the defaults.
+    """
     group = parser.add_argument_group("cascade")
+    group.add_argument("--config", help="cascade configuration file (JSON, e.g. written by `csd tune`)")
     group.add_argument("--target", help=f"target model folder (default: the embedded {DEFAULT_TARGET.name})")
     group.add_argument(
         "--drafter",
@@ -32,41 +36,59 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         + " + ".join(p.name for p in DEFAULT_DRAFTERS)
         + ")",
     )
-    group.add_argument("--no-mag", action="store_true", help="turn off the MaG statistical drafter")
+    group.add_argument(
+        "--no-mag", action="store_const", const=True, default=None, help="turn off the MaG statistical drafter"
+    )
     group.add_argument(
         "--bigram", help="MaG bigram table (.npy from `csd build-bigram`; default: csd_bigram.npy in the target folder)"
     )
     group.add_argument(
         "--k-matrix",
-        help='K-matrix as JSON "[[2,1,4],[0,1,3],[0,0,3]]" or upper-triangle shorthand "2,1,4;1,3;3"',
+        help='"auto" (default: a starting point adapted online), JSON "[[2,1,4],[0,1,3],[0,0,3]]" '
+        'or upper-triangle shorthand "2,1,4;1,3;3" (used as given)',
     )
     group.add_argument(
-        "--lenience", type=float, default=1.0, help="how leniently drafters review smaller drafters (>= 1)"
+        "--adaptive", choices=["on", "off"], default=None, help="adapt draft lengths online (default: on for auto)"
     )
-    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: float32)")
+    group.add_argument(
+        "--lenience", type=float, default=None, help="how leniently drafters review smaller drafters (>= 1; default 1)"
+    )
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32)")
     group.add_argument("--runner", default="auto", choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+
+
+def config_from_args(args):
+    """The cascade configuration the flags (and --config file) describe."""
+    from dataclasses import replace
+
+    from .config import CascadeConfig
+
+    config = CascadeConfig.load(args.config) if getattr(args, "config", None) else CascadeConfig()
+    changes = {}
+    if args.target is not None:
+        changes["target"] = args.target
+        changes["drafters"] = args.drafter or []
+    elif args.drafter is not None:
+        changes["drafters"] = args.drafter
+    if config.target is None and args.target is None:
+        changes["target"] = str(DEFAULT_TARGET)
+        if args.drafter is None and not config.drafters:
+            changes["drafters"] = [str(p) for p in DEFAULT_DRAFTERS]
+    if args.no_mag:
+        changes["mag"] = False
+    for name in ("bigram", "k_matrix", "lenience", "device", "dtype"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.adaptive is not None:
+        changes["adaptive"] = args.adaptive == "on"
+    return replace(config, **changes)
 
 
 def cascade_from_args(args):
     from .cascade import Cascade
 
-    target = args.target or str(DEFAULT_TARGET)
-    if args.drafter is not None:
-        drafters = args.drafter
-    else:
-        drafters = [str(p) for p in DEFAULT_DRAFTERS] if args.target is None else []
-    return Cascade.from_pretrained(
-        target,
-        drafters,
-        mag=not args.no_mag,
-        k_matrix=args.k_matrix,
-        lenience=args.lenience,
-        device=args.device,
-        dtype=args.dtype,
-        bigram=args.bigram,
-        runner=args.runner,
-    )
+    return Cascade.from_config(config_from_args(args), runner=args.runner)
 
 
 def _read_prompt(args) -> str:

@@ -16,6 +16,9 @@ class ReviewCounters:
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_origin: dict[str, int] = field(default_factory=dict)
     accepted_by_origin: dict[str, int] = field(default_factory=dict)
+    # origin -> per draft position counts: acceptance of each proposer's tokens by position
+    drafted_by_origin_position: dict[str, list[int]] = field(default_factory=dict)
+    accepted_by_origin_position: dict[str, list[int]] = field(default_factory=dict)
 
     def record(self, origins: list[str], num_accepted: int) -> None:
         num_draft = len(origins)
@@ -29,9 +32,16 @@ class ReviewCounters:
         for i, origin in enumerate(origins):
             self.drafted_by_position[i] += 1
             self.drafted_by_origin[origin] = self.drafted_by_origin.get(origin, 0) + 1
+            drafted_here = self.drafted_by_origin_position.setdefault(origin, [])
+            accepted_here = self.accepted_by_origin_position.setdefault(origin, [])
+            if len(drafted_here) <= i:
+                drafted_here.extend([0] * (i + 1 - len(drafted_here)))
+                accepted_here.extend([0] * (i + 1 - len(accepted_here)))
+            drafted_here[i] += 1
             if i < num_accepted:
                 self.accepted_by_position[i] += 1
                 self.accepted_by_origin[origin] = self.accepted_by_origin.get(origin, 0) + 1
+                accepted_here[i] += 1
 
     def as_dict(self) -> dict:
         return {
@@ -48,6 +58,8 @@ class ReviewCounters:
             ],
             "drafted_by_origin": dict(self.drafted_by_origin),
             "accepted_by_origin": dict(self.accepted_by_origin),
+            "drafted_by_origin_position": {k: list(v) for k, v in self.drafted_by_origin_position.items()},
+            "accepted_by_origin_position": {k: list(v) for k, v in self.accepted_by_origin_position.items()},
         }
 
 

@@ -17,6 +17,8 @@ next review's acceptance test is exact only against that distribution.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import verify
@@ -24,18 +26,20 @@ from .kmatrix import KMatrix
 from .levels.base import NeuralLevel
 from .levels.mag import MaG
 from .sampling import SamplingParams, warp
+from .schedule import AdaptiveSchedule, Segment, StaticSchedule
 from .stats import ReviewCounters
 
 
 class Draft:
     """Draft tokens, the level each was first proposed by, and (sampling) the law it follows."""
 
-    __slots__ = ("tokens", "origins", "probs")
+    __slots__ = ("tokens", "origins", "probs", "segments")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.origins: list[int] = []
         self.probs: list[torch.Tensor | None] = []  # (V,) per token; None = point mass
+        self.segments: list[Segment] = []  # which K-matrix column filled which positions
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -47,6 +51,7 @@ class Draft:
 
     def cut(self, length: int) -> None:
         del self.tokens[length:], self.origins[length:], self.probs[length:]
+        self.segments = [(c, start, min(end, length)) for c, start, end in self.segments if start < length]
 
 
 class CascadeStep:
@@ -61,9 +66,12 @@ class CascadeStep:
         k_matrix: KMatrix,
         lenience: float,
         eos_ids: frozenset[int],
+        adaptive: bool = False,
     ) -> None:
         self.levels: list[NeuralLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
         self.k_matrix = k_matrix
+        # the schedule outlives single generations: what it learned carries over to the next one
+        self.schedule = AdaptiveSchedule(k_matrix) if adaptive else StaticSchedule(k_matrix)
         self.lenience = lenience
         self.eos_ids = eos_ids
         self.names = [level.name for level in self.levels]
@@ -92,27 +100,36 @@ class CascadeStep:
     def step(self, ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
         """Emit between 1 and ``max_tokens`` new tokens after the committed ``ids``; returns the
         tokens and, for each, the level that first proposed it (0 = the target itself)."""
+        started = time.perf_counter()
         self.num_committed = len(ids)
-        draft = self._fill(0, ids, max_tokens - 1)
+        speculative = self.schedule.speculate()
+        draft = self._fill(0, ids, max_tokens - 1) if speculative else Draft()
         outcome = self._review(0, ids, draft, lenience=1.0)
         num_accepted = outcome.num_accepted
         tokens = draft.tokens[:num_accepted] + [outcome.next_token]
         origins = draft.origins[:num_accepted] + [0]
+        # the review read its result back to the host (.tolist()), so the clock is synchronised
+        self.schedule.after_step(time.perf_counter() - started, len(tokens), speculative)
         return tokens, origins
 
     def _fill(self, reviewer: int, context: list[int], limit: int) -> Draft:
         """The draft that level ``reviewer`` will review after ``context``: at most ``limit`` tokens,
         filled by the drafters of row ``reviewer`` of the K-matrix, larger drafters first."""
         draft = Draft()
-        if reviewer >= self.k_matrix.size or limit <= 0:
+        if reviewer >= self.schedule.size or limit <= 0:
             return draft  # no drafters below: the reviewer decodes autoregressively
-        ends = self.k_matrix.cumulative(reviewer)
-        for column in range(reviewer, self.k_matrix.size):
+        ends = self.schedule.ends(reviewer)
+        for column in range(reviewer, self.schedule.size):
             goal = min(ends[column], limit)
+            start = len(draft)
             while len(draft) < goal:
                 self._extend(column + 1, context + draft.tokens, draft, goal - len(draft), limit - len(draft))
                 if self.stop_at_eos and self._cut_after_eos(draft):
-                    return draft  # positions after an EOS can never be emitted
+                    break
+            if len(draft) > start:
+                draft.segments.append((column, start, len(draft)))
+            if self.stop_at_eos and draft.tokens and draft.tokens[-1] in self.eos_ids:
+                return draft  # positions after an EOS can never be emitted
         return draft
 
     def _extend(self, level_index: int, context: list[int], draft: Draft, need: int, room: int) -> None:
@@ -140,6 +157,7 @@ class CascadeStep:
             outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
         if len(draft):
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
+            self.schedule.after_review(level_index, draft.segments, outcome.num_accepted)
         return outcome
 
     def _stack_probs(self, draft: Draft, like: torch.Tensor) -> torch.Tensor:
