@@ -316,9 +316,9 @@ class Cascade:
         """Generate up to ``max_new_tokens`` tokens after ``prompt``; exactly the target's output
         (greedy: token for token; sampling: in distribution)."""
         events = self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop, False)
-        for _ in events:
-            pass
-        return self._last_result
+        for event in events:
+            result = event
+        return result  # the last event is the GenerationResult
 
     def stream(
         self,
@@ -335,7 +335,7 @@ class Cascade:
         level that drafted its tokens. Arguments are validated before the first chunk."""
         events = self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop, True)
         next(events)  # runs validation eagerly so bad input raises here, not at first iteration
-        return events
+        return events  # closing it early (or dropping it) stops the generation at the next step
 
     def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop, streaming):
         params = SamplingParams(temperature, top_k, top_p, seed)
@@ -398,9 +398,10 @@ class Cascade:
             finish_reason=out.finish_reason,
             levels=step.level_stats(emitted),
         )
-        self._last_result = GenerationResult(list(out.token_ids), text, out.finish_reason, stats)
         if streaming:
             yield StreamChunk(text[shown:], [], step.names[0], out.finish_reason, stats)
+        else:
+            yield GenerationResult(list(out.token_ids), text, out.finish_reason, stats)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -10,7 +10,7 @@ follows the running acceptance (online adaptation):
 * speculation as a whole is switched off (plain autoregressive steps) when its measured time per
   emitted token is worse than plain decoding's, and retried after a back-off that doubles too.
 
-Every decision depends only on past steps, never on the token being drafted, so the target's
+Each generation starts again from the configured K-matrix. Every decision depends only on past steps, never on the token being drafted, so the target's
 verification stays exact and the output stays the target's: adaptation changes speed only.
 """
 
@@ -39,6 +39,9 @@ class StaticSchedule:
     def ends(self, reviewer: int) -> list[int]:
         return self._ends[reviewer]
 
+    def reset(self, use_timing: bool) -> None:
+        """A new generation starts."""
+
     def speculate(self) -> bool:
         return True
 
@@ -64,6 +67,14 @@ class AdaptiveSchedule(StaticSchedule):
 
     def __init__(self, k_matrix: KMatrix) -> None:
         super().__init__(k_matrix)
+        self.reset(use_timing=True)
+
+    def reset(self, use_timing: bool) -> None:
+        """Start each generation from the configured K-matrix, so one request's history never
+        changes another's behaviour. ``use_timing=False`` turns off the speed-based switch (whose
+        decisions depend on the clock): seeded sampling then draws the same tokens every run."""
+        k_matrix = self.k_matrix
+        self.use_timing = use_timing
         self.rows = k_matrix.as_lists()
         self.caps = [[max(8, self.MAX_GROWTH * k) for k in row] for row in self.rows]
         self.retry_in = [[0] * len(row) for row in self.rows]  # reviews left while an entry is off
@@ -72,7 +83,7 @@ class AdaptiveSchedule(StaticSchedule):
         # whole-speculation switch: seconds per emitted token, speculative vs plain steps
         self.spec_cost: float | None = None
         self.plain_cost: float | None = None
-        self.plain_steps_left = 1  # the first step is plain: it measures plain decoding's cost
+        self.plain_steps_left = 1 if use_timing else 0  # a first plain step measures plain decoding's cost
         self.spec_backoff = self.FIRST_BACKOFF * 4
         self.spec_steps_judged = 0
 
@@ -107,6 +118,8 @@ class AdaptiveSchedule(StaticSchedule):
         return self.plain_steps_left == 0
 
     def after_step(self, seconds: float, num_tokens: int, speculative: bool) -> None:
+        if not self.use_timing:
+            return
         cost = seconds / max(num_tokens, 1)
         if not speculative:
             self.plain_cost = cost if self.plain_cost is None else (1 - self.EMA) * self.plain_cost + self.EMA * cost

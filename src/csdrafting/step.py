@@ -70,7 +70,6 @@ class CascadeStep:
     ) -> None:
         self.levels: list[NeuralLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
         self.k_matrix = k_matrix
-        # the schedule outlives single generations: what it learned carries over to the next one
         self.schedule = AdaptiveSchedule(k_matrix) if adaptive else StaticSchedule(k_matrix)
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -83,6 +82,8 @@ class CascadeStep:
         self.generator = generator
         self.stop_at_eos = stop_at_eos
         self.num_committed = 0
+        # seeded sampling must not depend on the clock; greedy output never does
+        self.schedule.reset(use_timing=params.greedy or params.seed is None)
         for level in self.levels:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
@@ -157,6 +158,7 @@ class CascadeStep:
             outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
         if len(draft):
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
+        if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)
             self.schedule.after_review(level_index, draft.segments, outcome.num_accepted)
         return outcome
 
