@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from csdrafting import verify
 from csdrafting.sampling import SamplingParams, warp
 
 
@@ -102,11 +103,12 @@ def exact_joint(level: TableLevel, prompt: list[int], num_tokens: int, params: S
     return out
 
 
-def chisquare_pvalue(counts: dict, expected_probs: dict, min_expected: float = 5.0) -> float:
+def chisquare_pvalue(counts: dict, expected_probs: dict, min_expected: float = 20.0) -> float:
     """Pearson chi-square p-value of observed ``counts`` against ``expected_probs``.
 
     Outcomes with probability 0 must never be observed (any such observation returns 0.0).
-    Outcomes whose expected count is below ``min_expected`` are pooled into one bin.
+    Outcomes whose expected count is below ``min_expected`` are pooled into one bin (many cells
+    with small expected counts give the statistic a heavier tail than the chi-square law).
     """
     total = sum(counts.values())
     for outcome in counts:
@@ -133,6 +135,55 @@ def chisquare_pvalue(counts: dict, expected_probs: dict, min_expected: float = 5
     if len(observed) < 2:
         return 1.0
     return float(stats.chisquare(observed, expected).pvalue)
+
+
+# -- deliberately broken reviewers (the statistical tests must reject them) ----------------------
+
+
+_REAL_REVIEW_SAMPLED = verify.review_sampled  # the mutants below must not call a patched-in mutant
+
+
+def broken_reviewer(accept_rule="exact", after_reject="residual", carry="exact"):
+    """A speculative-sampling reviewer with one rule swapped for a plausible mistake."""
+
+    def review(reviewer_probs, draft_ids, draft_probs, generator, lenience=1.0):
+        num_draft = len(draft_ids)
+        if num_draft == 0:
+            return _REAL_REVIEW_SAMPLED(reviewer_probs, draft_ids, draft_probs, generator, lenience)
+        draft_probs = draft_probs.to(reviewer_probs.dtype)
+        rows = range(num_draft)
+        p_x = torch.stack([reviewer_probs[i, x] for i, x in zip(rows, draft_ids)])
+        q_x = torch.stack([draft_probs[i, x] for i, x in zip(rows, draft_ids)])
+        if accept_rule == "exact":
+            accept = torch.where(q_x > 0, torch.clamp(lenience * p_x / q_x.clamp_min(1e-300), max=1), 0.0)
+        elif accept_rule == "p_only":  # ignore q: accept with probability p(x)
+            accept = p_x
+        uniform = torch.rand(num_draft, generator=generator, dtype=reviewer_probs.dtype)
+        ok = (uniform < accept).tolist()
+        n = ok.index(False) if False in ok else num_draft
+        if n == num_draft:
+            token = int(torch.multinomial(reviewer_probs[n], 1, generator=generator))
+        else:
+            p, q = reviewer_probs[n], draft_probs[n]
+            if after_reject == "residual":
+                law = verify.residual(p, q, lenience)
+            elif after_reject == "p":  # resample from p instead of the residual
+                law = p
+            elif after_reject == "p_without_x":  # the point-mass rule applied to any q
+                law = p.clone()
+                law[draft_ids[n]] = 0
+            elif after_reject == "swapped":  # max(0, q - p)
+                law = (q - p).clamp_min(0)
+            token = int(torch.multinomial(law, 1, generator=generator))
+        num_positions = n + (0 if n == num_draft else 1)
+        if carry == "p" or lenience == 1.0:  # carry the reviewer's p even when lenient
+            token_probs = reviewer_probs[: n + 1]
+        else:
+            pi = verify.induced_probs(reviewer_probs[:num_positions], draft_probs[:num_positions], lenience)
+            token_probs = pi if n < num_draft else torch.cat([pi, reviewer_probs[num_draft : num_draft + 1]])
+        return verify.ReviewOutcome(n, token, token_probs)
+
+    return review
 
 
 # -- tiny real transformers models --------------------------------------------------------------

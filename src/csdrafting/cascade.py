@@ -136,6 +136,8 @@ class Cascade:
         if runner not in ("auto", "lean", "transformers"):
             raise ConfigError(f"runner must be 'auto', 'lean' or 'transformers', got {runner!r}")
         names = list(names) if names is not None else ["target"] + [f"drafter{i + 1}" for i in range(len(drafters))]
+        if len(names) != 1 + len(drafters):
+            raise ConfigError(f"names must give one name per level ({1 + len(drafters)}), got {len(names)}")
         self.tokenizer = tokenizer
         self.target = _as_level(names[0], target, runner)
         self.drafters = [_as_level(name, model, runner) for name, model in zip(names[1:], drafters)]
@@ -169,7 +171,8 @@ class Cascade:
             eos_token_ids = _eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = self.target.device
-        self.max_context = self.target.max_positions
+        # every level must fit the sequence: the usable context is the smallest level's
+        self.max_context = min(level.max_positions for level in [self.target, *self.drafters])
         self._step = CascadeStep(
             self.target, self.drafters, self.mag, self.k_matrix, self.lenience, self.eos_token_ids, self.adaptive
         )
@@ -294,12 +297,12 @@ class Cascade:
             raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if len(prompt_ids) >= self.max_context:
             raise GenerationInputError(
-                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} tokens"
+                f"prompt has {len(prompt_ids)} tokens; the cascade's context is {self.max_context} tokens"
             )
         if len(prompt_ids) + max_new_tokens > self.max_context:
             raise GenerationInputError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {self.max_context} tokens; at most {self.max_context - len(prompt_ids)} new tokens fit"
+                f"cascade's context of {self.max_context} tokens; at most {self.max_context - len(prompt_ids)} new tokens fit"
             )
 
     def generate(

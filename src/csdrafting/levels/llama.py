@@ -93,7 +93,8 @@ class LlamaRunner:
         self.k_cache, self.v_cache, self.capacity = k_cache, v_cache, capacity
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        # always in float32, as transformers does (even for float64 weights): same numbers, same argmax
+        x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x32.to(x.dtype)
 

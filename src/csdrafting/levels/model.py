@@ -33,6 +33,7 @@ class TransformersRunner:
         self.cache = self._new_cache()
         self.length = 0
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", 1 << 30
         )

@@ -1,0 +1,207 @@
+"""``csd bench`` end to end on tiny in-process models: suites resolve, every method runs, the JSON
+lines carry what the report needs, the report and the profile are written. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from csdrafting.bench.report import load_rows, write_report
+from csdrafting.bench.runner import load_prompts
+from csdrafting.bench.suite import DEFAULT_PROMPTS_FILE, build_suite, load_suite_file, parse_method_flag
+from csdrafting.cli import main
+from csdrafting.errors import ConfigError
+from tiny import tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "models" / "pycode-22m"
+VOCAB = 8192  # the pycode tokenizer's
+
+ROW_FIELDS = {
+    "schema", "run_id", "suite", "baseline", "env", "method", "engine", "spec", "config", "models",
+    "prompt_id", "trial", "mode", "decoding", "stop", "max_new_tokens", "sampling", "num_new_tokens",
+    "finish_reason", "wall_seconds", "tokens_per_second", "prefill_seconds", "decode_seconds",
+    "mean_acceptance_length", "acceptance_rate", "forward_calls", "levels", "cost_target_forwards", "swi",
+    "matches_baseline", "first_mismatch", "memory", "weights_bytes", "runner_bytes",
+}  # fmt: skip
+ENV_FIELDS = {"python", "torch", "transformers", "csdrafting", "device", "device_name", "dtype", "num_threads"}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny target, a drafter with the target's weights (always agrees) and a random one,
+    saved as model folders with the pycode tokenizer, float64 so greedy has no near-ties."""
+    root = tmp_path_factory.mktemp("family")
+    folders = {}
+    for name, seed in (("tiny-target", 1), ("tiny-copy", 1), ("tiny-rand", 2)):
+        model = tiny_llama(seed, vocab_size=VOCAB, hidden_size=32, num_heads=4, num_kv_heads=2, eos_token_id=0,
+                           max_positions=512)  # fmt: skip
+        model.generation_config.pad_token_id = 0
+        folder = root / name
+        model.save_pretrained(folder)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(TOKENIZER_DIR / file, folder / file)
+        folders[name] = folder
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "a", "text": "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"})
+        + "\n"
+        + json.dumps({"id": "b", "text": "import os\n\nfor name in os.listdir('.'):\n    print(name)\n"})
+        + "\n"
+    )
+    folders["prompts"] = prompts
+    return folders
+
+
+def _model_args(family) -> list[str]:
+    return [
+        "--target", str(family["tiny-target"]),
+        "--drafter", str(family["tiny-copy"]),
+        "--drafter", str(family["tiny-rand"]),
+        "--dtype", "float64",
+        "--prompts", str(family["prompts"]),
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def test_committed_prompt_set_loads():
+    prompts = load_prompts(DEFAULT_PROMPTS_FILE)
+    assert 8 <= len(prompts) <= 12
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert all(1200 <= len(p["text"]) <= 2000 and p.get("python") for p in prompts)
+
+
+def test_suite_templates_and_derived_methods():
+    data = load_suite_file(None)
+    suite = build_suite(data, "default", ["pycode-5m", "pycode-1m"])
+    names = [m.name for m in suite.methods]
+    assert names[0] == "hf-plain"
+    for name in ("hf-assisted-pycode-5m", "hf-assisted-pycode-1m", "hf-prompt-lookup", "csd-plain",
+                 "csd-sd-pycode-5m", "csd-sd-pycode-1m", "csd-mag", "csd-vertical", "csd-horizontal", "csd-full"):  # fmt: skip
+        assert name in names
+    methods = {m.name: m for m in suite.methods}
+    assert methods["csd-sd-pycode-1m"].spec["drafters"] == ["pycode-1m"]
+    assert methods["csd-sd-pycode-1m"].spec["mag"] is False
+    assert methods["hf-prompt-lookup"].spec["prompt_lookup_num_tokens"] == 10
+
+    ablation = {m.name: m.spec for m in build_suite(data, "ablation", ["pycode-5m", "pycode-1m"]).methods}
+    full = ablation["csd-full"]["k_matrix"]
+    assert ablation["csd-no-mag"]["mag"] is False
+    assert ablation["csd-no-mag"]["k_matrix"] == [row[:2] for row in full[:2]]
+    assert ablation["csd-no-pycode-1m"]["drafters"] == ["pycode-5m"]
+    assert ablation["csd-no-pycode-1m"]["k_matrix"] == [[full[0][0], full[0][2]], [0, full[1][2]]]
+    assert ablation["csd-no-pycode-5m"]["k_matrix"] == [[full[0][1], full[0][2]], [0, full[2][2]]]
+    sweep = {n: s["k_matrix"][0][0] for n, s in ablation.items() if n.startswith("csd-full-k00-")}
+    assert len(sweep) >= 3 and full[0][0] not in sweep.values()  # the copy of csd-full is dropped
+    assert all(s["k_matrix"][1:] == full[1:] for n, s in ablation.items() if n.startswith("csd-full-k00-"))
+
+
+def test_method_flag_overrides_and_errors():
+    data = load_suite_file(None)
+    extra = [parse_method_flag('csd-full={"k_matrix": "3,1,4;1,3;3"}'), parse_method_flag('x={"lenience": 2}')]
+    suite = build_suite(data, "default", ["pycode-5m", "pycode-1m"], extra_methods=extra, only=["csd-full", "x"])
+    methods = {m.name: m.spec for m in suite.methods}
+    assert set(methods) == {"hf-plain", "csd-full", "x"}  # the baseline is always kept
+    assert methods["csd-full"]["k_matrix"] == "3,1,4;1,3;3"
+    assert methods["x"]["drafters"] == ["pycode-5m", "pycode-1m"] and methods["x"]["lenience"] == 2
+    with pytest.raises(ConfigError, match="NAME=JSON"):
+        parse_method_flag("no-equals-sign")
+    with pytest.raises(ConfigError, match="not defined"):
+        build_suite({"methods": {}, "suites": {"s": {"methods": ["nope"]}}}, "s", [])
+    with pytest.raises(ConfigError, match="unknown keys"):
+        build_suite(data, "default", [], extra_methods=[("y", {"k_matrx": [[1]]})])
+    with pytest.raises(ConfigError, match="no suite"):
+        build_suite(data, "missing", [])
+
+
+def test_bench_end_to_end(family, tmp_path, capsys):
+    results = tmp_path / "smoke.jsonl"
+    rc = main(["bench", *_model_args(family), "--suite", "smoke", "--output", str(results), "--seed", "3"])
+    assert rc == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    assert methods[0] == "hf-plain" and "hf-assisted-tiny-rand" in methods and "csd-full" in methods
+    assert len(rows) == len(methods) * 2 * 3  # methods x prompts x modes (x 1 length x 1 trial)
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert ENV_FIELDS <= set(row["env"])
+        assert row["tokens_per_second"] > 0 and row["wall_seconds"] > 0
+        assert row["memory"]["peak_bytes"] > 0
+        assert row["levels"][0]["forward_calls"] > 0
+        if row["stop"] == "fixed":
+            assert row["num_new_tokens"] == 8 and row["finish_reason"] == "length"
+        if row["decoding"] == "greedy":
+            assert row["matches_baseline"] is True, (row["method"], row["prompt_id"], row["first_mismatch"])
+        else:
+            assert row["matches_baseline"] is None and row["sampling"]["temperature"] == 0.7
+    by = {(r["method"], r["prompt_id"], r["mode"]): r for r in rows}
+    copy = by[("csd-sd-tiny-copy", "a", "greedy-fixed")]
+    assert copy["acceptance_rate"] == 1.0  # a drafter with the target's weights always agrees
+    assert copy["forward_calls"]["tiny-copy"] > 0 and copy["swi"] is not None
+    assert by[("hf-plain", "a", "greedy-fixed")]["swi"] == pytest.approx(1.0)
+    assert by[("hf-assisted-tiny-copy", "a", "greedy-fixed")]["forward_calls"]["tiny-copy"] > 0
+    full = by[("csd-full", "a", "greedy-fixed")]
+    assert full["config"]["k_matrix"] == full["spec"]["k_matrix"] and full["ablation"]
+    assert "greedy-fixed, 8 new tokens" in capsys.readouterr().out
+
+    # the paper's other views: a length sweep and the ablation suite, then one report over all
+    lengths = tmp_path / "length.jsonl"
+    assert main(["bench", *_model_args(family), "--suite", "length", "--only", "csd-plain,csd-full",
+                 "--lengths", "4,8", "--num-prompts", "1", "--output", str(lengths)]) == 0  # fmt: skip
+    ablation = tmp_path / "ablation.jsonl"
+    assert main(["bench", *_model_args(family), "--suite", "ablation", "--lengths", "4", "--num-prompts", "1",
+                 "--warmup", "0", "--output", str(ablation)]) == 0  # fmt: skip
+    out = tmp_path / "report"
+    assert main(["bench", "report", str(results), str(lengths), str(ablation), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Acceptance criteria" in report and "cost model" in report
+    for method in methods:
+        assert f"| {method} |" in report or f"| **{method}** |" in report
+    for plot in ("speedup", "swi", "acceptance_by_position", "length", "kmatrix", "ablation", "memory"):
+        assert (out / f"{plot}.png").stat().st_size > 0, plot
+        assert f"({plot}.png)" in report
+
+
+def test_cascade_config_file_becomes_a_method(family, tmp_path):
+    config = tmp_path / "tuned.json"
+    config.write_text(json.dumps({"drafters": [str(family["tiny-copy"])], "k_matrix": [[3, 2], [0, 2]]}))
+    results = tmp_path / "config.jsonl"
+    rc = main(["bench", *_model_args(family), "--config", str(config), "--suite", "smoke", "--only", "csd-config",
+               "--modes", "greedy-fixed", "--num-prompts", "1", "--warmup", "0", "--output", str(results)])  # fmt: skip
+    assert rc == 0
+    rows = {r["method"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(rows) == {"hf-plain", "csd-config"}
+    assert rows["csd-config"]["config"]["drafters"] == ["tiny-copy"]
+    assert rows["csd-config"]["config"]["k_matrix"] == [[3, 2], [0, 2]]
+    assert rows["csd-config"]["matches_baseline"] is True
+
+
+def test_report_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"hello": 1}\n')
+    with pytest.raises(ConfigError, match="not a csd bench row"):
+        load_rows([bad])
+    assert main(["bench", "report", str(bad), "--out", str(tmp_path / "r")]) == 2
+    with pytest.raises(ConfigError):
+        write_report(load_rows([tmp_path / "missing.jsonl"]), tmp_path)
+
+
+def test_profile(family, tmp_path, capsys):
+    args = [a for a in _model_args(family) if a != "--no-progress"]
+    rc = main(["bench", "profile", *args, "--tokens", "1,3", "--repeats", "2", "--max-new-tokens", "6",
+               "--only", "csd-full,csd-plain", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert {(r["level"], r["new_tokens"]) for r in result["per_forward"]} == {
+        (n, k) for n in ("tiny-target", "tiny-copy", "tiny-rand") for k in (1, 3)
+    }
+    for r in result["per_forward"]:
+        assert r["hf_forward_ms"] > 0 and r["backend_forward_ms"] > 0 and r["next_token_logits_ms"] > 0
+    generation = {g["method"]: g for g in result["in_generation"]}
+    assert set(generation) == {"csd-full", "csd-plain"}
+    assert generation["csd-full"]["mag_calls"] > 0
+    assert all(lv["calls"] > 0 for lv in generation["csd-full"]["levels"])
+    assert "runner overhead" in capsys.readouterr().out
