@@ -204,7 +204,7 @@ class Cascade:
                 raise ModelLoadError(f"no model at {path!s}: expected a folder with config.json and weights")
         tokenizer = load_tokenizer(target)
         for path in drafters:
-            _check_same_tokenizer(tokenizer, path)
+            check_same_tokenizer(tokenizer, path)
         target_model = load_model(target, device, torch_dtype)
         drafter_models = [load_model(path, device, torch_dtype) for path in drafters]
         table = None
@@ -440,7 +440,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _check_same_tokenizer(target_tokenizer, drafter_path) -> None:
+def check_same_tokenizer(target_tokenizer, drafter_path) -> None:
     """A drafter must tokenize exactly like the target: same vocabulary, same ids."""
     folder = Path(drafter_path)
     if not (folder / "config.json").is_file():

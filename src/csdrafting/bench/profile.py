@@ -1,0 +1,318 @@
+"""``csd bench profile``: where the time of the hot path goes.
+
+Two measurements, for every neural level (target and drafters):
+
+1. **Per forward**, after caching a real prompt, at 1 and K new tokens: the raw transformers
+   forward (``model(..., cache=DynamicCache)``), our backend's forward (``level.backend.forward``:
+   the lean runner for Llama weights) and the whole ``level.next_token_logits`` call (the backend
+   plus the level's bookkeeping: common prefix, tensor building, cache memo). The difference of
+   the last two is the runner's per-forward overhead.
+2. **In generation**: for each of our methods of a suite, one greedy generation with timers
+   around every level's ``next_token_logits`` and backend forward and MaG's ``propose``; the rest
+   of the decode time is the cascade logic (drafting schedule, verification, output).
+
+Timers synchronize the device on CUDA, so the in-generation totals are slightly pessimistic there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    target: str
+    drafters: list[str]
+    device: str = "cpu"
+    dtype: str = "float32"
+    bigram: str | None = None
+    runner: str = "auto"
+    prompts_file: str | None = None
+    prompt_index: int = 0
+    tokens: tuple[int, ...] = (1, 4, 8)
+    repeats: int = 30
+    max_new_tokens: int = 128
+    suite_file: str | None = None
+    suite: str = "default"
+    only: list[str] | None = None
+    extra_methods: list[tuple[str, dict]] = field(default_factory=list)
+    out: Path | None = None
+
+
+def _timed(fn, repeats: int, synchronize, setup=None) -> tuple[float, float]:
+    """(best, median) milliseconds of ``fn()`` over ``repeats`` calls, after 3 untimed ones;
+    ``setup()`` runs before each call, outside the timer. The best is the least disturbed by
+    other work on a shared machine; the table reports it."""
+    for _ in range(3):
+        if setup is not None:
+            setup()
+        fn()
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        synchronize()
+        started = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times) * 1000, statistics.median(times) * 1000
+
+
+def per_forward(models, name: str, prompt_ids: list[int], tokens: list[int], repeats: int) -> list[dict]:
+    """Rows of (level, new tokens, raw transformers forward, backend forward, next_token_logits) in ms."""
+    rows = []
+    for num_new in tokens:
+        if num_new < 1 or num_new >= len(prompt_ids):
+            raise ConfigError(f"--tokens values must be in 1..{len(prompt_ids) - 1}, got {num_new}")
+        rows.append(_per_forward_at(models, name, prompt_ids, num_new, repeats))
+    return rows
+
+
+def _per_forward_at(models, name: str, prompt_ids: list[int], num_new: int, repeats: int) -> dict:
+    """The three timings for the last ``num_new`` tokens of ``prompt_ids`` after caching the rest."""
+    from transformers import DynamicCache
+
+    model = models.modules[name]
+    level = models.level(name)
+    device = models.device
+    sync = models.synchronize
+    start = len(prompt_ids) - num_new
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    positions = torch.arange(start, len(prompt_ids), device=device).unsqueeze(0)  # (1, N)
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :start], cache=cache, use_cache=True, logits_to_keep=1)
+
+        def crop():
+            extra = cache.get_seq_length() - start
+            if extra > 0:
+                cache.crop(-extra)  # negative: drop that many trailing positions
+
+        def hf_forward():
+            model(input_ids=ids[:, start:], cache=cache, use_cache=True, position_ids=positions, logits_to_keep=num_new)
+
+        hf_ms = _timed(hf_forward, repeats, sync, setup=crop)  # the crop is not the forward's cost
+
+    level.reset()
+    level.prefill(prompt_ids[:start])
+    new_ids = torch.tensor(prompt_ids[start:], dtype=torch.long, device=device)
+    backend_ms = _timed(lambda: level.backend.forward(new_ids, start, num_new), repeats, sync)
+    level.reset()
+    level.prefill(prompt_ids[:start])
+    level_ms = _timed(lambda: level.next_token_logits(prompt_ids, num_new), repeats, sync)
+    level.reset()
+    return {
+        "level": name,
+        "runner": level.runner_name,
+        "num_params": models.num_params[name],
+        "context": start,
+        "new_tokens": num_new,
+        "repeats": repeats,
+        "hf_forward_ms": hf_ms[0],
+        "backend_forward_ms": backend_ms[0],
+        "next_token_logits_ms": level_ms[0],
+        "runner_overhead_ms": level_ms[0] - backend_ms[0],
+        "median_ms": {"hf_forward": hf_ms[1], "backend_forward": backend_ms[1], "next_token_logits": level_ms[1]},
+    }
+
+
+class _Stopwatch:
+    """Accumulates time spent inside wrapped callables (instance attributes shadow the methods)."""
+
+    def __init__(self, synchronize) -> None:
+        self.synchronize = synchronize
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.paused = False
+        self._restore: list[tuple[object, str]] = []
+
+    def wrap(self, obj, attr: str, key: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            if self.paused:
+                return inner(*args, **kwargs)
+            self.synchronize()
+            started = time.perf_counter()
+            result = inner(*args, **kwargs)
+            self.synchronize()
+            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - started
+            self.calls[key] = self.calls.get(key, 0) + 1
+            return result
+
+        setattr(obj, attr, timed)
+        self._restore.append((obj, attr))
+
+    def pause_during(self, obj, attr: str) -> None:
+        """Time spent inside ``obj.attr`` (the prefill) is not counted by the wrapped callees."""
+        inner = getattr(obj, attr)
+
+        def paused(*args, **kwargs):
+            self.paused = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.paused = False
+
+        setattr(obj, attr, paused)
+        self._restore.append((obj, attr))
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls.clear()
+
+    def restore(self) -> None:
+        for obj, attr in reversed(self._restore):
+            vars(obj).pop(attr, None)
+        self._restore.clear()
+
+
+def in_generation(models, methods, prompt_ids: list[int], max_new_tokens: int) -> list[dict]:
+    """Per method: decode time split into model forwards, runner overhead, MaG and cascade logic."""
+    from .runner import CascadeMethod, Request
+
+    request = Request(prompt_ids, max_new_tokens, True, True, 0.0, None, None, 0)
+    results = []
+    for method in methods:
+        runner = CascadeMethod(method, models)
+        cascade = runner.cascade
+        watch = _Stopwatch(models.synchronize)
+        levels = [cascade.target, *cascade.drafters]
+        try:
+            for level in levels:
+                watch.pause_during(level, "prefill")
+                watch.wrap(level, "next_token_logits", f"{level.name}:level")
+                watch.wrap(level.backend, "forward", f"{level.name}:forward")
+            if cascade.mag is not None:
+                watch.wrap(cascade.mag, "propose", "mag:propose")
+            runner.generate(request)  # warm-up
+            watch.reset()
+            outcome = runner.generate(request)
+        finally:
+            watch.restore()
+        decode_ms = (outcome.decode_seconds or 0.0) * 1000
+        entry = {
+            "method": method.name,
+            "k_matrix": cascade.k_matrix.as_lists(),
+            "num_new_tokens": len(outcome.token_ids),
+            "decode_ms": decode_ms,
+            "levels": [],
+        }
+        accounted = 0.0
+        for level in levels:
+            level_ms = watch.totals.get(f"{level.name}:level", 0.0) * 1000
+            forward_ms = watch.totals.get(f"{level.name}:forward", 0.0) * 1000
+            calls = watch.calls.get(f"{level.name}:level", 0)
+            accounted += level_ms
+            entry["levels"].append(
+                {
+                    "level": level.name,
+                    "calls": calls,
+                    "forward_ms": forward_ms,
+                    "runner_overhead_ms": level_ms - forward_ms,
+                    "forward_ms_per_call": forward_ms / calls if calls else None,
+                    "overhead_ms_per_call": (level_ms - forward_ms) / calls if calls else None,
+                }
+            )
+        mag_ms = watch.totals.get("mag:propose", 0.0) * 1000
+        entry["mag_ms"] = mag_ms
+        entry["mag_calls"] = watch.calls.get("mag:propose", 0)
+        entry["cascade_logic_ms"] = decode_ms - accounted - mag_ms
+        results.append(entry)
+    return results
+
+
+def render(micro: list[dict], generation: list[dict], header: str) -> list[str]:
+    lines = [
+        header,
+        "",
+        "### Per forward (best of the repeats, ms; medians in profile.json)",
+        "",
+        "transformers forward: the model with a `DynamicCache` (what `generate` runs per step); backend "
+        "forward: our runner's forward alone; `next_token_logits`: the whole level call. runner overhead "
+        "= `next_token_logits` − backend forward: what our level adds around each model call.",
+        "",
+        "| level | runner | context | new tokens | transformers forward | backend forward | next_token_logits | runner overhead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in micro:
+        lines.append(
+            f"| {r['level']} | {r['runner']} | {r['context']} | {r['new_tokens']} | {r['hf_forward_ms']:.3f} "
+            f"| {r['backend_forward_ms']:.3f} | {r['next_token_logits_ms']:.3f} | {r['runner_overhead_ms']:.3f} |"
+        )
+    if generation:
+        lines += [
+            "",
+            "### In generation (greedy, ms of decode time)",
+            "",
+            "| method | tokens | decode | level: calls, forwards, runner overhead (per call) | MaG | cascade logic |",
+            "|---|---:|---:|---|---:|---:|",
+        ]
+        for g in generation:
+            parts = "; ".join(
+                f"{lv['level']}: {lv['calls']}, {lv['forward_ms']:.1f} ({_fmt(lv['forward_ms_per_call'])}), "
+                f"{lv['runner_overhead_ms']:.1f} ({_fmt(lv['overhead_ms_per_call'])})"
+                for lv in g["levels"]
+                if lv["calls"]
+            )
+            lines.append(
+                f"| {g['method']} | {g['num_new_tokens']} | {g['decode_ms']:.1f} | {parts} "
+                f"| {g['mag_ms']:.1f} ({g['mag_calls']} calls) | {g['cascade_logic_ms']:.1f} |"
+            )
+    return lines
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def run_profile(config: ProfileConfig, log=print) -> dict:
+    from .runner import Models, device_name, environment, load_prompts
+    from .suite import DEFAULT_PROMPTS_FILE, build_suite, load_suite_file
+
+    if config.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {config.repeats}")
+    models = Models(config.target, config.drafters, config.device, config.dtype, config.bigram, config.runner)
+    prompts = load_prompts(config.prompts_file or DEFAULT_PROMPTS_FILE)
+    if not 0 <= config.prompt_index < len(prompts):
+        raise ConfigError(f"--prompt-index must be in 0..{len(prompts) - 1}")
+    prompt_ids = list(models.tokenizer(prompts[config.prompt_index]["text"])["input_ids"])
+    micro = []
+    for name in [models.target_name, *models.drafter_names]:
+        micro.extend(per_forward(models, name, prompt_ids, list(config.tokens), config.repeats))
+
+    suite = build_suite(
+        load_suite_file(config.suite_file), config.suite, models.drafter_names, extra_methods=config.extra_methods
+    )
+    methods = [m for m in suite.methods if m.engine == "csd"]
+    if config.only:
+        methods = [m for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in config.only)]
+    generation = in_generation(models, methods, prompt_ids, config.max_new_tokens)
+
+    env = environment(models.device, config.dtype)
+    header = (
+        f"## Hot-path profile: {device_name(models.device)} ({env['device']}, {env['num_threads']} threads), "
+        f"{config.dtype}, prompt {prompts[config.prompt_index]['id']} ({len(prompt_ids)} tokens); "
+        f"torch {env['torch']}, transformers {env['transformers']}"
+    )
+    lines = render(micro, generation, header)
+    for line in lines:
+        log(line)
+    result = {"env": env, "per_forward": micro, "in_generation": generation}
+    if config.out is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+        (config.out / "profile.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (config.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        log(f"wrote {config.out / 'profile.md'} and profile.json")
+    return result

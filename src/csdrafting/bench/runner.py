@@ -1,0 +1,735 @@
+"""The benchmark loop: every method on the same prompts, in one process, interleaved.
+
+Models load once and every method shares them: the transformers peers call ``generate`` on the
+loaded modules, and each of our configurations is a ``Cascade`` over shared ``ModelLevel``s (a
+level is reset at the start of every generation, so sharing is safe when one runs at a time).
+
+Order: for each trial, prompt, generation length and mode, every method runs once, in an order
+rotated from prompt to prompt so no method always runs first. Before the timed loop each method
+runs one warm-up generation per decoding (greedy, sampling), which is not recorded. Timers read
+``time.perf_counter`` around the whole ``generate`` call, after a device synchronize on CUDA.
+
+Each generation becomes one JSON line (see ``docs/bench.md`` for the schema). Greedy rows record
+whether their tokens equal the baseline's (transformers plain ``generate``) for the same prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .suite import REPO_DIR, Method, Suite
+
+SCHEMA = "csd-bench/1"
+COST_MODEL_LABEL = (
+    "cost model (the paper's standardized walltime improvement): new tokens / "
+    "sum over levels of forward calls x parameters relative to the target"
+)
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def load_prompts(path: str | Path, num_prompts: int | None = None) -> list[dict]:
+    """Prompts from a JSONL file of objects with ``id`` and ``text`` (other fields are kept)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompts file {path}: {exc}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"]:
+            raise ConfigError(f"{path}:{number}: each line must be an object with a non-empty 'text'")
+        record.setdefault("id", f"prompt-{len(prompts)}")
+        record["id"] = str(record["id"])
+        prompts.append(record)
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: prompt ids must be unique")
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise ConfigError(f"--num-prompts must be >= 1, got {num_prompts}")
+        prompts = prompts[:num_prompts]
+    return prompts
+
+
+# -- environment -------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, dtype: str) -> dict:
+    """Versions and machine, recorded on every row."""
+    import numpy
+    import transformers
+
+    from .. import __version__
+
+    commit, dirty = None, None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+        if commit:
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO_DIR,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
+            dirty = bool(status.strip())
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "csdrafting": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": dtype,
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class MemoryProbe:
+    """Peak memory of one generation.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: the process's peak
+    RSS (VmHWM); Linux lets a process reset it (``/proc/self/clear_refs``), giving a per-row peak
+    (``scope: row``); elsewhere the peak only grows over the run (``scope: process``), and the
+    current RSS after the row is recorded too.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.can_reset = False
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+                self.can_reset = _proc_status_kib("VmHWM") is not None
+            except OSError:
+                self.can_reset = False
+        self.start_bytes = 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        if self.can_reset:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        self.start_bytes = (_proc_status_kib("VmRSS") or 0) * 1024
+
+    def stop(self) -> dict:
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            current = torch.cuda.memory_allocated(self.device)
+            kind, scope = "cuda_max_allocated", "row"
+        else:
+            peak = (_proc_status_kib("VmHWM") or 0) * 1024
+            current = (_proc_status_kib("VmRSS") or 0) * 1024
+            kind, scope = "rss", ("row" if self.can_reset else "process")
+        return {
+            "kind": kind,
+            "scope": scope,
+            "peak_bytes": peak,
+            "current_bytes": current,
+            "start_bytes": self.start_bytes,
+            "peak_increase_bytes": max(0, peak - self.start_bytes),
+        }
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+class Models:
+    """The target and drafters, loaded once; transformers modules and our levels over them."""
+
+    def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
+        from ..cascade import check_same_tokenizer, load_model, load_tokenizer, resolve_device, resolve_dtype
+        from ..levels.mag import BigramTable
+
+        self.device = resolve_device(device)
+        self.dtype_name = dtype
+        torch_dtype = resolve_dtype(dtype)
+        self.paths = {Path(target).name: str(target)}
+        for path in drafters:
+            name = Path(path).name
+            if name in self.paths:
+                raise ConfigError(f"two models are named {name!r}: benchmark models need distinct folder names")
+            self.paths[name] = str(path)
+        self.target_name = Path(target).name
+        self.drafter_names = [Path(p).name for p in drafters]
+        self.tokenizer = load_tokenizer(target)
+        for path in drafters:
+            check_same_tokenizer(self.tokenizer, path)
+        self.modules = {name: load_model(path, self.device, torch_dtype) for name, path in self.paths.items()}
+        self.num_params = {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
+        self.weight_bytes = {
+            name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
+        }
+        self.runner = runner
+        self._levels: dict[tuple[str, str], object] = {}
+        target_module = self.modules[self.target_name]
+        eos = getattr(target_module.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = getattr(target_module.generation_config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        self.max_context = int(getattr(target_module.config, "max_position_embeddings", 1 << 30))
+        self.bigram_path = None
+        self.bigram = None
+        bigram_path = Path(bigram) if bigram is not None else Path(target) / "csd_bigram.npy"
+        if bigram is not None and not bigram_path.is_file():
+            raise ConfigError(f"bigram table not found: {bigram_path}")
+        if bigram_path.is_file():
+            self.bigram = BigramTable.load(bigram_path)
+            self.bigram_path = str(bigram_path)
+        # transformers peers: count forward calls per model with a pre-hook (microseconds per call)
+        self.forward_calls = dict.fromkeys(self.modules, 0)
+        for name, module in self.modules.items():
+            module.register_forward_pre_hook(self._counter(name))
+
+    def _counter(self, name: str):
+        def hook(module, args):
+            self.forward_calls[name] += 1
+
+        return hook
+
+    def level(self, name: str, runner: str | None = None):
+        """One shared ``ModelLevel`` per (model, runner)."""
+        from ..levels.model import ModelLevel
+
+        runner = runner or self.runner
+        key = (name, runner)
+        if key not in self._levels:
+            self._levels[key] = ModelLevel(name, self.modules[name], runner)
+        return self._levels[key]
+
+    def runner_bytes(self, name: str, runner: str | None = None) -> int:
+        """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
+        KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
+        backend = getattr(self.level(name, runner), "backend", None)
+        if backend is None:
+            return 0
+        shared = {p.untyped_storage().data_ptr() for p in self.modules[name].parameters()}
+        seen: set[int] = set()
+        total = 0
+        stack = list(vars(backend).values())
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                ptr = item.untyped_storage().data_ptr()
+                if ptr not in shared and ptr not in seen:
+                    seen.add(ptr)
+                    total += item.untyped_storage().nbytes()
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+        return total
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def describe(self, names: list[str]) -> dict:
+        return {n: {"path": self.paths[n], "num_params": self.num_params[n]} for n in names}
+
+
+# -- one generation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    greedy: bool
+    fixed_length: bool  # EOS ignored: exactly max_new_tokens tokens
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+
+
+@dataclass
+class Outcome:
+    token_ids: list[int]
+    finish_reason: str
+    wall_seconds: float
+    prefill_seconds: float | None
+    decode_seconds: float | None
+    levels: list[dict]  # name, kind, forward_calls, num_params (+ our per-level statistics)
+    mean_acceptance_length: float | None
+    acceptance_rate: float | None
+    config: dict
+    engine_stats: dict | None = None
+
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first new token arrives (the prompt comes first)."""
+
+    def __init__(self, synchronize) -> None:
+        self.synchronize = synchronize
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.synchronize()
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersMethod:
+    """A peer: ``model.generate`` of the target, optionally with an assistant or prompt lookup."""
+
+    def __init__(self, method: Method, models: Models) -> None:
+        self.method = method
+        self.models = models
+        self.model = models.modules[models.target_name]
+        self.assistant_name = method.spec.get("assistant")
+        self.options = dict(method.spec.get("generate_options", {}))
+        if self.assistant_name is not None:
+            self.options["assistant_model"] = models.modules[self.assistant_name]
+        if method.spec.get("prompt_lookup_num_tokens") is not None:
+            self.options["prompt_lookup_num_tokens"] = method.spec["prompt_lookup_num_tokens"]
+        self.level_names = [models.target_name] + ([self.assistant_name] if self.assistant_name else [])
+        self.config = {
+            "engine": "transformers",
+            "target": models.target_name,
+            "assistant": self.assistant_name,
+            "prompt_lookup_num_tokens": method.spec.get("prompt_lookup_num_tokens"),
+            "generate_options": method.spec.get("generate_options", {}),
+            "device": str(models.device),
+            "dtype": models.dtype_name,
+        }
+
+    def generate(self, request: Request) -> Outcome:
+        models = self.models
+        input_ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=models.device)
+        kwargs = dict(
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=request.max_new_tokens,
+            pad_token_id=models.pad_token_id,
+            **self.options,
+        )
+        if request.fixed_length:
+            # ignore EOS (generate past it) exactly as our ignore_eos does; min_new_tokens would
+            # instead forbid EOS, a different distribution and different greedy tokens
+            kwargs["eos_token_id"] = None
+        if request.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+            kwargs["top_k"] = request.top_k or 0  # transformers defaults to top_k=50; 0 turns it off
+            torch.manual_seed(request.seed)
+        clock = _FirstTokenClock(models.synchronize)
+        for name in self.level_names:
+            models.forward_calls[name] = 0
+        models.synchronize()
+        started = time.perf_counter()
+        output = self.model.generate(input_ids, streamer=clock, **kwargs)
+        models.synchronize()
+        wall = time.perf_counter() - started
+        tokens = output[0, len(request.prompt_ids) :].tolist()
+        finish = "length"
+        if not request.fixed_length and tokens and tokens[-1] in models.eos_token_ids:
+            finish = "eos"
+        prefill = clock.first_token_at - started if clock.first_token_at is not None else None
+        levels = [
+            {
+                "name": name,
+                "kind": "target" if i == 0 else "drafter",
+                "forward_calls": models.forward_calls[name],
+                "num_params": models.num_params[name],
+            }
+            for i, name in enumerate(self.level_names)
+        ]
+        target_calls = levels[0]["forward_calls"]
+        return Outcome(
+            token_ids=tokens,
+            finish_reason=finish,
+            wall_seconds=wall,
+            prefill_seconds=prefill,
+            decode_seconds=wall - prefill if prefill is not None else None,
+            levels=levels,
+            mean_acceptance_length=len(tokens) / target_calls if target_calls else None,
+            acceptance_rate=None,
+            config=self.config,
+        )
+
+
+class CascadeMethod:
+    """One of ours: a ``Cascade`` over the shared levels."""
+
+    def __init__(self, method: Method, models: Models) -> None:
+        from ..cascade import Cascade
+
+        spec = method.spec
+        runner = spec.get("runner")
+        self.level_names = [models.target_name, *spec["drafters"]]
+        self.cascade = Cascade(
+            models.level(models.target_name, runner),
+            [models.level(name, runner) for name in spec["drafters"]],
+            models.tokenizer,
+            mag=spec["mag"],
+            k_matrix=spec["k_matrix"],
+            lenience=spec["lenience"],
+            bigram=models.bigram if spec["mag"] else None,
+            eos_token_ids=models.eos_token_ids,
+            adaptive=spec.get("adaptive"),
+        )
+        self.models = models
+        self.config = {"engine": "csd", **self.cascade.describe(), "dtype": models.dtype_name}
+        self.config["bigram"] = models.bigram_path if spec["mag"] else None
+
+    def generate(self, request: Request) -> Outcome:
+        models = self.models
+        models.synchronize()
+        started = time.perf_counter()
+        result = self.cascade.generate(
+            request.prompt_ids,
+            max_new_tokens=request.max_new_tokens,
+            temperature=0.0 if request.greedy else request.temperature,
+            top_k=None if request.greedy else request.top_k,
+            top_p=None if request.greedy else request.top_p,
+            seed=None if request.greedy else request.seed,
+            ignore_eos=request.fixed_length,
+        )
+        models.synchronize()
+        wall = time.perf_counter() - started
+        stats = result.stats.as_dict()
+        return Outcome(
+            token_ids=list(result.token_ids),
+            finish_reason=result.finish_reason,
+            wall_seconds=wall,
+            prefill_seconds=stats["prefill_seconds"],
+            decode_seconds=stats["decode_seconds"],
+            levels=stats["levels"],
+            mean_acceptance_length=stats["mean_acceptance_length"],
+            acceptance_rate=stats["acceptance_rate"],
+            config=self.config,
+            engine_stats={k: stats[k] for k in ("target_steps", "tokens_per_second", "finish_reason")},
+        )
+
+
+def make_runner(method: Method, models: Models):
+    if method.engine == "transformers":
+        return TransformersMethod(method, models)
+    return CascadeMethod(method, models)
+
+
+def cost_model(levels: list[dict], num_new_tokens: int, target_params: int) -> tuple[float | None, float | None]:
+    """(cost in target forwards, standardized walltime improvement): the paper's cost model,
+    with parameter counts as the relative cost of a forward. MaG costs nothing."""
+    cost = sum((lv.get("forward_calls") or 0) * (lv.get("num_params") or 0) for lv in levels) / target_params
+    if cost <= 0 or num_new_tokens == 0:
+        return (cost if cost > 0 else None), None
+    return cost, num_new_tokens / cost
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: str
+    drafters: list[str]
+    suite: Suite
+    prompts: list[dict]
+    output: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    bigram: str | None = None
+    runner: str = "auto"
+    trials: int = 1
+    warmup: int = 1
+    seed: int = 0
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float | None = 0.95
+    progress: bool = True
+    save_tokens: bool = False
+    prompts_file: str | None = None
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc="csd bench", unit="gen", file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers progress bars or generation warnings inside the timed loop."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def run_benchmark(config: BenchConfig, log=print) -> Path:
+    """Run the suite, write one JSON line per generation to ``config.output``; returns the path."""
+    suite = config.suite
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    clock_start = time.perf_counter()
+    models = Models(config.target, config.drafters, config.device, config.dtype, config.bigram, config.runner)
+    env = environment(models.device, config.dtype)
+    run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    runners = {m.name: make_runner(m, models) for m in suite.methods}
+    methods = list(suite.methods)
+    prompt_ids = [list(models.tokenizer(p["text"])["input_ids"]) for p in config.prompts]
+    longest = max(suite.lengths)
+    for prompt, ids in zip(config.prompts, prompt_ids):
+        if not ids:
+            raise ConfigError(f"prompt {prompt['id']} encodes to no tokens")
+        if len(ids) + longest > models.max_context:
+            raise ConfigError(
+                f"prompt {prompt['id']} ({len(ids)} tokens) + {longest} new tokens exceeds the target's "
+                f"context of {models.max_context} tokens"
+            )
+    decodings = list(dict.fromkeys(m.split("-")[0] for m in suite.modes))
+    num_rows = config.trials * len(config.prompts) * len(suite.lengths) * len(suite.modes) * len(methods)
+    num_warmup = config.warmup * len(decodings) * len(methods)
+    log(
+        f"csd bench: suite {suite.name}, {len(methods)} methods x {len(config.prompts)} prompts x "
+        f"{len(suite.modes)} modes x {len(suite.lengths)} lengths x {config.trials} trials = {num_rows} "
+        f"generations (+{num_warmup} warm-up) on {env['device_name']} ({config.dtype}, "
+        f"{env['num_threads']} threads) -> {config.output}"
+    )
+    memory = MemoryProbe(models.device)
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    bar = _progress(num_rows + num_warmup, config.progress)
+    target_params = models.num_params[models.target_name]
+    common = {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "suite": suite.name,
+        "baseline": suite.baseline,
+        "prompts_file": config.prompts_file,
+        "env": env,
+    }
+
+    def request(ids: list[int], length: int, mode: str, seed: int) -> Request:
+        decoding, stop = mode.split("-")
+        return Request(
+            prompt_ids=ids,
+            max_new_tokens=length,
+            greedy=decoding == "greedy",
+            fixed_length=stop == "fixed",
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            seed=seed,
+        )
+
+    # setup garbage (model loading) is collected once and frozen, so the collection before each
+    # generation (outside the timer) is cheap and no method pays for another's garbage
+    gc.collect()
+    gc.freeze()
+    try:
+        with _quiet_transformers(), open(config.output, "w", encoding="utf-8") as sink:
+            # warm-up: one generation per method and decoding, not recorded
+            for decoding in decodings:
+                for _ in range(config.warmup):
+                    for method in methods:
+                        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
+                        gc.collect()
+                        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
+                        bar.update()
+            for trial in range(config.trials):
+                for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids)):
+                    seed = config.seed + 1000 * trial + p
+                    for length in suite.lengths:
+                        for m, mode in enumerate(suite.modes):
+                            shift = (p + trial + m) % len(methods)
+                            order = methods[shift:] + methods[:shift]  # rotated: no method always runs first
+                            req = request(ids, length, mode, seed)
+                            outcomes = {}
+                            for position, method in enumerate(order):
+                                bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
+                                gc.collect()
+                                memory.start()
+                                outcome = runners[method.name].generate(req)
+                                outcomes[method.name] = (outcome, memory.stop(), position)
+                                bar.update()
+                            baseline_tokens = outcomes[suite.baseline][0].token_ids
+                            for method in methods:  # rows in suite order
+                                outcome, mem, position = outcomes[method.name]
+                                row = _row(
+                                    common,
+                                    method,
+                                    prompt,
+                                    p,
+                                    trial,
+                                    mode,
+                                    req,
+                                    outcome,
+                                    mem,
+                                    baseline_tokens,
+                                    models,
+                                    target_params,
+                                    config,
+                                )
+                                row["run_position"] = position
+                                sink.write(json.dumps(row) + "\n")
+                            sink.flush()
+    finally:
+        bar.close()
+        gc.unfreeze()
+    elapsed = time.perf_counter() - clock_start
+    log(f"csd bench: {num_rows} rows in {elapsed:.0f} s -> {config.output}")
+    return config.output
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tokens, models, target_params, config):
+    decoding, stop = mode.split("-")
+    num_new = len(outcome.token_ids)
+    cost, swi = cost_model(outcome.levels, num_new, target_params)
+    greedy = decoding == "greedy"
+    mismatch = _first_mismatch(outcome.token_ids, baseline_tokens) if greedy else None
+    used = [lv["name"] for lv in outcome.levels if lv.get("kind") in ("target", "drafter")]
+    runner = method.spec.get("runner") if method.engine == "csd" else None
+    runner_bytes = sum(models.runner_bytes(n, runner) for n in used) if method.engine == "csd" else 0
+    row = {
+        **common,
+        "method": method.name,
+        "engine": method.engine,
+        "ablation": method.ablation,
+        "spec": method.spec,
+        "config": outcome.config,
+        "models": models.describe(used),
+        "weights_bytes": sum(models.weight_bytes[n] for n in used),
+        "runner_bytes": runner_bytes,
+        "prompt_id": prompt["id"],
+        "prompt_index": p,
+        "num_prompt_tokens": len(req.prompt_ids),
+        "trial": trial,
+        "mode": mode,
+        "decoding": decoding,
+        "stop": stop,
+        "max_new_tokens": req.max_new_tokens,
+        "sampling": {
+            "temperature": 0.0 if greedy else req.temperature,
+            "top_k": None if greedy else req.top_k,
+            "top_p": None if greedy else req.top_p,
+            "seed": None if greedy else req.seed,
+            "ignore_eos": req.fixed_length,
+        },
+        "num_new_tokens": num_new,
+        "finish_reason": outcome.finish_reason,
+        "wall_seconds": outcome.wall_seconds,
+        "tokens_per_second": num_new / outcome.wall_seconds if outcome.wall_seconds > 0 else None,
+        "prefill_seconds": outcome.prefill_seconds,
+        "decode_seconds": outcome.decode_seconds,
+        "decode_tokens_per_second": (num_new / outcome.decode_seconds if outcome.decode_seconds else None),
+        "mean_acceptance_length": outcome.mean_acceptance_length,
+        "acceptance_rate": outcome.acceptance_rate,
+        "forward_calls": {lv["name"]: lv.get("forward_calls") for lv in outcome.levels},
+        "levels": outcome.levels,
+        "cost_target_forwards": cost,
+        "swi": swi,
+        "matches_baseline": (mismatch is None) if greedy else None,
+        "first_mismatch": mismatch,
+        "memory": mem,
+    }
+    if outcome.engine_stats is not None:
+        row["engine_stats"] = outcome.engine_stats
+    if config.save_tokens:
+        row["token_ids"] = outcome.token_ids
+    return row
