@@ -54,12 +54,12 @@ class LlamaRunner:
             self.layers.append(
                 (
                     w["input_layernorm.weight"],
-                    torch.cat(
-                        [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]
+                    _fuse(
+                        model, prefix, ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
                     ),
                     w["self_attn.o_proj.weight"],
                     w["post_attention_layernorm.weight"],
-                    torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
+                    _fuse(model, prefix, ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
                     w["mlp.down_proj.weight"],
                 )
             )
@@ -143,3 +143,16 @@ class LlamaRunner:
         if num_logits == 0:
             return x.new_empty((0, self.lm_head.shape[0]))
         return F.linear(self._rms_norm(x[num_new - num_logits :], self.final_norm), self.lm_head)  # (N, V)
+
+
+def _fuse(model: torch.nn.Module, prefix: str, names: list[str]) -> torch.Tensor:
+    """Concatenate projection weights into one matrix (one matmul instead of several) and make the
+    transformers model's parameters views into it, so the weights are held in memory once."""
+    params = [model.get_parameter(prefix + name) for name in names]
+    fused = torch.cat([p.detach() for p in params])
+    offset = 0
+    for param in params:
+        rows = param.shape[0]
+        param.data = fused[offset : offset + rows]
+        offset += rows
+    return fused
