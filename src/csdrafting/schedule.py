@@ -3,8 +3,9 @@
 ``StaticSchedule`` is the configured K-matrix, unchanged. ``AdaptiveSchedule`` starts from it and
 follows the running acceptance (online adaptation):
 
-* per (reviewer row, drafter column) entry: +1 when the drafter's whole share was accepted, -1 when
-  its first token was rejected (the rule transformers uses for its assistant's draft length);
+* per (reviewer row, drafter column) entry: a decayed count of the drafter's tokens accepted and
+  rejected gives a running acceptance rate; the entry is the configured length scaled by how the
+  odds of acceptance compare with a prior (long drafts while a drafter is right, short while not);
 * an entry that falls to 0 switches that drafter off for that reviewer; it is retried with 1 after
   a back-off measured in reviews of that row, which doubles each time the retry fails;
 * speculation as a whole is switched off (plain autoregressive steps) when its measured time per
@@ -59,11 +60,14 @@ class AdaptiveSchedule(StaticSchedule):
     """Starts from a K-matrix and adapts it online (see the module docstring)."""
 
     adaptive = True
+    PRIOR_ACCEPTANCE = 0.6  # the acceptance a configured entry is assumed to have been chosen for
+    PRIOR_WEIGHT = 4.0  # pseudo-observations behind the prior
+    DECAY = 0.9  # weight of older observations after each new one (recent acceptance matters most)
     MAX_GROWTH = 4  # an entry may grow to this many times its configured value (at least 8)
-    FIRST_BACKOFF = 8  # reviews (or target steps) before a switched-off drafter is retried
+    FIRST_BACKOFF = 8  # reviews before a switched-off drafter is retried
     MAX_BACKOFF = 512
-    JUDGE_AFTER = 3  # speculative steps before their speed is compared with plain decoding
-    EMA = 0.3  # weight of the newest step in the running speed estimates
+    JUDGE_AFTER = 8  # speculative steps before their speed is compared with plain decoding
+    SLOWER = 1.05  # speculation is switched off when it costs this much more per token than plain
 
     def __init__(self, k_matrix: KMatrix) -> None:
         super().__init__(k_matrix)
@@ -73,17 +77,19 @@ class AdaptiveSchedule(StaticSchedule):
         """Start each generation from the configured K-matrix, so one request's history never
         changes another's behaviour. ``use_timing=False`` turns off the speed-based switch (whose
         decisions depend on the clock): seeded sampling then draws the same tokens every run."""
-        k_matrix = self.k_matrix
         self.use_timing = use_timing
-        self.rows = k_matrix.as_lists()
-        self.caps = [[max(8, self.MAX_GROWTH * k) for k in row] for row in self.rows]
+        self.configured = self.k_matrix.as_lists()
+        self.rows = [row[:] for row in self.configured]
+        self.caps = [[max(8, self.MAX_GROWTH * k) for k in row] for row in self.configured]
+        prior = self.PRIOR_ACCEPTANCE
+        self.successes = [[prior * self.PRIOR_WEIGHT] * len(row) for row in self.rows]
+        self.failures = [[(1 - prior) * self.PRIOR_WEIGHT] * len(row) for row in self.rows]
         self.retry_in = [[0] * len(row) for row in self.rows]  # reviews left while an entry is off
         self.backoff = [[self.FIRST_BACKOFF] * len(row) for row in self.rows]
-        self.configured = [row[:] for row in self.rows]
-        # whole-speculation switch: seconds per emitted token, speculative vs plain steps
-        self.spec_cost: float | None = None
-        self.plain_cost: float | None = None
-        self.plain_steps_left = 1 if use_timing else 0  # a first plain step measures plain decoding's cost
+        # whole-speculation switch: decayed seconds and tokens of speculative and of plain steps
+        self.spec_time = self.spec_tokens = 0.0
+        self.plain_time = self.plain_tokens = 0.0
+        self.plain_steps_left = 2 if use_timing else 0  # first plain steps measure plain decoding's cost
         self.spec_backoff = self.FIRST_BACKOFF * 4
         self.spec_steps_judged = 0
 
@@ -93,17 +99,26 @@ class AdaptiveSchedule(StaticSchedule):
     def current(self) -> list[list[int]]:
         return [row[:] for row in self.rows]
 
+    def acceptance(self, reviewer: int, column: int) -> float:
+        """The running estimate of how often a token of this drafter is accepted by this reviewer."""
+        s, f = self.successes[reviewer][column], self.failures[reviewer][column]
+        return s / (s + f)
+
     def after_review(self, reviewer: int, segments: list[Segment], num_accepted: int) -> None:
         row = self.rows[reviewer]
         for column, start, end in segments:
-            if num_accepted >= end:
-                row[column] = min(row[column] + 1, self.caps[reviewer][column])
+            if num_accepted < start:
+                continue  # an earlier token was rejected: this share was never judged
+            accepted = min(num_accepted, end) - start
+            rejected = 1 if num_accepted < end else 0
+            self.successes[reviewer][column] = self.DECAY * self.successes[reviewer][column] + accepted
+            self.failures[reviewer][column] = self.DECAY * self.failures[reviewer][column] + rejected
+            row[column] = self._length(reviewer, column)
+            if row[column] == 0:
+                self.retry_in[reviewer][column] = self.backoff[reviewer][column]
+                self.backoff[reviewer][column] = min(2 * self.backoff[reviewer][column], self.MAX_BACKOFF)
+            elif accepted == end - start:
                 self.backoff[reviewer][column] = self.FIRST_BACKOFF
-            elif num_accepted == start:
-                row[column] = max(row[column] - 1, 0)
-                if row[column] == 0:
-                    self.retry_in[reviewer][column] = self.backoff[reviewer][column]
-                    self.backoff[reviewer][column] = min(2 * self.backoff[reviewer][column], self.MAX_BACKOFF)
         # switched-off entries count down one review of this row, then come back with 1
         retry = self.retry_in[reviewer]
         for column, left in enumerate(retry):
@@ -114,24 +129,36 @@ class AdaptiveSchedule(StaticSchedule):
                 else:
                     retry[column] = left - 1
 
+    def _length(self, reviewer: int, column: int) -> int:
+        """Draft length for the running acceptance: the configured length scaled by how the odds of
+        acceptance compare with the prior's (the expected accepted run of a geometric draft)."""
+        alpha = min(self.acceptance(reviewer, column), 0.99)
+        prior = self.PRIOR_ACCEPTANCE
+        scale = (alpha / (1 - alpha)) / (prior / (1 - prior))
+        return min(self.caps[reviewer][column], round(self.configured[reviewer][column] * scale))
+
     def speculate(self) -> bool:
         return self.plain_steps_left == 0
 
     def after_step(self, seconds: float, num_tokens: int, speculative: bool) -> None:
         if not self.use_timing:
             return
-        cost = seconds / max(num_tokens, 1)
+        # decayed sums of time and tokens: their ratio is the recent cost per token, weighted by
+        # tokens (an average of per-step ratios would overweight one-token steps)
         if not speculative:
-            self.plain_cost = cost if self.plain_cost is None else (1 - self.EMA) * self.plain_cost + self.EMA * cost
+            self.plain_time = self.DECAY * self.plain_time + seconds
+            self.plain_tokens = self.DECAY * self.plain_tokens + num_tokens
             self.plain_steps_left = max(self.plain_steps_left - 1, 0)
             if self.plain_steps_left == 0:
-                self.spec_cost, self.spec_steps_judged = None, 0
+                self.spec_time = self.spec_tokens = 0.0
+                self.spec_steps_judged = 0
             return
-        self.spec_cost = cost if self.spec_cost is None else (1 - self.EMA) * self.spec_cost + self.EMA * cost
+        self.spec_time = self.DECAY * self.spec_time + seconds
+        self.spec_tokens = self.DECAY * self.spec_tokens + num_tokens
         self.spec_steps_judged += 1
-        if self.spec_steps_judged < self.JUDGE_AFTER or self.plain_cost is None:
+        if self.spec_steps_judged < self.JUDGE_AFTER or self.plain_tokens == 0:
             return
-        if self.spec_cost > self.plain_cost:
+        if self.spec_time / self.spec_tokens > self.SLOWER * self.plain_time / self.plain_tokens:
             # speculating costs more per token than not: decode plainly for a while, then retry
             self.plain_steps_left = self.spec_backoff
             self.spec_backoff = min(2 * self.spec_backoff, self.MAX_BACKOFF)
