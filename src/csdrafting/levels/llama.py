@@ -74,7 +74,9 @@ class LlamaRunner:
         freqs = torch.outer(positions, inv_freq)  # (P, D/2)
         angles = torch.cat([freqs, freqs], dim=-1)  # (P, D)
         self.cos = angles.cos().to(device=self.device, dtype=self.dtype)
-        self.sin = angles.sin().to(device=self.device, dtype=self.dtype)
+        sin = angles.sin().to(device=self.device, dtype=self.dtype)
+        half = self.head_dim // 2
+        self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # (P, D)
         self.capacity = 0
         self.k_cache: torch.Tensor | None = None  # (L, Hkv, capacity, D)
         self.v_cache: torch.Tensor | None = None
@@ -99,10 +101,11 @@ class LlamaRunner:
         return weight * x32.to(x.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """RoPE as transformers computes it, x * cos + rotate_half(x) * sin, with the sign of
+        rotate_half's negated half folded into the sin table (exact: a sign flip does not round)."""
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: int, num_logits: int) -> torch.Tensor:
@@ -114,7 +117,7 @@ class LlamaRunner:
         self._reserve(end)
         x = self.embed[input_ids]  # (T, E)
         cos = self.cos[start:end].unsqueeze(0)  # (1, T, D)
-        sin = self.sin[start:end].unsqueeze(0)
+        signed_sin = self.signed_sin[start:end].unsqueeze(0)
         if num_new == 1:
             mask = None  # one query attends to every cached key
         else:
@@ -124,11 +127,12 @@ class LlamaRunner:
         for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
             h = self._rms_norm(x, norm1)
             qkv = F.linear(h, w_qkv)  # (T, (H + 2 Hkv) D)
-            q = qkv[:, : self.q_size].view(num_new, self.num_heads, self.head_dim).transpose(0, 1)  # (H, T, D)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_new, self.num_kv_heads, self.head_dim)
+            # queries and keys rotate together: one RoPE instead of two
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_new, self.num_heads + self.num_kv_heads, self.head_dim)
+            qk = self._rotate(qk.transpose(0, 1), cos, signed_sin)  # (H + Hkv, T, D)
+            q = qk[: self.num_heads]  # (H, T, D)
             v = qkv[:, self.q_size + self.kv_size :].view(num_new, self.num_kv_heads, self.head_dim)
-            q = self._rotate(q, cos, sin)
-            self.k_cache[i, :, start:end] = self._rotate(k.transpose(0, 1), cos, sin)  # (Hkv, T, D)
+            self.k_cache[i, :, start:end] = qk[self.num_heads :]  # (Hkv, T, D)
             self.v_cache[i, :, start:end] = v.transpose(0, 1)
             attn = F.scaled_dot_product_attention(
                 q.unsqueeze(0),
