@@ -288,3 +288,28 @@ def test_mag_object_can_be_passed_in():
     assert result.token_ids == table_greedy(TableLevel("r", target_table, "bigram"), [0, 1, 2, 0, 1], 20)
     assert mag.propose_calls > 0
     torch.testing.assert_close(target_table, random_table(7, 4, "bigram"))
+
+
+@pytest.mark.parametrize("mag_first", [1, 2])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_mag_first_gating(llama, mag_first, adaptive):
+    """MaG's draft goes straight to the target when its match is long enough; otherwise the full
+    cascade drafts. Both kinds of step must happen, and the output must not change."""
+    prompt = PROMPT + PROMPT[:4]  # a repeat, so MaG finds long matches from the start
+    reference = hf_greedy(llama["target"], prompt, NUM_NEW)
+    cascade = Cascade(
+        llama["target"],
+        [llama["noisy"], llama["noisier"]],
+        mag=True,
+        k_matrix=[[1, 1, 2], [0, 1, 2], [0, 0, 2]],
+        runner="lean",
+        eos_token_ids=[],
+        adaptive=adaptive,
+        mag_first=mag_first,
+    )
+    result = cascade.generate(prompt, NUM_NEW, ignore_eos=True)
+    assert result.token_ids == reference
+    review = target_review(result)
+    assert review["drafted_by_origin"].get("mag", 0) > 0  # gated steps ran
+    assert level(result, "drafter1")["forward_calls"] > 0  # and cascade steps ran
+    check_common_stats(result)

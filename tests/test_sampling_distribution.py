@@ -50,6 +50,7 @@ class Config:
     reviewers: tuple = field(default_factory=tuple)  # drafters that must have reviewed smaller levels' drafts
     unrelated: bool = False  # d1 unrelated to the target (many rejections: broken reviewers show)
     adaptive: bool = False  # online adaptation of the schedule (deterministic per seed when seeded)
+    mag_first: int | None = None  # MaG's draft straight to the target after a match this long
 
 
 DEFAULT_K = KMatrix.default(2, True).as_lists()  # passed explicitly: a static schedule, deterministic per seed
@@ -148,6 +149,18 @@ CONFIGS = [
         adaptive=True,
     ),
     Config(
+        "MaG first: 2 drafters + MaG, l=3, T=1",
+        2,
+        True,
+        [[1, 1, 1], [0, 1, 1], [0, 0, 1]],
+        3.0,
+        SamplingParams(1.0),
+        num_tokens=4,
+        origins=("d1", "mag"),
+        reviewers=("d1",),
+        mag_first=2,
+    ),
+    Config(
         "unrelated drafter, K=[[2]], T=1", 1, False, [[2]], 1.0, SamplingParams(1.0), unrelated=True, origins=("d1",)
     ),
     Config(
@@ -176,6 +189,7 @@ def sample(config: Config, seed_offset: int = 0):
         lenience=config.lenience,
         eos_token_ids=[],
         adaptive=config.adaptive,
+        mag_first=config.mag_first,
     )
     p = config.params
     counts = Counter()

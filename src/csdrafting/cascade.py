@@ -128,6 +128,7 @@ class Cascade:
         runner: str = "auto",
         eos_token_ids: Sequence[int] | None = None,
         adaptive: bool | None = None,
+        mag_first: int | None = None,
     ) -> None:
         if isinstance(lenience, bool) or not isinstance(lenience, (int, float)) or not math.isfinite(lenience):
             raise ConfigError(f"lenience must be a number >= 1, got {lenience!r}")
@@ -135,6 +136,8 @@ class Cascade:
             raise ConfigError(f"lenience must be >= 1 (1 is strict review), got {lenience}")
         if runner not in ("auto", "lean", "transformers"):
             raise ConfigError(f"runner must be 'auto', 'lean' or 'transformers', got {runner!r}")
+        if mag_first is not None and (isinstance(mag_first, bool) or not isinstance(mag_first, int) or mag_first < 1):
+            raise ConfigError(f"mag_first must be a positive integer (a match length) or None, got {mag_first!r}")
         names = list(names) if names is not None else ["target"] + [f"drafter{i + 1}" for i in range(len(drafters))]
         if len(names) != 1 + len(drafters):
             raise ConfigError(f"names must give one name per level ({1 + len(drafters)}), got {len(names)}")
@@ -174,8 +177,16 @@ class Cascade:
         # every level must fit the sequence: the usable context is the smallest level's
         self.max_context = min(level.max_positions for level in [self.target, *self.drafters])
         self._step = CascadeStep(
-            self.target, self.drafters, self.mag, self.k_matrix, self.lenience, self.eos_token_ids, self.adaptive
+            self.target,
+            self.drafters,
+            self.mag,
+            self.k_matrix,
+            self.lenience,
+            self.eos_token_ids,
+            self.adaptive,
+            mag_first,
         )
+        self.mag_first = self._step.mag_first
         self._lock = threading.Lock()
 
     @classmethod
@@ -191,6 +202,7 @@ class Cascade:
         bigram: str | Path | None = None,
         runner: str = "auto",
         adaptive: bool | None = None,
+        mag_first: int | None = None,
     ) -> Cascade:
         """Load a target and drafters from local Hugging Face folders.
 
@@ -226,6 +238,7 @@ class Cascade:
             names=names,
             runner=runner,
             adaptive=adaptive,
+            mag_first=mag_first,
         )
 
     @classmethod
@@ -250,6 +263,7 @@ class Cascade:
             bigram=config.bigram,
             runner=runner,
             adaptive=config.adaptive,
+            mag_first=config.mag_first,
         )
 
     # -- configuration -------------------------------------------------------------------------
@@ -263,6 +277,7 @@ class Cascade:
             "k_matrix": self.k_matrix.as_lists(),
             "lenience": self.lenience,
             "adaptive": self.adaptive,
+            "mag_first": self.mag_first,
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "backend", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,

@@ -51,6 +51,13 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         "--adaptive", choices=["on", "off"], default=None, help="adapt draft lengths online (default: on for auto)"
     )
     group.add_argument(
+        "--mag-first",
+        type=int,
+        default=None,
+        metavar="N",
+        help="when MaG's proposal continues a suffix match of >= N tokens, send it to the target directly",
+    )
+    group.add_argument(
         "--lenience", type=float, default=None, help="how leniently drafters review smaller drafters (>= 1; default 1)"
     )
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
@@ -77,7 +84,7 @@ def config_from_args(args):
             changes["drafters"] = [str(p) for p in DEFAULT_DRAFTERS]
     if args.no_mag:
         changes["mag"] = False
-    for name in ("bigram", "k_matrix", "lenience", "device", "dtype"):
+    for name in ("bigram", "k_matrix", "lenience", "device", "dtype", "mag_first"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.adaptive is not None:

@@ -33,6 +33,7 @@ class CascadeConfig:
     k_matrix: list[list[int]] | str | None = None  # None / "auto": default start + online adaptation
     lenience: float = 1.0
     adaptive: bool | None = None
+    mag_first: int | None = None  # MaG drafts alone after a suffix match this long (None: off)
     bigram: str | None = None
     device: str = "cpu"
     dtype: str = "float32"

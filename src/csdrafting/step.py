@@ -67,9 +67,14 @@ class CascadeStep:
         lenience: float,
         eos_ids: frozenset[int],
         adaptive: bool = False,
+        mag_first: int | None = None,
     ) -> None:
         self.levels: list[NeuralLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
         self.k_matrix = k_matrix
+        # MaG first: when MaG's proposal continues a suffix match of at least this many tokens,
+        # the target gets MaG's draft directly (the neural drafters are skipped for that step)
+        self.mag_first = mag_first if mag is not None else None
+        self.mag_first_tokens = max(8, sum(k_matrix.rows[0])) if k_matrix.size else 8
         self.schedule = AdaptiveSchedule(k_matrix) if adaptive else StaticSchedule(k_matrix)
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -104,7 +109,7 @@ class CascadeStep:
         started = time.perf_counter()
         self.num_committed = len(ids)
         speculative = self.schedule.speculate()
-        draft = self._fill(0, ids, max_tokens - 1) if speculative else Draft()
+        draft = (self._mag_first(ids, max_tokens - 1) or self._fill(0, ids, max_tokens - 1)) if speculative else Draft()
         outcome = self._review(0, ids, draft, lenience=1.0)
         num_accepted = outcome.num_accepted
         tokens = draft.tokens[:num_accepted] + [outcome.next_token]
@@ -112,6 +117,21 @@ class CascadeStep:
         # the review read its result back to the host (.tolist()), so the clock is synchronised
         self.schedule.after_step(time.perf_counter() - started, len(tokens), speculative)
         return tokens, origins
+
+    def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
+        """MaG's draft for the target when its match is long enough to trust, else None. The
+        decision depends only on the committed tokens, so it cannot bias the verification."""
+        if self.mag_first is None or limit <= 0:
+            return None
+        mag = self.levels[-1]
+        tokens = mag.propose(ids, self.num_committed, min(self.mag_first_tokens, limit))
+        if mag.last_match_length < self.mag_first:
+            return None
+        draft = Draft()
+        draft.add(tokens, [len(self.levels) - 1] * len(tokens), [None] * len(tokens))
+        if self.stop_at_eos:
+            self._cut_after_eos(draft)
+        return draft
 
     def _fill(self, reviewer: int, context: list[int], limit: int) -> Draft:
         """The draft that level ``reviewer`` will review after ``context``: at most ``limit`` tokens,

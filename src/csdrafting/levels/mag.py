@@ -97,6 +97,7 @@ class MaG:
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> latest end position with a successor
         self._tokens: list[int] = []  # the committed tokens indexed so far
         self.propose_calls = 0
+        self.last_match_length = 0  # how long a suffix the last proposal's first token matched
 
     def observe(self, ids: list[int], num_committed: int) -> None:
         """Index every n-gram that ends before the last committed token (so it has a successor)."""
@@ -119,14 +120,17 @@ class MaG:
         index = self._index
         context = ids  # continuations are read from here; proposals extend a virtual copy
         proposal: list[int] = []
+        self.last_match_length = -1  # suffix length matched for the first proposed token
         while len(proposal) < num_tokens:
             tail = (context[-self.max_ngram :] + proposal)[-self.max_ngram :]
-            match_end = -1
+            match_end, match_length = -1, 0
             for n in range(1, len(tail) + 1):  # existence is monotone in n: stop at the first miss
                 end = index.get(tuple(tail[-n:]))
                 if end is None:
                     break
-                match_end = end
+                match_end, match_length = end, n
+            if self.last_match_length < 0:
+                self.last_match_length = match_length
             if match_end >= 0:
                 follow = context[match_end + 1 : match_end + 1 + num_tokens - len(proposal)]
                 proposal.extend(follow)
