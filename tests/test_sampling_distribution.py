@@ -248,10 +248,15 @@ def test_enumeration_is_a_distribution_and_the_test_discriminates():
     assert chisquare_pvalue(counts, exact_joint(target, PROMPT, config.num_tokens, warmer)) < REJECT_P
 
 
-MUTANT_CASES = [
-    ("resample_from_p", broken_reviewer(after_reject="p"), CONFIGS[8]),
-    ("accept_with_p_ignoring_q", broken_reviewer(accept_rule="p_only"), CONFIGS[8]),
-    ("lenient_review_carries_p", broken_reviewer(carry="p"), CONFIGS[9]),
+CONFIG_BY_NAME = {config.name: config for config in CONFIGS}
+MUTANT_CASES = [  # unrelated drafters: many rejections, so a broken reviewer shows
+    ("resample_from_p", broken_reviewer(after_reject="p"), CONFIG_BY_NAME["unrelated drafter, K=[[2]], T=1"]),
+    (
+        "accept_with_p_ignoring_q",
+        broken_reviewer(accept_rule="p_only"),
+        CONFIG_BY_NAME["unrelated drafter, K=[[2]], T=1"],
+    ),
+    ("lenient_review_carries_p", broken_reviewer(carry="p"), CONFIG_BY_NAME["unrelated drafters, l=3, T=1"]),
 ]
 
 
