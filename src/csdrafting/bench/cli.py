@@ -138,7 +138,7 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
         unique.setdefault(Path(path).name, path)
     drafters = list(unique.values())
     shaped = any(
-        getattr(args, name, None) is not None for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive")
+        getattr(args, name, None) is not None for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive", "mag_first")
     )
     extra = None
     if shaped:
@@ -152,6 +152,7 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
                 "k_matrix": config.k_matrix if config.k_matrix is not None else "auto",
                 "lenience": config.lenience,
                 "adaptive": config.adaptive,
+                "mag_first": config.mag_first,
                 "description": "from --config / cascade flags",
             },
         )

@@ -440,6 +440,7 @@ class CascadeMethod:
             bigram=models.bigram if spec["mag"] else None,
             eos_token_ids=models.eos_token_ids,
             adaptive=spec.get("adaptive"),
+            mag_first=spec.get("mag_first"),
         )
         self.models = models
         self.config = {"engine": "csd", **self.cascade.describe(), "dtype": models.dtype_name}

@@ -43,7 +43,7 @@ MODES = ("greedy-fixed", "greedy-natural", "sampling-fixed", "sampling-natural")
 ENGINES = ("transformers", "csd")
 TEMPLATE_KEYS = ("drafter", "k00", "lenience")  # "{key}" in a name expands over these
 _TRANSFORMERS_KEYS = {"assistant", "prompt_lookup_num_tokens", "generate_options"}
-_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "runner"}
+_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner"}
 _COMMON_KEYS = {"engine", "description", "ablation", "like", "without", "k00"}
 
 
@@ -289,6 +289,7 @@ def _normalize_csd(name: str, spec: dict, drafters: list[str]) -> dict:
         spec["k_matrix"] = "auto"  # the library's default: a starting K-matrix, adapted online
     spec.setdefault("lenience", 1.0)
     spec.setdefault("adaptive", None)  # None: the library decides (on for "auto", off for explicit)
+    spec.setdefault("mag_first", None)  # None: MaG only drafts through the K-matrix
     without = spec.pop("without", None)
     if without is not None:
         spec = _remove_level(name, spec, without)
