@@ -22,6 +22,7 @@ from .sampling import SamplingParams
 from .stats import GenerationStats
 from .step import CascadeStep
 
+AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: how chosen)
 BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no table is given
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -167,8 +168,11 @@ class Cascade:
             self.k_matrix = KMatrix.default(len(self.drafters), self.mag is not None)
         else:
             self.k_matrix = KMatrix.parse(k_matrix, num_drafting)
-        # "auto" adapts the schedule online; an explicit K-matrix is used as given unless asked
+        # "auto" adapts the schedule online and lets a long MaG match draft alone; an explicit
+        # K-matrix is used as given unless asked
         self.adaptive = bool(automatic if adaptive is None else adaptive)
+        if automatic and mag_first is None and self.mag is not None:
+            mag_first = AUTO_MAG_FIRST
         self.lenience = float(lenience)
         if eos_token_ids is None:
             eos_token_ids = _eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []

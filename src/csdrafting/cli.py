@@ -17,6 +17,8 @@ from .errors import ConfigError, CSDraftingError
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_TARGET = MODELS_DIR / "pycode-22m"
 DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
+# what `csd generate` runs with no model flags: the family's measured best cascade (README, Results)
+DEFAULT_CONFIG = MODELS_DIR / "csd_default.json"
 
 
 def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +73,12 @@ def config_from_args(args):
 
     from .config import CascadeConfig
 
-    config = CascadeConfig.load(args.config) if getattr(args, "config", None) else CascadeConfig()
+    if getattr(args, "config", None):
+        config = CascadeConfig.load(args.config)
+    elif args.target is None and args.drafter is None and not args.no_mag and DEFAULT_CONFIG.is_file():
+        config = CascadeConfig.load(DEFAULT_CONFIG)  # the embedded family, as tuned for it
+    else:
+        config = CascadeConfig()
     changes = {}
     if args.target is not None:
         changes["target"] = args.target

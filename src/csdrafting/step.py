@@ -74,7 +74,8 @@ class CascadeStep:
         # MaG first: when MaG's proposal continues a suffix match of at least this many tokens,
         # the target gets MaG's draft directly (the neural drafters are skipped for that step)
         self.mag_first = mag_first if mag is not None else None
-        self.mag_first_tokens = max(8, sum(k_matrix.rows[0])) if k_matrix.size else 8
+        self.mag_first_start = max(8, sum(k_matrix.rows[0])) if k_matrix.size else 8
+        self.mag_first_tokens = self.mag_first_start
         self.schedule = AdaptiveSchedule(k_matrix) if adaptive else StaticSchedule(k_matrix)
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -87,6 +88,7 @@ class CascadeStep:
         self.generator = generator
         self.stop_at_eos = stop_at_eos
         self.num_committed = 0
+        self.mag_first_tokens = self.mag_first_start
         # seeded sampling must not depend on the clock; greedy output never does
         self.schedule.reset(use_timing=params.greedy or params.seed is None)
         for level in self.levels:
@@ -109,9 +111,13 @@ class CascadeStep:
         started = time.perf_counter()
         self.num_committed = len(ids)
         speculative = self.schedule.speculate()
-        draft = (self._mag_first(ids, max_tokens - 1) or self._fill(0, ids, max_tokens - 1)) if speculative else Draft()
+        gated = self._mag_first(ids, max_tokens - 1) if speculative else None
+        draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
         outcome = self._review(0, ids, draft, lenience=1.0)
         num_accepted = outcome.num_accepted
+        if gated:
+            # the next gated draft is about twice what this one got accepted (from past steps only)
+            self.mag_first_tokens = min(32, max(4, 2 * (num_accepted + 1)))
         tokens = draft.tokens[:num_accepted] + [outcome.next_token]
         origins = draft.origins[:num_accepted] + [0]
         # the review read its result back to the host (.tolist()), so the clock is synchronised
