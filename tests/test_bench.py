@@ -88,12 +88,12 @@ def test_suite_templates_and_derived_methods():
     assert methods["hf-prompt-lookup"].spec["prompt_lookup_num_tokens"] == 10
 
     ablation = {m.name: m.spec for m in build_suite(data, "ablation", ["pycode-5m", "pycode-1m"]).methods}
-    full = ablation["csd-full"]["k_matrix"]
+    full = ablation["csd-full"]["k_matrix"]  # pycode-1m + MaG: a 2x2 matrix
+    assert ablation["csd-full"]["drafters"] == ["pycode-1m"] and len(full) == 2  # "smallest"
     assert ablation["csd-no-mag"]["mag"] is False
-    assert ablation["csd-no-mag"]["k_matrix"] == [row[:2] for row in full[:2]]
-    assert ablation["csd-no-pycode-1m"]["drafters"] == ["pycode-5m"]
-    assert ablation["csd-no-pycode-1m"]["k_matrix"] == [[full[0][0], full[0][2]], [0, full[1][2]]]
-    assert ablation["csd-no-pycode-5m"]["k_matrix"] == [[full[0][1], full[0][2]], [0, full[2][2]]]
+    assert ablation["csd-no-mag"]["k_matrix"] == [[full[0][0]]]  # MaG's row and column dropped
+    assert ablation["csd-no-mag-first"]["mag_first"] is None and ablation["csd-full"]["mag_first"] == 3
+    assert ablation["csd-no-mag-first"]["k_matrix"] == full
     sweep = {n: s["k_matrix"][0][0] for n, s in ablation.items() if n.startswith("csd-full-k00-")}
     assert len(sweep) >= 3 and full[0][0] not in sweep.values()  # the copy of csd-full is dropped
     assert all(s["k_matrix"][1:] == full[1:] for n, s in ablation.items() if n.startswith("csd-full-k00-"))

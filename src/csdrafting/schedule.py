@@ -11,7 +11,9 @@ follows the running acceptance (online adaptation):
 * speculation as a whole is switched off (plain autoregressive steps) when its measured time per
   emitted token is worse than plain decoding's, and retried after a back-off that doubles too.
 
-Each generation starts again from the configured K-matrix. Every decision depends only on past steps, never on the token being drafted, so the target's
+What the schedule learned carries over from one generation to the next (greedy and unseeded
+sampling); a seeded sampling request starts afresh without the clock-driven switch, so it is
+reproducible. Every decision depends only on past steps, never on the token being drafted, so the target's
 verification stays exact and the output stays the target's: adaptation changes speed only.
 """
 
@@ -41,7 +43,10 @@ class StaticSchedule:
         return self._ends[reviewer]
 
     def reset(self, use_timing: bool) -> None:
-        """A new generation starts."""
+        """Start afresh from the configured K-matrix."""
+
+    def resume(self) -> None:
+        """A new generation continues from what earlier ones learned."""
 
     def speculate(self) -> bool:
         return True
@@ -73,10 +78,14 @@ class AdaptiveSchedule(StaticSchedule):
         super().__init__(k_matrix)
         self.reset(use_timing=True)
 
+    def resume(self) -> None:
+        if not self.use_timing:
+            self.reset(use_timing=True)
+
     def reset(self, use_timing: bool) -> None:
-        """Start each generation from the configured K-matrix, so one request's history never
-        changes another's behaviour. ``use_timing=False`` turns off the speed-based switch (whose
-        decisions depend on the clock): seeded sampling then draws the same tokens every run."""
+        """Start afresh from the configured K-matrix. ``use_timing=False`` turns off the speed-based
+        switch (whose decisions depend on the clock): seeded sampling then draws the same tokens
+        every run."""
         self.use_timing = use_timing
         self.configured = self.k_matrix.as_lists()
         self.rows = [row[:] for row in self.configured]

@@ -89,8 +89,13 @@ class CascadeStep:
         self.stop_at_eos = stop_at_eos
         self.num_committed = 0
         self.mag_first_tokens = self.mag_first_start
-        # seeded sampling must not depend on the clock; greedy output never does
-        self.schedule.reset(use_timing=params.greedy or params.seed is None)
+        if params.greedy or params.seed is None:
+            # what the schedule learned carries over (a useless drafter stays off): it changes the
+            # speed of later generations, never their output
+            self.schedule.resume()
+        else:
+            # seeded sampling must be reproducible: start afresh and leave the clock out
+            self.schedule.reset(use_timing=False)
         for level in self.levels:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]

@@ -138,7 +138,8 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
         unique.setdefault(Path(path).name, path)
     drafters = list(unique.values())
     shaped = any(
-        getattr(args, name, None) is not None for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive", "mag_first")
+        getattr(args, name, None) is not None
+        for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive", "mag_first")
     )
     extra = None
     if shaped:

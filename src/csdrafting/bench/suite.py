@@ -279,9 +279,12 @@ def _normalize_csd(name: str, spec: dict, drafters: list[str]) -> dict:
     chosen = spec.get("drafters", "all")
     if chosen == "all":
         chosen = list(drafters)
+    elif chosen in ("smallest", "largest"):  # family-independent picks (drafters are largest first)
+        chosen = drafters[-1:] if chosen == "smallest" else drafters[:1]
     if not isinstance(chosen, list) or any(d not in drafters for d in chosen):
         raise ConfigError(
-            f"method {name!r}: drafters must be 'all' or a list of loaded drafters ({', '.join(drafters)})"
+            f"method {name!r}: drafters must be 'all', 'smallest', 'largest' or a list of loaded drafters "
+            f"({', '.join(drafters)})"
         )
     spec["drafters"] = list(chosen)
     spec["mag"] = bool(spec.get("mag", True))

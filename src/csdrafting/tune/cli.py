@@ -1,0 +1,377 @@
+"""``csd tune``: measure the family on this device, plan the fastest cascade, write its config,
+and check the prediction against a measured run. Registered by ``csdrafting.cli``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+EXAMPLES = """\
+examples:
+  csd tune                                   tune the embedded family; writes csd-tuned.json
+  csd tune --grid --plot tune.png            also measure a grid of >= 20 K-matrices and plot
+  csd tune --num-prompts 2 --max-new-tokens 32 --no-verify     a quick look
+  csd tune --drafter models/pycode-5m --no-mag --output sd.json   tune plain speculative decoding
+  csd generate --config csd-tuned.json --prompt "def f("          use the result
+"""
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_cascade_arguments
+
+    tune = subparsers.add_parser(
+        "tune",
+        help="measure this device, plan the fastest K-matrix and lenience, write a config file",
+        description="Measure every level's forward cost and every drafter's acceptance on sample "
+        "prompts, search K-matrices (and lenience) for the best predicted speed, leave out drafters "
+        "that do not pay, write the configuration, then measure it against plain decoding and "
+        "plain speculative decoding. The cascade flags choose the family (--k-matrix is ignored).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_cascade_arguments(tune)
+    group = tune.add_argument_group("tuning")
+    group.add_argument(
+        "--prompts", default=None, help="prompts JSONL with id and text (default: benchmarks/prompts.jsonl)"
+    )
+    group.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: 128)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = tune for greedy (default); > 0 for sampling")
+    group.add_argument(
+        "--output", "-o", default="csd-tuned.json", help="configuration file to write (default: csd-tuned.json)"
+    )
+    group.add_argument("--plot", metavar="PNG", help="plot predicted speed over the explored configurations")
+    group.add_argument("--report", metavar="JSON", help="write measurements, explored configurations and results")
+    group.add_argument(
+        "--profile", metavar="JSON", help="reuse the measurements of an earlier --report (skip measuring)"
+    )
+    group.add_argument("--grid", action="store_true", help="also measure a grid of >= 20 K-matrices and the default")
+    group.add_argument("--trials", type=int, default=3, help="timed repetitions in the check (default: 3)")
+    group.add_argument(
+        "--cost-rounds", type=int, default=11, help="timed rounds per forward-cost cell (median; default: 11)"
+    )
+    group.add_argument("--no-verify", action="store_true", help="plan only: do not measure the result")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tune.set_defaults(func=cmd_tune)
+
+
+def _log(message: str) -> None:
+    print(f"[tune] {message}", file=sys.stderr, flush=True)
+
+
+def _relative(path: str, folder: Path) -> str:
+    """``path`` relative to the config file's folder when it lies inside it (``CascadeConfig``
+    resolves relative paths from there), else absolute."""
+    resolved, base = Path(path).resolve(), folder.resolve()
+    return os.path.relpath(resolved, base) if resolved.is_relative_to(base) else str(resolved)
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from ..bench.runner import load_prompts
+    from ..bench.suite import DEFAULT_PROMPTS_FILE
+    from ..cascade import Cascade
+    from ..sampling import SamplingParams
+    from .compare import Method, compare, speedups
+    from .measure import measure, replayer_for
+    from .planner import best_plain_speculative, predict, search
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    if args.cost_rounds < 1:
+        raise ConfigError(f"--cost-rounds must be >= 1, got {args.cost_rounds}")
+    params = SamplingParams(temperature=args.temperature, seed=0)
+    from dataclasses import replace
+
+    from ..cli import DEFAULT_DRAFTERS, config_from_args
+
+    config = config_from_args(args)
+    if args.config is None and args.target is None and args.drafter is None:
+        # no family named: tune the whole embedded family, not just the levels its default uses
+        config = replace(config, drafters=[str(p) for p in DEFAULT_DRAFTERS], k_matrix=None, mag_first=None)
+    if args.k_matrix is not None:
+        _log("--k-matrix is ignored: tuning chooses the K-matrix")
+    cascade = Cascade.from_config(config, runner=args.runner)
+    prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
+    prompts_ids = [cascade.encode(p["text"]) for p in prompts]
+    for ids in prompts_ids:
+        cascade._validate_request(ids, args.max_new_tokens)
+    names = [cascade.target.name] + [d.name for d in cascade.drafters] + (["mag"] if cascade.mag else [])
+    num_neural = len(cascade.drafters)
+    mag_level = num_neural + 1 if cascade.mag is not None else None
+
+    # 1. measure (or reuse) costs and acceptance
+    if args.profile:
+        profile = _load_profile(args.profile, names)
+        _log(f"measurements from {args.profile}")
+    else:
+        _log(f"measuring {', '.join(names)} on {len(prompts)} prompts ({torch.get_num_threads()} threads)")
+        profile = measure(cascade, prompts_ids, args.max_new_tokens, params, cost_rounds=args.cost_rounds, log=_log)
+    costs, acceptance = profile.costs, profile.acceptance
+    replayer = replayer_for(cascade, profile.traces) if profile.traces else None
+
+    def replay(rows, lenience):
+        return replayer.predict(rows, lenience, costs)
+
+    # 2. plan
+    started = time.perf_counter()
+    result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
+    sd = best_plain_speculative(acceptance, costs, replay=replay if replayer else None)
+    default_rows = _default_rows(num_neural, cascade.mag is not None)
+    default_model = predict(default_rows, acceptance, costs)
+    default_pred = replay(default_rows, 1.0) if replayer else default_model
+    best = result.best
+    _log(
+        f"planned in {time.perf_counter() - started:.1f} s: {len(result.explored)} configurations explored, "
+        f"{sum(c.replay is not None for c in result.explored)} replayed"
+    )
+
+    # 3. write the configuration
+    tuned = _method("tuned", best.k_matrix, best.lenience, mag_level, best.prediction.speedup)
+    output = Path(args.output)
+    folder = output.parent if str(output.parent) else Path(".")
+    drafters = [_relative(config.drafters[v - 1], folder) for v in tuned.levels if v != mag_level]
+    with_mag = mag_level in tuned.levels
+    from dataclasses import replace
+
+    tuned_config = replace(
+        config,
+        target=_relative(config.target, folder),
+        drafters=drafters,
+        mag=with_mag,
+        k_matrix=[list(row) for row in tuned.k_matrix],
+        lenience=best.lenience,
+        adaptive=False if args.adaptive is None else args.adaptive == "on",
+        bigram=_relative(config.bigram, folder) if (with_mag and config.bigram) else None,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tuned_config.save(output)
+    left_out = [names[v] for v in range(1, len(names)) if v not in tuned.levels]
+    print(f"wrote {output}")
+    print(f"  levels:   {' -> '.join([names[0]] + [names[v] for v in tuned.levels]) or names[0]}")
+    if left_out:
+        print(f"  left out: {', '.join(left_out)} (predicted not to pay for themselves)")
+    print(f"  k_matrix: {json.dumps(tuned_config.k_matrix)}   lenience: {best.lenience:g}")
+
+    methods = [Method("plain", (), ())]
+    methods.append(tuned)
+    if sd is not None:
+        methods.append(_method(f"sd-{names[sd.levels[0]]}", sd.k_matrix, 1.0, mag_level, sd.prediction.speedup))
+    default_method = _method("default", default_rows, 1.0, mag_level, default_pred.speedup)
+    print()
+    print("predicted speed (" + ("replay of the measured traces" if replayer else "expected-walltime model") + "):")
+    print(f"  {'configuration':<22} {'tokens/step':>11} {'tokens/s':>9} {'speedup':>8}   K-matrix")
+    rows_out = [(tuned, best.prediction), (default_method, default_pred)]
+    if sd is not None:
+        rows_out.insert(1, (methods[2], sd.prediction))
+    rows_out.append((methods[0], result.plain.prediction))
+    for method, pred in rows_out:
+        print(
+            f"  {method.name:<22} {pred.tokens_per_step:>11.2f} {pred.tokens_per_second:>9.1f} {pred.speedup:>7.2f}x"
+            f"   {json.dumps([list(r) for r in method.k_matrix])}"
+        )
+
+    # 4. check: measure the tuned configuration against plain and plain SD (and the grid)
+    measured = None
+    grid_methods = []
+    if not args.no_verify:
+        if args.grid:
+            grid_methods = [default_method]
+            for m in _grid(num_neural, cascade.mag is not None, mag_level):
+                rows = _full_rows(m, len(names) - 1)
+                pred = replay(rows, m.lenience) if replayer else predict(rows, acceptance, costs, m.lenience)
+                grid_methods.append(replace(m, predicted_speedup=pred.speedup))
+        taken = {(m.levels, m.k_matrix, m.lenience) for m in methods}
+        all_methods = methods + [m for m in grid_methods if (m.levels, m.k_matrix, m.lenience) not in taken]
+        _log(
+            f"measuring {len(all_methods)} configurations x {len(prompts)} prompts x {args.trials} trials "
+            f"({args.max_new_tokens} new tokens, interleaved)"
+        )
+        measured = compare(cascade, all_methods, prompts_ids, args.max_new_tokens, args.trials, params, log=_log)
+        ratio = speedups(measured, "plain")
+        print()
+        print(f"measured ({len(prompts)} prompts x {args.max_new_tokens} tokens, median of {args.trials} trials):")
+        print(f"  {'configuration':<22} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'tokens/s':>9}  identical")
+        for m in methods:
+            _print_row(m, measured[m.name], ratio[m.name], params.greedy)
+        if grid_methods:
+            print()
+            ranked = sorted(all_methods, key=lambda m: -ratio[m.name])
+            fastest = ranked[0]
+            print(f"grid: {len(grid_methods) - 1} K-matrices + the default, ranked by measured speedup:")
+            for i, m in enumerate(ranked, 1):
+                mark = " <- tuned" if m.name == "tuned" else (" <- default" if m.name == "default" else "")
+                print(
+                    f"  {i:>2}. {m.name:<22} {ratio[m.name]:>6.2f}x (predicted {m.predicted_speedup or 1.0:.2f}x)  "
+                    f"{json.dumps([list(r) for r in m.k_matrix])}{mark}"
+                )
+            gap = ratio["tuned"] / ratio[fastest.name]
+            print(
+                f"tuned: rank {[m.name for m in ranked].index('tuned') + 1} of {len(ranked)}, "
+                f"{100 * (1 - gap):.1f}% slower than the fastest ({fastest.name})"
+                + (" - within 5%" if gap >= 0.95 else " - NOT within 5%")
+                + f"; {ratio['tuned'] / ratio['default']:.2f}x the default's speed"
+            )
+    if args.plot:
+        _plot(args.plot, result, names, default_pred, sd, measured)
+        print(f"plot: {args.plot}")
+    if args.report:
+        _report(args.report, profile, result, names, tuned_config, methods + grid_methods, measured)
+        print(f"report: {args.report}")
+    return 0
+
+
+def _print_row(method, measured, ratio: float, greedy: bool) -> None:
+    predicted = method.predicted_speedup if method.predicted_speedup is not None else 1.0
+    identical = ("yes" if measured.mismatches == 0 else f"NO ({measured.mismatches})") if greedy else "-"
+    print(
+        f"  {method.name:<22} {predicted:>8.2f}x {ratio:>8.2f}x {predicted / ratio:>9.2f} "
+        f"{measured.tokens_per_second:>9.1f}  {identical}"
+    )
+
+
+def _load_profile(path: str, names: list[str]):
+    from .measure import Profile
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from None
+    profile = Profile.from_dict(data.get("profile", data))
+    if list(profile.acceptance.names) != names:
+        raise ConfigError(f"profile {path} measured levels {list(profile.acceptance.names)}, this cascade has {names}")
+    return profile
+
+
+def _default_rows(num_neural: int, mag: bool):
+    from ..kmatrix import KMatrix
+    from .planner import expand
+
+    n = num_neural + int(mag)
+    return expand(list(range(1, n + 1)), KMatrix.default(num_neural, mag).as_lists(), n)
+
+
+def _method(name: str, rows, lenience: float, mag_level, predicted: float | None):
+    """A ``Method`` from a K-matrix over all levels (zero columns are left out)."""
+    from .compare import Method
+    from .planner import reduce
+
+    if not rows or not any(rows[0]):
+        return Method(name, (), (), lenience, False, predicted)
+    used, reduced = reduce(rows)
+    return Method(name, tuple(used), tuple(tuple(r) for r in reduced), lenience, False, predicted)
+
+
+def _full_rows(method, num_drafting: int):
+    from .planner import expand
+
+    if not method.levels:
+        return ()
+    return expand(list(method.levels), [list(r) for r in method.k_matrix], num_drafting)
+
+
+def _grid(num_neural: int, mag: bool, mag_level) -> list:
+    """A fixed grid of K-matrices spanning the kinds of cascade (>= 20 for two drafters + MaG):
+    plain speculative decoding with each drafter, MaG alone, each drafter with MaG (vertical and
+    horizontal), and full cascades."""
+    from .compare import Method
+
+    out = []
+    drafters = list(range(1, num_neural + 1))[:2]
+    for v in drafters:
+        for k in (1, 2, 3, 4, 6):
+            out.append(Method(f"sd-d{v}-k{k}", (v,), ((k,),)))
+    if mag:
+        for k in (2, 4, 8, 12, 16):
+            out.append(Method(f"mag-k{k}", (mag_level,), ((k,),)))
+        for v in drafters:
+            for k, m in ((1, 8), (3, 4), (2, 12)):
+                out.append(Method(f"d{v}<mag-{k}.{m}", (v, mag_level), ((k, 0), (0, m))))
+            out.append(Method(f"d{v}+mag-2.8", (v, mag_level), ((2, 8), (0, 0))))
+        if len(drafters) == 2:
+            a, b = drafters
+            for label, rows in (
+                ("vertical", ((4, 0, 0), (0, 2, 0), (0, 0, 3))),
+                ("horizontal", ((2, 1, 4), (0, 0, 0), (0, 0, 0))),
+                ("full-3.1.8", ((3, 1, 8), (0, 1, 4), (0, 0, 4))),
+                ("full-1.1.12", ((1, 1, 12), (0, 0, 4), (0, 0, 4))),
+                ("full-2.2.8", ((2, 2, 8), (0, 1, 4), (0, 0, 4))),
+            ):
+                out.append(Method(label, (a, b, mag_level), rows))
+    elif len(drafters) == 2:
+        a, b = drafters
+        for label, rows in (("vertical-4.2", ((4, 0), (0, 2))), ("horizontal-2.2", ((2, 2), (0, 0)))):
+            out.append(Method(label, (a, b), rows))
+    return out
+
+
+def _plot(path: str, result, names, default_pred, sd, measured) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    explored = result.explored
+    model = sorted((c.model.tokens_per_second for c in explored), reverse=True)
+    replayed = sorted((c.replay.tokens_per_second for c in explored if c.replay is not None), reverse=True)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(range(1, len(model) + 1), model, ".", ms=2, color="0.6", label="expected-walltime model")
+    if replayed:
+        ax.plot(range(1, len(replayed) + 1), replayed, "o", ms=3, color="tab:blue", label="replay of traces")
+    best = result.best.prediction.tokens_per_second
+    ax.axhline(best, color="tab:red", lw=1, label=f"tuned: {best:.0f} tok/s ({result.best.prediction.speedup:.2f}x)")
+    if sd is not None:
+        ax.axhline(
+            sd.prediction.tokens_per_second, color="tab:green", lw=1, ls="--", label="plain speculative decoding"
+        )
+    ax.axhline(default_pred.tokens_per_second, color="tab:orange", lw=1, ls="--", label="hand-written default K")
+    ax.axhline(result.plain.prediction.tokens_per_second, color="k", lw=1, ls=":", label="plain decoding")
+    ax.set_xscale("log")
+    ax.set_xlabel("explored configurations, ranked by predicted speed")
+    ax.set_ylabel("predicted tokens/s")
+    ax.set_title("csd tune: " + " / ".join(names))
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report(path, profile, result, names, tuned_config, methods, measured) -> None:
+    from .compare import speedups
+
+    ratio = speedups(measured, "plain") if measured else {}
+    payload = {
+        "schema": "csd-tune/1",
+        "config": tuned_config.as_dict(),
+        "profile": profile.as_dict(),
+        "explored": [c.as_dict(tuple(names)) for c in result.explored[:500]],
+        "methods": [
+            {
+                "name": m.name,
+                "levels": [names[v] for v in m.levels],
+                "k_matrix": [list(r) for r in m.k_matrix],
+                "lenience": m.lenience,
+                "predicted_speedup": m.predicted_speedup,
+                "measured_speedup": ratio.get(m.name),
+                "measured_tokens_per_second": measured[m.name].tokens_per_second if measured else None,
+                "trial_seconds": measured[m.name].seconds if measured else None,
+                "mismatches": measured[m.name].mismatches if measured else None,
+            }
+            for m in methods
+            if not measured or m.name in measured
+        ],
+    }
+    Path(path).write_text(json.dumps(payload) + "\n")

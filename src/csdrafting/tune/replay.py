@@ -1,0 +1,252 @@
+"""Trace replay: the real cascade (``step.py``) run on recorded next-token predictions.
+
+Independent per-position acceptance misses how text behaves: easy stretches (a repeated line,
+which MaG copies whole) and hard ones alternate, and a draft always starts where the previous one
+failed. Averaging acceptance over every start position over-weights the easy stretches (the
+inspection paradox), and the planner would over-estimate long drafts.
+
+For greedy decoding the cascade's behaviour on a prompt is fully determined by each level's
+argmax along the way. ``measure.py`` records, for every level and every position of the target's
+own output, the top next-token logits after the true prefix; a ``ReplayLevel`` answers
+``next_token_logits`` from that record (positions past the true prefix are answered as if the
+prefix were true — only drafts that the target will reject anyway see such positions). Running
+the real ``CascadeStep`` on replay levels gives, for any configuration, exactly the target steps,
+forward calls and tokens run per forward that the real run has; the cost model turns those into
+seconds. The planner uses this to rank its best candidates and to predict their speed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..levels.model import common_prefix_length
+
+TOP_K = 8  # logits kept per position: enough for lenient reviews (within a factor l of the top)
+FLOOR = -1e4  # logit of every token outside the kept top-k
+
+
+@dataclass
+class Trace:
+    """One prompt: its ids, the target's output, and each neural level's top-k logits at every
+    output position (row i predicts output token i; one extra row after the last)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    top_ids: list[torch.Tensor]  # per neural level (N + 1, TOP_K) long
+    top_logits: list[torch.Tensor]  # per neural level (N + 1, TOP_K) float
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_ids": self.prompt_ids,
+            "output_ids": self.output_ids,
+            "top_ids": [x.tolist() for x in self.top_ids],
+            "top_logits": [[[round(v, 4) for v in row] for row in x.tolist()] for x in self.top_logits],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Trace:
+        return cls(
+            list(data["prompt_ids"]),
+            list(data["output_ids"]),
+            [torch.tensor(x, dtype=torch.long) for x in data["top_ids"]],
+            [torch.tensor(x, dtype=torch.float32) for x in data["top_logits"]],
+        )
+
+
+@dataclass
+class _Counters:
+    forward_calls: int = 0
+    tokens_run: int = 0
+
+
+class ReplayLevel:
+    """A ``NeuralLevel`` that answers from a trace instead of running a model."""
+
+    runner_name = "replay"
+    num_params = 0
+    device = torch.device("cpu")
+
+    def __init__(self, name: str, vocab_size: int, max_positions: int) -> None:
+        self.name = name
+        self.vocab_size = vocab_size
+        self.max_positions = max_positions
+        self.counters = _Counters()
+        self.calls: list[int] = []  # tokens run by every forward, in order
+        self.seconds = 0.0  # spent answering (subtracted from the replay's wall time)
+        self._ids: list[int] = []
+        self._top_ids: torch.Tensor | None = None
+        self._top_logits: torch.Tensor | None = None
+        self._offset = 0
+
+    def use(self, top_ids: torch.Tensor, top_logits: torch.Tensor, prompt_length: int) -> None:
+        self._top_ids, self._top_logits = top_ids, top_logits
+        self._offset = prompt_length - 1  # sequence position whose prediction is row 0
+
+    def reset(self) -> None:
+        self._ids = []
+        self.counters = _Counters()
+        self.calls = []
+        self.seconds = 0.0
+
+    def prefill(self, ids: list[int]) -> None:
+        self._ids = list(ids)
+
+    def next_token_logits(self, ids: list[int], num_positions: int) -> torch.Tensor:
+        started = time.perf_counter()
+        start = min(common_prefix_length(self._ids, ids), len(ids) - num_positions)
+        self._ids = list(ids)
+        self.counters.forward_calls += 1
+        self.counters.tokens_run += len(ids) - start
+        self.calls.append(len(ids) - start)
+        first = len(ids) - num_positions - self._offset
+        rows = torch.arange(first, first + num_positions).clamp(0, self._top_ids.shape[0] - 1)
+        logits = torch.full((num_positions, self.vocab_size), FLOOR)
+        logits.scatter_(1, self._top_ids[rows], self._top_logits[rows])
+        self.seconds += time.perf_counter() - started
+        return logits  # (num_positions, V)
+
+
+def make_trace(prompt_ids: list[int], output_ids: list[int], logits: list[torch.Tensor]) -> Trace:
+    """From each neural level's (N + 1, V) logits; the target's top choice is forced to be the
+    trajectory's token (batched and one-token forwards may differ in the last bits)."""
+    top_ids, top_logits = [], []
+    for i, x in enumerate(logits):
+        values, ids = x.float().topk(TOP_K, dim=-1)  # (N + 1, TOP_K)
+        if i == 0:
+            for row, token in enumerate(output_ids):
+                if int(ids[row, 0]) != token:  # rare: put the trajectory's token on top, once
+                    others = [t for t in ids[row].tolist() if t != token][: TOP_K - 1]
+                    ids[row] = torch.tensor([token, *others])
+                    values[row] = torch.cat([values[row, :1] + 1.0, values[row, 1:]])
+        top_ids.append(ids)
+        top_logits.append(values)
+    return Trace(list(prompt_ids), list(output_ids), top_ids, top_logits)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Counts summed over all traces, and where the replay's own time went."""
+
+    num_tokens: int
+    num_steps: int
+    forward_tokens: tuple[tuple[int, ...], ...]  # per neural level: tokens run by each forward
+    mag_calls: int
+    matches: bool  # every replay reproduced the target's output (a sanity check)
+    wall_seconds: float  # the whole replay
+    answer_seconds: float  # of which in the replay levels (standing in for model forwards)
+
+    def overhead_seconds(self, costs) -> float:
+        """Seconds of the cascade's own logic (drafting, MaG, bookkeeping, output): the replay's
+        wall time less the stand-in forwards and the reviews the cost tables already include."""
+        reviews = sum(costs.review(t) for calls in self.forward_tokens for t in calls) if costs.review else 0.0
+        return max(0.0, self.wall_seconds - self.answer_seconds - reviews)
+
+    def seconds(self, costs) -> float:
+        """Predicted seconds of the real run: measured forward costs plus the measured overhead."""
+        total = self.overhead_seconds(costs)
+        for level, calls in zip(costs.levels, self.forward_tokens):
+            total += sum(level(t) for t in calls)
+        return total
+
+    def tokens_per_second(self, costs) -> float:
+        return self.num_tokens / self.seconds(costs)
+
+    def speedup(self, costs) -> float:
+        return costs.plain_seconds_per_token * self.num_tokens / self.seconds(costs)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.num_tokens / self.num_steps
+
+
+class Replayer:
+    """Replays configurations of one family on a set of traces."""
+
+    def __init__(self, traces: list[Trace], names: list[str], vocab_size: int, mag_bigram=None, mag: bool = True):
+        self.traces = traces
+        self.names = names  # neural level names, target first
+        self.vocab_size = vocab_size
+        self.mag_bigram = mag_bigram
+        self.mag = mag
+        max_positions = max(len(t.prompt_ids) + len(t.output_ids) for t in traces) + 64
+        self.levels = [ReplayLevel(name, vocab_size, max_positions) for name in names]
+
+    def predict(self, rows, lenience: float, costs):
+        """The replay as a planner ``Prediction`` (seconds from the cost model)."""
+        from .planner import Prediction
+
+        result = self.run(rows, lenience)
+        steps = result.num_steps
+        forwards = [len(calls) / steps for calls in result.forward_tokens]
+        if self.mag:
+            forwards.append(result.mag_calls / steps)
+        target_calls = result.forward_tokens[0]
+        draft_length = sum(target_calls) / len(target_calls) - 1 if target_calls else 0.0
+        rows = tuple(tuple(row) for row in rows)
+        return Prediction(
+            rows,
+            lenience,
+            result.tokens_per_step,
+            result.seconds(costs) / steps,
+            costs.plain_seconds_per_token,
+            tuple(forwards),
+            draft_length,
+        )
+
+    def run(self, rows, lenience: float = 1.0) -> ReplayResult:
+        """Replay K (over all levels, zero = unused; () = plain decoding) on every trace."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny tensors: thread synchronisation would dominate
+        try:
+            return self._run(rows, lenience)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, rows, lenience: float) -> ReplayResult:
+        from ..cascade import Cascade
+        from ..levels.mag import MaG
+        from .planner import reduce
+
+        num_drafting = len(self.names) - 1 + int(self.mag)
+        if rows and any(rows[0]):
+            used, reduced = reduce(rows)
+        else:
+            used, reduced = [], []
+        mag_level = num_drafting if self.mag else None
+        drafters = [self.levels[v] for v in used if v != mag_level]
+        with_mag = mag_level in used
+        cascade = Cascade(
+            self.levels[0],
+            drafters,
+            None,
+            mag=MaG(self.mag_bigram) if with_mag else False,
+            k_matrix=reduced,
+            lenience=lenience,
+            eos_token_ids=[],
+            adaptive=False,
+        )
+        num_tokens = num_steps = mag_calls = 0
+        answer_seconds = 0.0
+        calls = [[] for _ in self.levels]
+        matches = True
+        started = time.perf_counter()
+        for trace in self.traces:
+            for i, level in enumerate(self.levels):
+                level.reset()
+                level.use(trace.top_ids[i], trace.top_logits[i], len(trace.prompt_ids))
+            result = cascade.generate(trace.prompt_ids, len(trace.output_ids), ignore_eos=True)
+            matches &= result.token_ids == trace.output_ids
+            num_tokens += result.stats.num_new_tokens
+            num_steps += result.stats.target_steps
+            for level, sink in zip(self.levels, calls):
+                sink.extend(level.calls)
+                answer_seconds += level.seconds
+            if with_mag:
+                mag_calls += result.stats.levels[-1]["forward_calls"]
+        wall = time.perf_counter() - started
+        return ReplayResult(
+            num_tokens, num_steps, tuple(tuple(c) for c in calls), mag_calls, matches, wall, answer_seconds
+        )
