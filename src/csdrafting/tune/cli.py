@@ -123,8 +123,8 @@ def cmd_tune(args) -> int:
     costs, acceptance = profile.costs, profile.acceptance
     replayer = replayer_for(cascade, profile.traces) if profile.traces else None
 
-    def replay(rows, lenience):
-        return replayer.predict(rows, lenience, costs)
+    def replay(rows, lenience, mag_first=None):
+        return replayer.predict(rows, lenience, costs, mag_first)
 
     # 2. plan
     started = time.perf_counter()
@@ -140,7 +140,7 @@ def cmd_tune(args) -> int:
     )
 
     # 3. write the configuration
-    tuned = _method("tuned", best.k_matrix, best.lenience, mag_level, best.prediction.speedup)
+    tuned = _method("tuned", best.k_matrix, best.lenience, best.prediction.speedup, best.keep, best.mag_first)
     output = Path(args.output)
     folder = output.parent if str(output.parent) else Path(".")
     drafters = [_relative(config.drafters[v - 1], folder) for v in tuned.levels if v != mag_level]
@@ -154,6 +154,7 @@ def cmd_tune(args) -> int:
         mag=with_mag,
         k_matrix=[list(row) for row in tuned.k_matrix],
         lenience=best.lenience,
+        mag_first=best.mag_first if with_mag else None,
         adaptive=False if args.adaptive is None else args.adaptive == "on",
         bigram=_relative(config.bigram, folder) if (with_mag and config.bigram) else None,
     )
@@ -164,13 +165,14 @@ def cmd_tune(args) -> int:
     print(f"  levels:   {' -> '.join([names[0]] + [names[v] for v in tuned.levels]) or names[0]}")
     if left_out:
         print(f"  left out: {', '.join(left_out)} (predicted not to pay for themselves)")
-    print(f"  k_matrix: {json.dumps(tuned_config.k_matrix)}   lenience: {best.lenience:g}")
+    gating = f"   mag_first: {tuned_config.mag_first}" if tuned_config.mag_first is not None else ""
+    print(f"  k_matrix: {json.dumps(tuned_config.k_matrix)}   lenience: {best.lenience:g}{gating}")
 
     methods = [Method("plain", (), ())]
     methods.append(tuned)
     if sd is not None:
-        methods.append(_method(f"sd-{names[sd.levels[0]]}", sd.k_matrix, 1.0, mag_level, sd.prediction.speedup))
-    default_method = _method("default", default_rows, 1.0, mag_level, default_pred.speedup)
+        methods.append(_method(f"sd-{names[sd.levels[0]]}", sd.k_matrix, 1.0, sd.prediction.speedup))
+    default_method = _method("default", default_rows, 1.0, default_pred.speedup)
     print()
     print("predicted speed (" + ("replay of the measured traces" if replayer else "expected-walltime model") + "):")
     print(f"  {'configuration':<22} {'tokens/step':>11} {'tokens/s':>9} {'speedup':>8}   K-matrix")
@@ -190,12 +192,23 @@ def cmd_tune(args) -> int:
     if not args.no_verify:
         if args.grid:
             grid_methods = [default_method]
-            for m in _grid(num_neural, cascade.mag is not None, mag_level):
+            extra = _grid(num_neural, cascade.mag is not None, mag_level)
+            embedded = _embedded_default(config, cascade, mag_level)
+            if embedded is not None:
+                extra.append(embedded)
+            for m in extra:
                 rows = _full_rows(m, len(names) - 1)
-                pred = replay(rows, m.lenience) if replayer else predict(rows, acceptance, costs, m.lenience)
+                if replayer:
+                    pred = replay(rows, m.lenience, m.mag_first)
+                else:
+                    pred = predict(rows, acceptance, costs, m.lenience)
                 grid_methods.append(replace(m, predicted_speedup=pred.speedup))
-        taken = {(m.levels, m.k_matrix, m.lenience) for m in methods}
-        all_methods = methods + [m for m in grid_methods if (m.levels, m.k_matrix, m.lenience) not in taken]
+
+        def same(m):
+            return (m.levels, m.k_matrix, m.lenience, m.mag_first)
+
+        taken = {same(m) for m in methods}
+        all_methods = methods + [m for m in grid_methods if same(m) not in taken]
         _log(
             f"measuring {len(all_methods)} configurations x {len(prompts)} prompts x {args.trials} trials "
             f"({args.max_new_tokens} new tokens, interleaved)"
@@ -214,9 +227,10 @@ def cmd_tune(args) -> int:
             print(f"grid: {len(grid_methods) - 1} K-matrices + the default, ranked by measured speedup:")
             for i, m in enumerate(ranked, 1):
                 mark = " <- tuned" if m.name == "tuned" else (" <- default" if m.name == "default" else "")
+                gating = f" mag_first {m.mag_first}" if m.mag_first is not None else ""
                 print(
                     f"  {i:>2}. {m.name:<22} {ratio[m.name]:>6.2f}x (predicted {m.predicted_speedup or 1.0:.2f}x)  "
-                    f"{json.dumps([list(r) for r in m.k_matrix])}{mark}"
+                    f"{json.dumps([list(r) for r in m.k_matrix])}{gating}{mark}"
                 )
             gap = ratio["tuned"] / ratio[fastest.name]
             print(
@@ -264,15 +278,47 @@ def _default_rows(num_neural: int, mag: bool):
     return expand(list(range(1, n + 1)), KMatrix.default(num_neural, mag).as_lists(), n)
 
 
-def _method(name: str, rows, lenience: float, mag_level, predicted: float | None):
-    """A ``Method`` from a K-matrix over all levels (zero columns are left out)."""
+def _method(name: str, rows, lenience: float, predicted: float | None, keep=(), mag_first: int | None = None):
+    """A ``Method`` from a K-matrix over all levels (unused levels are left out, but ``keep``)."""
     from .compare import Method
     from .planner import reduce
 
     if not rows or not any(rows[0]):
         return Method(name, (), (), lenience, False, predicted)
-    used, reduced = reduce(rows)
-    return Method(name, tuple(used), tuple(tuple(r) for r in reduced), lenience, False, predicted)
+    used, reduced = reduce(rows, keep)
+    return Method(name, tuple(used), tuple(tuple(r) for r in reduced), lenience, False, predicted, mag_first)
+
+
+def _embedded_default(config, cascade, mag_level):
+    """The embedded family's shipped configuration (models/csd_default.json) as a ``Method``,
+    when the family being tuned is the embedded one (its drafters all loaded)."""
+    from ..cli import DEFAULT_CONFIG
+    from ..config import CascadeConfig
+    from .compare import Method
+
+    if not DEFAULT_CONFIG.is_file():
+        return None
+    shipped = CascadeConfig.load(DEFAULT_CONFIG)
+    if Path(shipped.target).resolve() != Path(config.target).resolve() or not isinstance(shipped.k_matrix, list):
+        return None
+    loaded = [Path(p).resolve() for p in config.drafters]
+    try:
+        levels = [loaded.index(Path(p).resolve()) + 1 for p in shipped.drafters]
+    except ValueError:
+        return None
+    if shipped.mag:
+        if mag_level is None:
+            return None
+        levels.append(mag_level)
+    return Method(
+        "embedded-default",
+        tuple(levels),
+        tuple(tuple(r) for r in shipped.k_matrix),
+        shipped.lenience,
+        False,
+        None,
+        shipped.mag_first if shipped.mag else None,
+    )
 
 
 def _full_rows(method, num_drafting: int):
@@ -364,6 +410,7 @@ def _report(path, profile, result, names, tuned_config, methods, measured) -> No
                 "levels": [names[v] for v in m.levels],
                 "k_matrix": [list(r) for r in m.k_matrix],
                 "lenience": m.lenience,
+                "mag_first": m.mag_first,
                 "predicted_speedup": m.predicted_speedup,
                 "measured_speedup": ratio.get(m.name),
                 "measured_tokens_per_second": measured[m.name].tokens_per_second if measured else None,

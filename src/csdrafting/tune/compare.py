@@ -29,6 +29,7 @@ class Method:
     lenience: float = 1.0
     adaptive: bool = False
     predicted_speedup: float | None = None
+    mag_first: int | None = None
 
 
 @dataclass
@@ -65,6 +66,7 @@ def build(cascade, method: Method):
         bigram=cascade.mag.bigram if with_mag else None,
         eos_token_ids=cascade.eos_token_ids,
         adaptive=method.adaptive,
+        mag_first=method.mag_first if with_mag else None,
     )
 
 

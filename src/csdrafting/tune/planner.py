@@ -668,7 +668,8 @@ class SearchSpace:
     max_grid: int = 4000  # above this many grid points, a random sample of them
     descent_starts: int = 8
     replay_shortlist: int = 24  # best modelled candidates to replay (plus the best few per level set)
-    replay_budget: int = 150  # most replays in all
+    replay_budget: int = 200  # most replays in all
+    mag_first_values: tuple[int, ...] = (2, 3, 4, 6)  # MaG-first match lengths tried by replay
 
     def bound(self, row: int, level: int, mag_level: int | None) -> int:
         mag = level == mag_level
@@ -715,8 +716,9 @@ def search(
 ) -> SearchResult:
     """The configuration with the best predicted tokens/s (see the module docstring).
 
-    ``replay(rows, lenience) -> Prediction``, when given (greedy traces), re-ranks the model's
-    best candidates and refines the best of them by coordinate descent on the replayed speed.
+    ``replay(rows, lenience, mag_first) -> Prediction``, when given (greedy traces), re-ranks the
+    model's best candidates, tries MaG-first gating on the best of them, and refines the best by
+    coordinate descent on the replayed speed.
     """
     import random
 
@@ -728,11 +730,12 @@ def search(
     plain = Candidate((), 1.0, plain_prediction, plain_prediction if replay is not None else None)
     seen: dict[tuple, Candidate] = {}
 
-    def evaluate(rows, lenience: float = 1.0) -> Candidate:
-        key = (canonical(rows), lenience)
+    def evaluate(rows, lenience: float = 1.0, mag_first: int | None = None) -> Candidate:
+        key = (canonical(rows), lenience, mag_first)
         found = seen.get(key)
         if found is None:
-            found = Candidate(key[0], lenience, predict(key[0], acceptance, costs, lenience, max_draft))
+            model = predict(key[0], acceptance, costs, lenience, max_draft)
+            found = Candidate(key[0], lenience, model, mag_first=mag_first, mag_level=mag_level)
             seen[key] = found
         return found
 
@@ -787,7 +790,7 @@ def search(
 
     def replayed(c: Candidate) -> Candidate:
         if c.replay is None and budget[0] > 0:
-            c.replay = replay(c.k_matrix, c.lenience)
+            c.replay = replay(c.k_matrix, c.lenience, c.mag_first)
             budget[0] -= 1
         return c
 
@@ -803,20 +806,29 @@ def search(
         shortlist += [c for c in group[:3] if c not in shortlist]
     for c in shortlist:
         replayed(c)
+    # MaG first (a long MaG match drafts alone for the target): only the replay can judge it
+    if mag_level is not None:
+        best_replayed = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)
+        for c in best_replayed[: space.descent_starts]:
+            for mag_first in space.mag_first_values:
+                replayed(evaluate(c.k_matrix, c.lenience, mag_first))
     tops = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)[:3]
     for start in tops:
         current, improved = start, True
         while improved and budget[0] > 0:
             improved = False
             for rows in _neighbours(current.k_matrix, space, mag_level, deltas=(1, -1)):
-                candidate = replayed(evaluate(rows, current.lenience))
+                candidate = replayed(evaluate(rows, current.lenience, current.mag_first))
                 if replay_speed(candidate) > replay_speed(current) * (1 + 1e-9):
                     current, improved = candidate, True
                     break
         if _reviews_a_drafter(current.k_matrix):
             for lenience in lenience_values:
                 if lenience != current.lenience:
-                    replayed(evaluate(current.k_matrix, lenience))
+                    replayed(evaluate(current.k_matrix, lenience, current.mag_first))
+        if mag_level is not None:
+            for mag_first in (None, *space.mag_first_values):
+                replayed(evaluate(current.k_matrix, current.lenience, mag_first))
     done = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)
     rest = sorted((c for c in seen.values() if c.replay is None), key=model_speed, reverse=True)
     explored = sorted([plain, *done], key=replay_speed, reverse=True) + rest
@@ -841,7 +853,7 @@ def best_plain_speculative(acceptance: Acceptance, costs: CostModel, replay=None
             best_k = options[0].k_matrix[0][level - 1]
             options = [c for c in options if abs(c.k_matrix[0][level - 1] - best_k) <= 2]
             for c in options:
-                c.replay = replay(c.k_matrix, 1.0)
+                c.replay = replay(c.k_matrix, 1.0, None)
         candidates += options
     if not candidates:
         return None

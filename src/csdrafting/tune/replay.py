@@ -174,11 +174,11 @@ class Replayer:
         max_positions = max(len(t.prompt_ids) + len(t.output_ids) for t in traces) + 64
         self.levels = [ReplayLevel(name, vocab_size, max_positions) for name in names]
 
-    def predict(self, rows, lenience: float, costs):
+    def predict(self, rows, lenience: float, costs, mag_first: int | None = None):
         """The replay as a planner ``Prediction`` (seconds from the cost model)."""
         from .planner import Prediction
 
-        result = self.run(rows, lenience)
+        result = self.run(rows, lenience, mag_first)
         steps = result.num_steps
         forwards = [len(calls) / steps for calls in result.forward_tokens]
         if self.mag:
@@ -196,26 +196,29 @@ class Replayer:
             draft_length,
         )
 
-    def run(self, rows, lenience: float = 1.0) -> ReplayResult:
-        """Replay K (over all levels, zero = unused; () = plain decoding) on every trace."""
+    def run(self, rows, lenience: float = 1.0, mag_first: int | None = None) -> ReplayResult:
+        """Replay K (over all levels, zero = unused; () = plain decoding) on every trace, with
+        MaG-first gating at ``mag_first`` (MaG is then kept even if K does not use it)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny tensors: thread synchronisation would dominate
         try:
-            return self._run(rows, lenience)
+            return self._run(rows, lenience, mag_first)
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self, rows, lenience: float) -> ReplayResult:
+    def _run(self, rows, lenience: float, mag_first: int | None) -> ReplayResult:
         from ..cascade import Cascade
         from ..levels.mag import MaG
         from .planner import reduce
 
         num_drafting = len(self.names) - 1 + int(self.mag)
+        mag_level = num_drafting if self.mag else None
+        if mag_level is None or not rows or not any(rows[0]):
+            mag_first = None
         if rows and any(rows[0]):
-            used, reduced = reduce(rows)
+            used, reduced = reduce(rows, keep=(mag_level,) if mag_first is not None else ())
         else:
             used, reduced = [], []
-        mag_level = num_drafting if self.mag else None
         drafters = [self.levels[v] for v in used if v != mag_level]
         with_mag = mag_level in used
         cascade = Cascade(
@@ -227,6 +230,7 @@ class Replayer:
             lenience=lenience,
             eos_token_ids=[],
             adaptive=False,
+            mag_first=mag_first,
         )
         num_tokens = num_steps = mag_calls = 0
         answer_seconds = 0.0
