@@ -22,7 +22,7 @@ from .sampling import SamplingParams
 from .stats import GenerationStats
 from .step import CascadeStep
 
-AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: how chosen)
+AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
 BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no table is given
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

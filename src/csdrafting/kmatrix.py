@@ -77,7 +77,8 @@ class KMatrix:
 
     @classmethod
     def default(cls, num_neural: int, mag: bool) -> KMatrix:
-        """A sensible starting point for any number of drafters (see README for how it was chosen).
+        """A starting point for any number of drafters, meant to be adapted online (``"auto"``) or
+        replaced by a measured one (``csd tune``).
 
         The target gets a short prefix from each neural drafter, largest first, and a MaG tail;
         every neural reviewer gets its smaller neighbour's single token plus MaG tokens.
