@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import ConfigError
+from .jsonl import read_jsonl
 
 MIB = 1024 * 1024
 
@@ -29,17 +30,7 @@ TARGET_OUR_PLAIN = 1.0  # our plain decoding / transformers plain generate
 def load_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read results file {path}: {exc}") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        for number, row in read_jsonl(path, "results file"):
             if not isinstance(row, dict) or not str(row.get("schema", "")).startswith("csd-bench/"):
                 raise ConfigError(f"{path}:{number}: not a csd bench row")
             rows.append(row)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from .jsonl import read_jsonl
 from .suite import REPO_DIR, Method, Suite
 
 SCHEMA = "csd-bench/1"
@@ -48,18 +49,8 @@ COST_MODEL_LABEL = (
 def load_prompts(path: str | Path, num_prompts: int | None = None) -> list[dict]:
     """Prompts from a JSONL file of objects with ``id`` and ``text`` (other fields are kept)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompts file {path}: {exc}") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in read_jsonl(path, "prompts file"):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"]:
             raise ConfigError(f"{path}:{number}: each line must be an object with a non-empty 'text'")
         record.setdefault("id", f"prompt-{len(prompts)}")
