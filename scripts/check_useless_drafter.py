@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from csdrafting import Cascade  # noqa: E402
-from csdrafting.bench.runner import load_prompts  # noqa: E402
+from csdrafting.prompts import load_prompts  # noqa: E402
 from csdrafting.tune.compare import Method, compare  # noqa: E402
 
 

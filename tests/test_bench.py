@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from csdrafting.bench.report import load_rows, write_report
-from csdrafting.bench.runner import load_prompts
-from csdrafting.bench.suite import DEFAULT_PROMPTS_FILE, build_suite, load_suite_file, parse_method_flag
+from csdrafting.bench.suite import build_suite, load_suite_file, parse_method_flag
 from csdrafting.cli import main
 from csdrafting.errors import ConfigError
+from csdrafting.prompts import DEFAULT_PROMPTS_FILE, load_prompts
 from tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -147,12 +147,25 @@ ERRORS = [
     (["generate", "--target", SMALL, "--prompt", ""], "prompt is empty"),
     (["generate", "--target", SMALL], "no prompt"),
     (GEN + ["--max-new-tokens", 4000], "context"),
+    (GEN + ["--threads", 0], "--threads"),
+    (["bench", "--threads", -1], "--threads"),
 ]
 
 
 @pytest.mark.parametrize("argv,fragment", ERRORS, ids=[" ".join(map(str, e[0][3:])) or "no-prompt" for e in ERRORS])
 def test_user_errors_exit_2_with_one_line(capsys, argv, fragment):
     assert_user_error(capsys, argv, fragment)
+
+
+def test_threads_flag_sets_torch_threads(capsys):
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        code, _, err = run(capsys, GEN + ["--threads", wanted, "--max-new-tokens", 2])
+        assert code == 0, err
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_prompt_and_prompt_file_together(capsys, tmp_path):

@@ -311,7 +311,9 @@ class Cascade:
             raise GenerationInputError("prompt is empty (it encodes to no tokens)")
         return ids
 
-    def _validate_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+    def validate_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """Raise ``GenerationInputError`` unless ``max_new_tokens`` is a positive int and the prompt
+        plus that many tokens fits every level's context (what ``generate`` checks first)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if len(prompt_ids) >= self.max_context:
@@ -362,7 +364,7 @@ class Cascade:
     def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, stop, streaming):
         params = SamplingParams(temperature, top_k, top_p, seed)
         prompt_ids = self.encode(prompt)
-        self._validate_request(prompt_ids, max_new_tokens)
+        self.validate_request(prompt_ids, max_new_tokens)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) for s in stop):
             raise GenerationInputError("stop must be a string or a list of strings")

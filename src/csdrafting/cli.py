@@ -64,7 +64,33 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32)")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core; on a machine busy with other work, "
+        "fewer threads avoid stalls where one thread waits for a descheduled peer)",
+    )
     group.add_argument("--runner", default="auto", choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+
+
+def add_prompt_arguments(group) -> None:
+    """--prompts / --num-prompts: the prompt set of ``csd bench`` and ``csd tune``."""
+    group.add_argument(
+        "--prompts", default=None, help="prompts JSONL with id and text (default: benchmarks/prompts.jsonl)"
+    )
+    group.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count from --threads (before any model runs)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def config_from_args(args):
@@ -252,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        apply_threads(getattr(args, "threads", None))
         return args.func(args)
     except CSDraftingError as exc:
         print(f"error: {exc}", file=sys.stderr)

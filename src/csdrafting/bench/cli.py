@@ -67,17 +67,15 @@ def add_parser(subparsers) -> None:
     profile.add_argument("--suite-file", help="suite file (default: benchmarks/suite.json)")
     profile.add_argument("--suite", default="default", help="suite whose csd methods are profiled in generation")
     profile.add_argument("--only", type=_csv(str), default=None, help="glob patterns of methods to profile")
-    profile.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     profile.add_argument("--out", default=None, help="folder for profile.md and profile.json")
     profile.set_defaults(func=cmd_profile)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import add_prompt_arguments
+
     group = parser.add_argument_group("benchmark")
-    group.add_argument(
-        "--prompts", default=None, help="prompts JSONL with id and text (default: benchmarks/prompts.jsonl)"
-    )
-    group.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    add_prompt_arguments(group)
     group.add_argument("--suite-file", help="suite file replacing benchmarks/suite.json")
     group.add_argument("--suite", default="default", help="suite to run: default, ablation, length, smoke, ...")
     group.add_argument(
@@ -106,7 +104,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=0.7, help="sampling modes (default: 0.7)")
     group.add_argument("--top-p", type=float, default=0.95, help="sampling modes (default: 0.95)")
     group.add_argument("--top-k", type=int, default=None, help="sampling modes (default: off)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     group.add_argument("--output", "-o", help="results JSONL (default: runs/bench-SUITE-TIME.jsonl)")
     group.add_argument("--report", metavar="DIR", help="also write the report to DIR when the run ends")
     group.add_argument("--save-tokens", action="store_true", help="record every row's token ids")
@@ -160,22 +157,13 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
     return config, target, drafters, extra
 
 
-def _threads(count: int | None) -> None:
-    if count is not None:
-        import torch
-
-        if count < 1:
-            raise ConfigError(f"--threads must be >= 1, got {count}")
-        torch.set_num_threads(count)
-
-
 def cmd_bench(args) -> int:
-    from .runner import BenchConfig, load_prompts, run_benchmark
-    from .suite import DEFAULT_PROMPTS_FILE, build_suite, load_suite_file, parse_method_flag
+    from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
+    from .runner import BenchConfig, run_benchmark
+    from .suite import build_suite, load_suite_file, parse_method_flag
 
     if args.trials < 1 or args.warmup < 0:
         raise ConfigError("--trials must be >= 1 and --warmup >= 0")
-    _threads(args.threads)
     cascade_config, target, drafters, flagged = _family(args)
     extra = [parse_method_flag(text) for text in args.method]
     if flagged is not None:
@@ -242,7 +230,6 @@ def cmd_report(args) -> int:
 def cmd_profile(args) -> int:
     from .profile import ProfileConfig, run_profile
 
-    _threads(args.threads)
     cascade_config, target, drafters, flagged = _family(args)
     config = ProfileConfig(
         target=target,

@@ -278,8 +278,9 @@ def _fmt(value) -> str:
 
 
 def run_profile(config: ProfileConfig, log=print) -> dict:
-    from .runner import Models, device_name, environment, load_prompts
-    from .suite import DEFAULT_PROMPTS_FILE, build_suite, load_suite_file
+    from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
+    from .runner import Models, device_name, environment
+    from .suite import build_suite, load_suite_file
 
     if config.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {config.repeats}")

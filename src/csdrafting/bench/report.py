@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import ConfigError
-from .jsonl import read_jsonl
+from ..jsonl import read_jsonl
 
 MIB = 1024 * 1024
 

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .jsonl import read_jsonl
 from .suite import REPO_DIR, Method, Suite
 
 SCHEMA = "csd-bench/1"
@@ -44,28 +43,6 @@ COST_MODEL_LABEL = (
 
 
 # -- prompts -----------------------------------------------------------------------------------
-
-
-def load_prompts(path: str | Path, num_prompts: int | None = None) -> list[dict]:
-    """Prompts from a JSONL file of objects with ``id`` and ``text`` (other fields are kept)."""
-    path = Path(path)
-    prompts = []
-    for number, record in read_jsonl(path, "prompts file"):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"]:
-            raise ConfigError(f"{path}:{number}: each line must be an object with a non-empty 'text'")
-        record.setdefault("id", f"prompt-{len(prompts)}")
-        record["id"] = str(record["id"])
-        prompts.append(record)
-    ids = [p["id"] for p in prompts]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{path}: prompt ids must be unique")
-    if not prompts:
-        raise ConfigError(f"{path} holds no prompts")
-    if num_prompts is not None:
-        if num_prompts < 1:
-            raise ConfigError(f"--num-prompts must be >= 1, got {num_prompts}")
-        prompts = prompts[:num_prompts]
-    return prompts
 
 
 # -- environment -------------------------------------------------------------------------------

@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..prompts import REPO_DIR
 
-REPO_DIR = Path(__file__).resolve().parents[3]
 DEFAULT_SUITE_FILE = REPO_DIR / "benchmarks" / "suite.json"
-DEFAULT_PROMPTS_FILE = REPO_DIR / "benchmarks" / "prompts.jsonl"
 
 MODES = ("greedy-fixed", "greedy-natural", "sampling-fixed", "sampling-natural")
 ENGINES = ("transformers", "csd")

@@ -23,7 +23,7 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_cascade_arguments
+    from ..cli import add_cascade_arguments, add_prompt_arguments
 
     tune = subparsers.add_parser(
         "tune",
@@ -37,10 +37,7 @@ def add_parser(subparsers) -> None:
     )
     add_cascade_arguments(tune)
     group = tune.add_argument_group("tuning")
-    group.add_argument(
-        "--prompts", default=None, help="prompts JSONL with id and text (default: benchmarks/prompts.jsonl)"
-    )
-    group.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    add_prompt_arguments(group)
     group.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: 128)")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = tune for greedy (default); > 0 for sampling")
     group.add_argument(
@@ -57,7 +54,6 @@ def add_parser(subparsers) -> None:
         "--cost-rounds", type=int, default=11, help="timed rounds per forward-cost cell (median; default: 11)"
     )
     group.add_argument("--no-verify", action="store_true", help="plan only: do not measure the result")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     tune.set_defaults(func=cmd_tune)
 
 
@@ -75,18 +71,13 @@ def _relative(path: str, folder: Path) -> str:
 def cmd_tune(args) -> int:
     import torch
 
-    from ..bench.runner import load_prompts
-    from ..bench.suite import DEFAULT_PROMPTS_FILE
     from ..cascade import Cascade
+    from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
     from ..sampling import SamplingParams
     from .compare import Method, compare, speedups
     from .measure import measure, replayer_for
     from .planner import best_plain_speculative, predict, search
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.trials < 1:
@@ -108,7 +99,7 @@ def cmd_tune(args) -> int:
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
     prompts_ids = [cascade.encode(p["text"]) for p in prompts]
     for ids in prompts_ids:
-        cascade._validate_request(ids, args.max_new_tokens)
+        cascade.validate_request(ids, args.max_new_tokens)
     names = [cascade.target.name] + [d.name for d in cascade.drafters] + (["mag"] if cascade.mag else [])
     num_neural = len(cascade.drafters)
     mag_level = num_neural + 1 if cascade.mag is not None else None

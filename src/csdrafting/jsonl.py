@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, object]]:
