@@ -168,7 +168,10 @@ class MemoryProbe:
 
 
 class Models:
-    """The target and drafters, loaded once; transformers modules and our levels over them."""
+    """The target and drafters: transformers' methods run on the modules as ``from_pretrained``
+    loads them; our levels get their own copies, loaded on first use, because our lean runner
+    re-lays the weights out (fused projections) and transformers' methods are measured as users
+    run them, not on our layout."""
 
     def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
         from ..cascade import check_same_tokenizer, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -194,6 +197,8 @@ class Models:
             name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
         }
         self.runner = runner
+        self._torch_dtype = torch_dtype
+        self._level_modules: dict[str, torch.nn.Module] = {}  # our copies, see the class docstring
         self._levels: dict[tuple[str, str], object] = {}
         target_module = self.modules[self.target_name]
         eos = getattr(target_module.generation_config, "eos_token_id", None)
@@ -223,13 +228,16 @@ class Models:
         return hook
 
     def level(self, name: str, runner: str | None = None):
-        """One shared ``ModelLevel`` per (model, runner)."""
+        """One shared ``ModelLevel`` per (model, runner), over our own copy of the model."""
+        from ..cascade import load_model
         from ..levels.model import ModelLevel
 
         runner = runner or self.runner
         key = (name, runner)
         if key not in self._levels:
-            self._levels[key] = ModelLevel(name, self.modules[name], runner)
+            if name not in self._level_modules:
+                self._level_modules[name] = load_model(self.paths[name], self.device, self._torch_dtype)
+            self._levels[key] = ModelLevel(name, self._level_modules[name], runner)
         return self._levels[key]
 
     def runner_bytes(self, name: str, runner: str | None = None) -> int:
@@ -238,7 +246,7 @@ class Models:
         backend = getattr(self.level(name, runner), "backend", None)
         if backend is None:
             return 0
-        shared = {p.untyped_storage().data_ptr() for p in self.modules[name].parameters()}
+        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name].parameters()}
         seen: set[int] = set()
         total = 0
         stack = list(vars(backend).values())

@@ -7,19 +7,10 @@ possible: fused QKV and gate/up projections, a KV buffer indexed by position (so
 rejected tokens is free: the next forward simply writes over them) and logits only for the
 positions the caller asks for.
 
-On CPU it also keeps every weight matrix a second time, transposed. MKL multiplies one to three
-rows by an (out, in) weight with a fast matrix-vector kernel, but from four rows on (a draft being
-verified) it takes a general kernel that is 2-3x slower than the same product against the (in, out)
-layout, which gives the same bits. So few-row forwards use the first layout (bit for bit what
-transformers computes per token) and wide ones the second: a verification of 8 tokens costs about
-half as much, for twice the weight memory. ``transposed=False`` turns it off.
-
 Shapes: T new tokens, S = start + T keys, H heads, Hkv key/value heads, D head dim, E hidden, V vocab.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,30 +29,10 @@ def supports(config) -> bool:
     )
 
 
-# from this many rows on, a product against the transposed weight is faster (see the module docstring)
-WIDE_ROWS = 4
-
-
-class _Weight(NamedTuple):
-    """A weight matrix (out, in) and, when kept, its transposed copy (in, out) for wide inputs."""
-
-    matrix: torch.Tensor
-    transposed: torch.Tensor | None
-
-    @classmethod
-    def of(cls, matrix: torch.Tensor, transposed: bool) -> _Weight:
-        return cls(matrix, matrix.t().contiguous() if transposed else None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.transposed is not None and x.shape[0] >= WIDE_ROWS:
-            return x @ self.transposed
-        return F.linear(x, self.matrix)
-
-
 class LlamaRunner:
     """Forward passes of one Llama model over one sequence, with a KV cache indexed by position."""
 
-    def __init__(self, model: torch.nn.Module, transposed: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
         if not supports(config):
             raise ValueError("LlamaRunner needs a plain Llama config (default RoPE, no biases, SiLU)")
@@ -73,10 +44,8 @@ class LlamaRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
-        if transposed is None:
-            transposed = self.device.type == "cpu"  # cuBLAS has no such cliff
         self.embed = weights["model.embed_tokens.weight"]  # (V, E)
-        self.lm_head = _Weight.of(weights.get("lm_head.weight", self.embed), transposed)  # (V, E); tied when absent
+        self.lm_head = weights.get("lm_head.weight", self.embed)  # (V, E); tied when absent
         self.final_norm = weights["model.norm.weight"]
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -85,23 +54,18 @@ class LlamaRunner:
             self.layers.append(
                 (
                     w["input_layernorm.weight"],
-                    _Weight.of(
-                        _fuse(
-                            model,
-                            prefix,
-                            ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-                        ),
-                        transposed,
+                    _fuse(
+                        model, prefix, ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
                     ),
-                    _Weight.of(w["self_attn.o_proj.weight"], transposed),
+                    w["self_attn.o_proj.weight"],
                     w["post_attention_layernorm.weight"],
-                    _Weight.of(_fuse(model, prefix, ["mlp.gate_proj.weight", "mlp.up_proj.weight"]), transposed),
-                    _Weight.of(w["mlp.down_proj.weight"], transposed),
+                    _fuse(model, prefix, ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
+                    w["mlp.down_proj.weight"],
                 )
             )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.intermediate = self.layers[0][5].matrix.shape[1]
+        self.intermediate = self.layers[0][5].shape[1]
         # RoPE tables as transformers computes them: float32 frequencies, cast to the model dtype
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -168,7 +132,7 @@ class LlamaRunner:
         gqa = self.num_kv_heads != self.num_heads
         for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
             h = self._rms_norm(x, norm1)
-            qkv = w_qkv(h)  # (T, (H + 2 Hkv) D)
+            qkv = F.linear(h, w_qkv)  # (T, (H + 2 Hkv) D)
             # queries and keys rotate together: one RoPE instead of two
             qk = qkv[:, : self.q_size + self.kv_size].view(num_new, self.num_heads + self.num_kv_heads, self.head_dim)
             qk = self._rotate(qk.transpose(0, 1), cos, signed_sin)  # (H + Hkv, T, D)
@@ -184,12 +148,12 @@ class LlamaRunner:
                 is_causal=causal,
                 enable_gqa=gqa,
             )  # (1, H, T, D)
-            x = x + w_o(attn[0].transpose(0, 1).reshape(num_new, self.q_size))
-            gate, up = w_gate_up(self._rms_norm(x, norm2)).split(self.intermediate, dim=-1)
-            x = x + w_down(F.silu(gate) * up)
+            x = x + F.linear(attn[0].transpose(0, 1).reshape(num_new, self.q_size), w_o)
+            gate, up = F.linear(self._rms_norm(x, norm2), w_gate_up).split(self.intermediate, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
         if num_logits == 0:
-            return x.new_empty((0, self.lm_head.matrix.shape[0]))
-        return self.lm_head(self._rms_norm(x[num_new - num_logits :], self.final_norm))  # (N, V)
+            return x.new_empty((0, self.lm_head.shape[0]))
+        return F.linear(self._rms_norm(x[num_new - num_logits :], self.final_norm), self.lm_head)  # (N, V)
 
 
 def _fuse(model: torch.nn.Module, prefix: str, names: list[str]) -> torch.Tensor:
