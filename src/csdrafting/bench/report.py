@@ -61,7 +61,8 @@ class Group:
 
     @property
     def label(self) -> str:
-        return f"{self.mode}, {self.length} new tokens"
+        suite = self.rows[0].get("suite")
+        return f"{self.mode}, {self.length} new tokens" + (f" (suite {suite})" if suite else "")
 
     def row(self, method: str) -> dict:
         return self.by_method[method][0]
