@@ -7,7 +7,7 @@ Use it to choose between close configurations, where separate `csd bench` runs d
 the configurations do. Example (the comparison behind the shipped default, 2026-11-27):
 
     .venv/bin/python scripts/compare_configs.py --threads 2 --trials 3 \\
-        csd-full=benchmarks/configs/csd-full.json mag-first=models/csd_default.json \\
+        csd-full=models/csd_default.json mag-first=benchmarks/configs/mag-first.json \\
         previous=benchmarks/configs/previous-default.json
 """
 
