@@ -340,6 +340,13 @@ def _plots(rows: list[dict], groups: list[Group], out: Path) -> list[tuple[str, 
     return made
 
 
+def _save(fig, out: Path, name: str, caption: str) -> tuple[str, str]:
+    """Lay out and write one plot; (file name, caption) for the report."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    return name, caption
+
+
 def _main_groups(groups: list[Group]) -> list[Group]:
     """One group per (run, mode): the run's most common length (the sweep's 128 if present)."""
     by_key = defaultdict(list)
@@ -374,9 +381,9 @@ def _plot_speedup(plt, rows, groups, out):
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel(f"speedup over {group.baseline} (measured; dots: prompts)")
         ax.set_title(group.label)
-    fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=110)
-    return (
+    return _save(
+        fig,
+        out,
         "speedup.png",
         "Measured speedup per method (median, min–max across prompts; blue: transformers, orange: ours)",
     )
@@ -407,9 +414,7 @@ def _plot_swi(plt, rows, groups, out):
     ax.set_ylabel(f"× over {group.baseline}")
     ax.set_title(f"Measured speed vs the paper's cost model ({group.label})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "swi.png", dpi=110)
-    return "swi.png", "Standardized walltime improvement (cost model) next to measured speedup"
+    return _save(fig, out, "swi.png", "Standardized walltime improvement (cost model) next to measured speedup")
 
 
 def _plot_acceptance(plt, rows, groups, out):
@@ -445,9 +450,12 @@ def _plot_acceptance(plt, rows, groups, out):
         ax.set_ylim(0, 1)
         ax.set_title(f"Acceptance by draft position ({decoding})")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "acceptance_by_position.png", dpi=110)
-    return "acceptance_by_position.png", "Acceptance rate by draft position for each drafter (the paper's Figure 2)"
+    return _save(
+        fig,
+        out,
+        "acceptance_by_position.png",
+        "Acceptance rate by draft position for each drafter (the paper's Figure 2)",
+    )
 
 
 def _plot_length(plt, rows, groups, out):
@@ -479,9 +487,9 @@ def _plot_length(plt, rows, groups, out):
     ax1.set_title(f"Tokens/s vs generation length ({sweep[0].mode})")
     ax2.set_title("Speedup vs generation length")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "length.png", dpi=110)
-    return "length.png", "Tokens/s against generation length (the paper's Table 4; dashed: transformers)"
+    return _save(
+        fig, out, "length.png", "Tokens/s against generation length (the paper's Table 4; dashed: transformers)"
+    )
 
 
 def _plot_kmatrix(plt, rows, groups, out):
@@ -523,9 +531,7 @@ def _plot_kmatrix(plt, rows, groups, out):
     ax.set_ylabel(f"× over {group.baseline}")
     ax.set_title(f"Sensitivity to the first K-matrix entry ({group.label})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "kmatrix.png", dpi=110)
-    return "kmatrix.png", "Sensitivity to the first K-matrix entry (the paper's ablation)"
+    return _save(fig, out, "kmatrix.png", "Sensitivity to the first K-matrix entry (the paper's ablation)")
 
 
 def _plot_ablation(plt, rows, groups, out):
@@ -545,9 +551,7 @@ def _plot_ablation(plt, rows, groups, out):
         ax.set_xlabel(f"× over {g.baseline}")
         ax.set_title(f"Removing each cascade ({g.label})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "ablation.png", dpi=110)
-        return "ablation.png", "Effect of removing each cascade (the paper's ablation)"
+        return _save(fig, out, "ablation.png", "Effect of removing each cascade (the paper's ablation)")
     return None
 
 
@@ -573,6 +577,4 @@ def _plot_memory(plt, rows, groups, out):
         f"Memory per method ({'CUDA max allocated' if kind == 'cuda_max_allocated' else 'RSS'}; {group.label})"
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    return "memory.png", "Memory per method"
+    return _save(fig, out, "memory.png", "Memory per method")
