@@ -249,9 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
     big.add_argument("corpus", nargs="+", help="corpus files or folders")
     big.set_defaults(func=cmd_build_bigram)
 
+    add_convert_parser(sub)
     for module in _EXTENSIONS:
         module.add_parser(sub)
     return parser
+
+
+def add_convert_parser(sub) -> None:
+    """`csd convert`: a Hugging Face Llama folder to a GGUF file for the llama.cpp backend."""
+    conv = sub.add_parser("convert", help="convert a Llama model folder to GGUF (needs the llama extra)")
+    conv.add_argument("model", metavar="HF_FOLDER", help="Hugging Face model folder (Llama architecture)")
+    conv.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="GGUF file to write")
+    conv.add_argument(
+        "--outtype", default="f32", help="weight type: f32 (default), f16, bf16 or q8_0 (drafters may be approximate)"
+    )
+    conv.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    result = convert(args.model, args.output, args.outtype)
+    note = f", {len(result.fallback_tensors)} matrices kept in f16" if result.fallback_tensors else ""
+    vocab = "with its tokenizer" if result.has_tokenizer else "without a tokenizer (token ids only)"
+    print(
+        f"wrote {result.path}: {result.num_tensors} tensors, {result.num_params:,} parameters, "
+        f"{result.outtype}{note}, {vocab}"
+    )
+    return 0
 
 
 def _load_extensions() -> list:
