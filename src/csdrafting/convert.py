@@ -8,10 +8,14 @@ that a plain copy of the weights would get wrong:
   k_proj are permuted per head so that llama.cpp's pairs hold what HF's pairs held (exact: rows move,
   no arithmetic).
 * Tied embeddings: no ``output`` tensor is written; llama.cpp then uses ``token_embd`` for the head.
-* Tokenizer: a byte-level BPE ``tokenizer.json`` becomes llama.cpp's ``gpt2`` vocabulary with the
-  ``gpt-2`` pre-tokenizer, the one whose split is the GPT-2 regex the ``ByteLevel`` pre-tokenizer
-  uses (llama.cpp implements it natively). A folder without ``tokenizer.json`` gets a ``none``
-  vocabulary of ``vocab_size`` placeholder tokens: the file runs on token ids only.
+* Tokenizer: a byte-level BPE ``tokenizer.json`` becomes llama.cpp's ``gpt2`` vocabulary with a
+  pre-tokenizer whose split is the GPT-2 regex that the ``ByteLevel`` pre-tokenizer uses (llama.cpp
+  implements it natively). llama.cpp knows that split under several names that differ only in
+  detokenization: ``gpt-2`` also strips spaces before punctuation (``x += ' '`` comes back as
+  ``x +=''``), ``trillion`` does not. transformers 5 never applies that clean-up to a BPE
+  tokenizer ("destructive for BPE"), so ``trillion`` is the name that decodes as the HF tokenizer
+  does. A folder without ``tokenizer.json`` gets a ``none`` vocabulary of ``vocab_size``
+  placeholder tokens: the file runs on token ids only.
 
 Output types: f32, f16, bf16, q8_0 for 2-D weights; norms (1-D) always stay f32, as llama.cpp
 expects. q8_0 needs rows that are a multiple of 32 values; a matrix whose rows are not is stored
@@ -30,7 +34,8 @@ import numpy as np
 from .errors import ConfigError, ModelLoadError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-LLAMA_CPP_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the plain GPT-2 byte-level split
+# llama.cpp's name for the GPT-2 regex split without detokenization clean-up (see above)
+LLAMA_CPP_PRE_TOKENIZER = "trillion"
 # the regex transformers' ByteLevel pre-tokenizer applies with use_regex=True (GPT-2's)
 _BYTE_LEVEL_REGEX_OPTIONS = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 
