@@ -1,0 +1,220 @@
+"""Per-forward cost of the llama.cpp runner next to the torch lean runner, and its plain greedy
+decoding speed next to llama-cpp-python's own ``Llama.generate``.
+
+1. Forward cost: every runner caches the same committed prompt, then runs T new tokens at the
+   position after it and returns all T logit rows (the shape of a verification forward; each
+   repetition overwrites the last, as a rejected draft would), for T in --sizes. Repetitions are
+   interleaved over runners and sizes so machine drift hits all alike; warm-up excluded; median.
+   Runners: LlamaCppRunner on pycode-22m f32, pycode-5m and pycode-1m f32 and q8_0 (converted
+   with ``csd convert`` into --gguf-dir), and LlamaRunner (torch, float32) on the same models.
+2. Greedy: pycode-22m f32, --max-new-tokens tokens after a committed prompt (EOS ignored):
+   a plain loop over LlamaCppRunner (one forward and one argmax per token), ``llama_cpp.Llama``'s
+   ``generate(temp=0)`` on the same GGUF with the same context settings (f32 KV cache, flash
+   attention off, same threads), and the torch lean runner. Decode tokens/s counts the tokens after
+   the first (the first includes the prompt), median of --trials; token identity is reported.
+
+    .venv/bin/python scripts/llamacpp_costs.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from csdrafting.convert import convert  # noqa: E402
+from csdrafting.levels.llama import LlamaRunner  # noqa: E402
+from csdrafting.levels.llamacpp import LlamaCppRunner  # noqa: E402
+from csdrafting.prompts import load_prompts  # noqa: E402
+
+MODELS = REPO / "models"
+GGUF_RUNS = [
+    ("pycode-22m", "f32"),
+    ("pycode-5m", "f32"),
+    ("pycode-5m", "q8_0"),
+    ("pycode-1m", "f32"),
+    ("pycode-1m", "q8_0"),
+]
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown"
+    )
+
+
+def gguf_path(gguf_dir: Path, model: str, outtype: str) -> Path:
+    """The converted file, converted now if it is not there yet."""
+    path = gguf_dir / f"{model}-{outtype}.gguf"
+    if not path.is_file():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        convert(MODELS / model, path, outtype)
+    return path
+
+
+class TorchLean:
+    """LlamaRunner behind the llama.cpp runner's call: forward(token_ids list, start, num_logits)."""
+
+    def __init__(self, model_name: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(MODELS / model_name, dtype=torch.float32).eval()
+        self.runner = LlamaRunner(self.model)
+
+    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        return self.runner.forward(torch.tensor(token_ids, dtype=torch.long), start, num_logits)
+
+
+def forward_costs(runners: dict, prompt: list[int], sizes: list[int], reps: int, warmup: int) -> dict:
+    """Median milliseconds per forward of T new tokens after ``prompt``, per (runner, T)."""
+    draft = prompt[: max(sizes)]  # token values do not change the cost
+    for runner in runners.values():
+        runner.forward(prompt, 0, 0)
+    samples = {(name, size): [] for name in runners for size in sizes}
+    for rep in range(warmup + reps):
+        for size in sizes:
+            for name, runner in runners.items():
+                begin = time.perf_counter()
+                runner.forward(draft[:size], len(prompt), size)
+                elapsed = time.perf_counter() - begin
+                if rep >= warmup:
+                    samples[name, size].append(elapsed)
+    return {key: 1e3 * statistics.median(values) for key, values in samples.items()}
+
+
+def greedy_loop(runner, prompt: list[int], num_tokens: int) -> tuple[list[int], float]:
+    """Plain greedy decoding through a runner: tokens and seconds from first to last token."""
+    token = int(runner.forward(prompt, 0, 1)[0].argmax())
+    tokens, first = [token], time.perf_counter()
+    for position in range(len(prompt), len(prompt) + num_tokens - 1):
+        token = int(runner.forward([token], position, 1)[0].argmax())
+        tokens.append(token)
+    return tokens, time.perf_counter() - first
+
+
+def greedy_llama_cpp_python(path: Path, prompt: list[int], num_tokens: int, threads: int) -> tuple[list[int], float]:
+    """``llama_cpp.Llama.generate`` with greedy sampling, settings matching LlamaCppRunner's defaults."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=len(prompt) + num_tokens,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+    )
+    tokens, first = [], None
+    for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        first = first or time.perf_counter()
+        if len(tokens) == num_tokens:
+            break
+    elapsed = time.perf_counter() - first
+    llm.close()
+    return tokens, elapsed
+
+
+def greedy_comparison(gguf_dir: Path, prompt: list[int], num_tokens: int, trials: int, threads: int) -> dict:
+    path = gguf_path(gguf_dir, "pycode-22m", "f32")
+    ours = LlamaCppRunner(path, n_threads=threads)
+    lean = TorchLean("pycode-22m")
+    methods = {
+        "LlamaCppRunner loop": lambda: greedy_loop(ours, prompt, num_tokens),
+        "llama_cpp.Llama.generate": lambda: greedy_llama_cpp_python(path, prompt, num_tokens, threads),
+        "torch lean runner loop": lambda: greedy_loop(lean, prompt, num_tokens),
+    }
+    seconds = {name: [] for name in methods}
+    outputs = {}
+    for trial in range(trials + 1):  # trial 0 is a warm-up
+        for name, method in methods.items():
+            tokens, elapsed = method()
+            outputs.setdefault(name, tokens)
+            if trial:
+                seconds[name].append(elapsed)
+    reference = outputs["llama_cpp.Llama.generate"]
+    return {
+        name: {
+            "decode_tok_s": (num_tokens - 1) / statistics.median(values),
+            "identical_to_llama_generate": outputs[name] == reference,
+        }
+        for name, values in seconds.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", default="1,2,4,8,16")
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--prompt-index", type=int, default=0, help="which committed prompt (benchmarks/prompts.jsonl)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--gguf-dir", default="/tmp/csd-gguf", help="where converted GGUF files are kept")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    gguf_dir = Path(args.gguf_dir)
+
+    from transformers import AutoTokenizer
+
+    text = load_prompts(REPO / "benchmarks" / "prompts.jsonl")[args.prompt_index]["text"]
+    prompt = AutoTokenizer.from_pretrained(MODELS / "pycode-22m")(text)["input_ids"]
+
+    runners = {}
+    for model, outtype in GGUF_RUNS:
+        runners[f"{model} llama.cpp {outtype}"] = LlamaCppRunner(
+            gguf_path(gguf_dir, model, outtype), n_threads=args.threads
+        )
+        if outtype == "f32":
+            runners[f"{model} torch lean f32"] = TorchLean(model)
+    costs = forward_costs(runners, prompt, sizes, args.reps, args.warmup)
+    greedy = greedy_comparison(gguf_dir, prompt, args.max_new_tokens, args.trials, args.threads)
+
+    import llama_cpp
+
+    print(
+        f"CPU: {cpu_model()}, {args.threads} threads; torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}"
+    )
+    print(f"prompt: {len(prompt)} tokens; median of {args.reps} forwards (ms) returning T logit rows\n")
+    print("| runner | " + " | ".join(f"T={s}" for s in sizes) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    for name in runners:
+        print(f"| {name} | " + " | ".join(f"{costs[name, s]:.2f}" for s in sizes) + " |")
+    print(f"\ngreedy, pycode-22m f32, {args.max_new_tokens} tokens, median of {args.trials} trials\n")
+    print("| method | decode tok/s | tokens identical to Llama.generate |")
+    print("|---|---:|---|")
+    for name, row in greedy.items():
+        print(f"| {name} | {row['decode_tok_s']:.1f} | {row['identical_to_llama_generate']} |")
+    if args.json:
+        payload = {
+            "cpu": cpu_model(),
+            "threads": args.threads,
+            "prompt_tokens": len(prompt),
+            "forward_ms": {f"{name} T={size}": ms for (name, size), ms in costs.items()},
+            "greedy": greedy,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
