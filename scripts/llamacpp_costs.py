@@ -12,6 +12,9 @@ decoding speed next to llama-cpp-python's own ``Llama.generate``.
    ``generate(temp=0)`` on the same GGUF with the same context settings (f32 KV cache, flash
    attention off, same threads), and the torch lean runner. Decode tokens/s counts the tokens after
    the first (the first includes the prompt), median of --trials; token identity is reported.
+3. Numerics, pycode-22m f32, for each flash-attention / KV-cache-type setting: the largest logit
+   difference between one batched forward of 64 tokens after the prompt and the same 64 positions
+   run one token at a time, and between the batched forward and transformers in float64.
 
     .venv/bin/python scripts/llamacpp_costs.py --threads 2
 """
@@ -158,6 +161,31 @@ def greedy_comparison(gguf_dir: Path, prompt: list[int], num_tokens: int, trials
     }
 
 
+def numerics(gguf_dir: Path, prompt: list[int], threads: int, num_positions: int = 64) -> dict:
+    """Max |logit difference| batched vs one-token and batched vs transformers float64, per setting."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path(gguf_dir, "pycode-22m", "f32")
+    ids = prompt[: len(prompt) - num_positions]
+    tail = prompt[len(ids) :]
+    model = AutoModelForCausalLM.from_pretrained(MODELS / "pycode-22m", dtype=torch.float64).eval()
+    with torch.no_grad():
+        exact = model(torch.tensor([prompt])).logits[0, len(ids) :]  # (N, V)
+    gaps = {}
+    for flash_attn in (False, True):
+        for kv_type in ("f32", "f16"):
+            runner = LlamaCppRunner(path, n_threads=threads, kv_type=kv_type, flash_attn=flash_attn)
+            runner.forward(ids, 0, 0)
+            batched = runner.forward(tail, len(ids), len(tail))  # (N, V)
+            single = torch.cat([runner.forward([t], len(ids) + i, 1) for i, t in enumerate(tail)])
+            gaps[f"flash_attn={flash_attn} kv={kv_type}"] = {
+                "batched_vs_single": (batched - single).abs().max().item(),
+                "batched_vs_transformers_f64": (batched.double() - exact).abs().max().item(),
+            }
+            runner.close()
+    return gaps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -188,6 +216,7 @@ def main() -> int:
             runners[f"{model} torch lean f32"] = TorchLean(model)
     costs = forward_costs(runners, prompt, sizes, args.reps, args.warmup)
     greedy = greedy_comparison(gguf_dir, prompt, args.max_new_tokens, args.trials, args.threads)
+    gaps = numerics(gguf_dir, prompt, args.threads)
 
     import llama_cpp
 
@@ -204,6 +233,11 @@ def main() -> int:
     print("|---|---:|---|")
     for name, row in greedy.items():
         print(f"| {name} | {row['decode_tok_s']:.1f} | {row['identical_to_llama_generate']} |")
+    print("\nnumerics, pycode-22m f32: max |logit difference| over 64 positions\n")
+    print("| setting | batched vs one token at a time | batched vs transformers float64 |")
+    print("|---|---:|---:|")
+    for name, row in gaps.items():
+        print(f"| {name} | {row['batched_vs_single']:.2e} | {row['batched_vs_transformers_f64']:.2e} |")
     if args.json:
         payload = {
             "cpu": cpu_model(),
@@ -211,6 +245,7 @@ def main() -> int:
             "prompt_tokens": len(prompt),
             "forward_ms": {f"{name} T={size}": ms for (name, size), ms in costs.items()},
             "greedy": greedy,
+            "numerics": gaps,
         }
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
