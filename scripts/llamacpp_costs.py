@@ -11,7 +11,9 @@ decoding speed next to llama-cpp-python's own ``Llama.generate``.
    a plain loop over LlamaCppRunner (one forward and one argmax per token), ``llama_cpp.Llama``'s
    ``generate(temp=0)`` on the same GGUF with the same context settings (f32 KV cache, flash
    attention off, same threads), and the torch lean runner. Decode tokens/s counts the tokens after
-   the first (the first includes the prompt), median of --trials; token identity is reported.
+   the first (the first includes the prompt), median of --trials; token identity is reported, and
+   for the two llama.cpp methods the time per token spent outside ``llama_decode`` (the wrapper's
+   overhead: batch filling, logits copy and argmax for ours; sampler and Python for ``Llama``).
 3. Numerics, pycode-22m f32, for each flash-attention / KV-cache-type setting: the largest logit
    difference between one batched forward of 64 tokens after the prompt and the same 64 positions
    run one token at a time, and between the batched forward and transformers in float64.
@@ -99,6 +101,33 @@ def forward_costs(runners: dict, prompt: list[int], sizes: list[int], reps: int,
     return {key: 1e3 * statistics.median(values) for key, values in samples.items()}
 
 
+class DecodeTimer:
+    """Seconds spent inside one-token ``llama_decode`` calls, by wrapping the binding that both
+    LlamaCppRunner and ``llama_cpp.Llama`` call (the package re-exports the ``llama_cpp.llama_cpp`` one)."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+        import llama_cpp.llama_cpp as bindings
+
+        self.modules, self.real, self.seconds = (llama_cpp, bindings), bindings.llama_decode, 0.0
+
+    def _timed(self, context, batch):
+        begin = time.perf_counter()
+        status = self.real(context, batch)
+        if batch.n_tokens == 1:
+            self.seconds += time.perf_counter() - begin
+        return status
+
+    def __enter__(self):
+        for module in self.modules:
+            module.llama_decode = self._timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules:
+            module.llama_decode = self.real
+
+
 def greedy_loop(runner, prompt: list[int], num_tokens: int) -> tuple[list[int], float]:
     """Plain greedy decoding through a runner: tokens and seconds from first to last token."""
     token = int(runner.forward(prompt, 0, 1)[0].argmax())
@@ -144,17 +173,21 @@ def greedy_comparison(gguf_dir: Path, prompt: list[int], num_tokens: int, trials
         "torch lean runner loop": lambda: greedy_loop(lean, prompt, num_tokens),
     }
     seconds = {name: [] for name in methods}
+    outside = {name: [] for name in methods}
     outputs = {}
     for trial in range(trials + 1):  # trial 0 is a warm-up
         for name, method in methods.items():
-            tokens, elapsed = method()
+            with DecodeTimer() as timer:
+                tokens, elapsed = method()
             outputs.setdefault(name, tokens)
             if trial:
                 seconds[name].append(elapsed)
+                outside[name].append((elapsed - timer.seconds) / (num_tokens - 1))
     reference = outputs["llama_cpp.Llama.generate"]
     return {
         name: {
             "decode_tok_s": (num_tokens - 1) / statistics.median(values),
+            "us_per_token_outside_llama_decode": 1e6 * statistics.median(outside[name]) if "lean" not in name else None,
             "identical_to_llama_generate": outputs[name] == reference,
         }
         for name, values in seconds.items()
@@ -229,10 +262,12 @@ def main() -> int:
     for name in runners:
         print(f"| {name} | " + " | ".join(f"{costs[name, s]:.2f}" for s in sizes) + " |")
     print(f"\ngreedy, pycode-22m f32, {args.max_new_tokens} tokens, median of {args.trials} trials\n")
-    print("| method | decode tok/s | tokens identical to Llama.generate |")
-    print("|---|---:|---|")
+    print("| method | decode tok/s | us/token outside llama_decode | tokens identical to Llama.generate |")
+    print("|---|---:|---:|---|")
     for name, row in greedy.items():
-        print(f"| {name} | {row['decode_tok_s']:.1f} | {row['identical_to_llama_generate']} |")
+        outside = row["us_per_token_outside_llama_decode"]
+        outside = "" if outside is None else f"{outside:.0f}"
+        print(f"| {name} | {row['decode_tok_s']:.1f} | {outside} | {row['identical_to_llama_generate']} |")
     print("\nnumerics, pycode-22m f32: max |logit difference| over 64 positions\n")
     print("| setting | batched vs one token at a time | batched vs transformers float64 |")
     print("|---|---:|---:|")
