@@ -168,8 +168,10 @@ def test_completion_greedy_equals_library(client, reference, prompt):
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
     stats = getattr(response, STATS_FIELD)
     assert stats["num_new_tokens"] == len(expected.token_ids)
-    assert [level["name"] for level in stats["levels"]] == [level["name"] for level in expected.stats.levels]
-    assert stats["target_steps"] == expected.stats.target_steps  # greedy: the same steps, not just the same text
+    assert [level["name"] for level in stats["levels"]] == [level.name for level in expected.stats.levels]
+    assert (
+        stats["num_target_steps"] == expected.stats.num_target_steps
+    )  # greedy: the same steps, not just the same text
 
 
 def test_completion_stream_equals_library(client, reference):
@@ -179,7 +181,7 @@ def test_completion_stream_equals_library(client, reference):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
     )
     assert "".join(c.choices[0].text for c in chunks) == expected.text
-    levels = {level["name"] for level in expected.stats.levels}
+    levels = {level.name for level in expected.stats.levels}
     assert {c.choices[0].level for c in chunks if c.choices[0].text} <= levels  # which level drafted each piece
     last = chunks[-1]
     assert last.choices[0].finish_reason == "length"

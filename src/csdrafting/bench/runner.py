@@ -174,12 +174,12 @@ class Models:
     run them, not on our layout."""
 
     def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
-        from ..cascade import check_same_tokenizer, load_model, load_tokenizer, resolve_device, resolve_dtype
         from ..levels.mag import BigramTable
+        from ..loading import DTYPES, check_same_tokenizer, load_model, load_tokenizer, resolve_device
 
         self.device = resolve_device(device)
         self.dtype_name = dtype
-        torch_dtype = resolve_dtype(dtype)
+        torch_dtype = DTYPES[dtype]
         self.paths = {Path(target).name: str(target)}
         for path in drafters:
             name = Path(path).name
@@ -217,33 +217,46 @@ class Models:
             self.bigram = BigramTable.load(bigram_path)
             self.bigram_path = str(bigram_path)
         # transformers peers: count forward calls per model with a pre-hook (microseconds per call)
-        self.forward_calls = dict.fromkeys(self.modules, 0)
+        self.num_forwards = dict.fromkeys(self.modules, 0)
         for name, module in self.modules.items():
             module.register_forward_pre_hook(self._counter(name))
 
     def _counter(self, name: str):
         def hook(module, args):
-            self.forward_calls[name] += 1
+            self.num_forwards[name] += 1
 
         return hook
 
     def level(self, name: str, runner: str | None = None):
-        """One shared ``ModelLevel`` per (model, runner), over our own copy of the model."""
-        from ..cascade import load_model
-        from ..levels.model import ModelLevel
+        """One shared neural level per (model, runner), over our own copy of the model."""
+        from ..levels.model import model_level
+        from ..loading import load_model
 
         runner = runner or self.runner
         key = (name, runner)
         if key not in self._levels:
             if name not in self._level_modules:
                 self._level_modules[name] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = ModelLevel(name, self._level_modules[name], runner)
+            self._levels[key] = model_level(name, self._level_modules[name], runner)
         return self._levels[key]
+
+    def levels(self, drafters: list[str], runner: str | None = None):
+        """``Levels`` over the shared levels of the target and ``drafters``, for one ``Cascade``."""
+        from ..loading import Levels
+
+        return Levels(
+            self.level(self.target_name, runner),
+            tuple(self.level(name, runner) for name in drafters),
+            self.tokenizer,
+            frozenset(self.eos_token_ids),
+            self.bigram,
+            (self.target_name, *drafters),
+        )
 
     def runner_bytes(self, name: str, runner: str | None = None) -> int:
         """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
         KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
-        backend = getattr(self.level(name, runner), "backend", None)
+        backend = getattr(self.level(name, runner), "runner", None)
         if backend is None:
             return 0
         shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name].parameters()}
@@ -293,8 +306,8 @@ class Outcome:
     wall_seconds: float
     prefill_seconds: float | None
     decode_seconds: float | None
-    levels: list[dict]  # name, kind, forward_calls, num_params (+ our per-level statistics)
-    mean_acceptance_length: float | None
+    levels: list[dict]  # name, kind, num_forwards, num_params (+ our per-level statistics)
+    tokens_per_target_step: float | None
     acceptance_rate: float | None
     config: dict
     engine_stats: dict | None = None
@@ -363,7 +376,7 @@ class TransformersMethod:
             torch.manual_seed(request.seed)
         clock = _FirstTokenClock(models.synchronize)
         for name in self.level_names:
-            models.forward_calls[name] = 0
+            models.num_forwards[name] = 0
         models.synchronize()
         started = time.perf_counter()
         output = self.model.generate(input_ids, streamer=clock, **kwargs)
@@ -378,12 +391,12 @@ class TransformersMethod:
             {
                 "name": name,
                 "kind": "target" if i == 0 else "drafter",
-                "forward_calls": models.forward_calls[name],
+                "num_forwards": models.num_forwards[name],
                 "num_params": models.num_params[name],
             }
             for i, name in enumerate(self.level_names)
         ]
-        target_calls = levels[0]["forward_calls"]
+        target_calls = levels[0]["num_forwards"]
         return Outcome(
             token_ids=tokens,
             finish_reason=finish,
@@ -391,7 +404,7 @@ class TransformersMethod:
             prefill_seconds=prefill,
             decode_seconds=wall - prefill if prefill is not None else None,
             levels=levels,
-            mean_acceptance_length=len(tokens) / target_calls if target_calls else None,
+            tokens_per_target_step=len(tokens) / target_calls if target_calls else None,
             acceptance_rate=None,
             config=self.config,
         )
@@ -402,22 +415,21 @@ class CascadeMethod:
 
     def __init__(self, method: Method, models: Models) -> None:
         from ..cascade import Cascade
+        from ..config import CascadeConfig
 
         spec = method.spec
         runner = spec.get("runner")
         self.level_names = [models.target_name, *spec["drafters"]]
-        self.cascade = Cascade(
-            models.level(models.target_name, runner),
-            [models.level(name, runner) for name in spec["drafters"]],
-            models.tokenizer,
+        config = CascadeConfig(
+            target=models.target_name,
+            drafters=tuple(spec["drafters"]),
             mag=spec["mag"],
             k_matrix=spec["k_matrix"],
             lenience=spec["lenience"],
-            bigram=models.bigram if spec["mag"] else None,
-            eos_token_ids=models.eos_token_ids,
             adaptive=spec.get("adaptive"),
             mag_first=spec.get("mag_first"),
         )
+        self.cascade = Cascade(models.levels(spec["drafters"], runner), config)
         self.models = models
         self.config = {"engine": "csd", **self.cascade.describe(), "dtype": models.dtype_name}
         self.config["bigram"] = models.bigram_path if spec["mag"] else None
@@ -445,10 +457,10 @@ class CascadeMethod:
             prefill_seconds=stats["prefill_seconds"],
             decode_seconds=stats["decode_seconds"],
             levels=stats["levels"],
-            mean_acceptance_length=stats["mean_acceptance_length"],
+            tokens_per_target_step=stats["tokens_per_target_step"],
             acceptance_rate=stats["acceptance_rate"],
             config=self.config,
-            engine_stats={k: stats[k] for k in ("target_steps", "tokens_per_second", "finish_reason")},
+            engine_stats={k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason")},
         )
 
 
@@ -461,7 +473,7 @@ def make_runner(method: Method, models: Models):
 def cost_model(levels: list[dict], num_new_tokens: int, target_params: int) -> tuple[float | None, float | None]:
     """(cost in target forwards, standardized walltime improvement): the paper's cost model,
     with parameter counts as the relative cost of a forward. MaG costs nothing."""
-    cost = sum((lv.get("forward_calls") or 0) * (lv.get("num_params") or 0) for lv in levels) / target_params
+    cost = sum((lv.get("num_forwards") or 0) * (lv.get("num_params") or 0) for lv in levels) / target_params
     if cost <= 0 or num_new_tokens == 0:
         return (cost if cost > 0 else None), None
     return cost, num_new_tokens / cost
@@ -695,9 +707,9 @@ def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tok
         "prefill_seconds": outcome.prefill_seconds,
         "decode_seconds": outcome.decode_seconds,
         "decode_tokens_per_second": (num_new / outcome.decode_seconds if outcome.decode_seconds else None),
-        "mean_acceptance_length": outcome.mean_acceptance_length,
+        "tokens_per_target_step": outcome.tokens_per_target_step,
         "acceptance_rate": outcome.acceptance_rate,
-        "forward_calls": {lv["name"]: lv.get("forward_calls") for lv in outcome.levels},
+        "num_forwards": {lv["name"]: lv.get("num_forwards") for lv in outcome.levels},
         "levels": outcome.levels,
         "cost_target_forwards": cost,
         "swi": swi,

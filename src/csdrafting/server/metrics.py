@@ -68,21 +68,21 @@ class ServerMetrics:
         with self._lock:
             self.prompt_tokens += stats.num_prompt_tokens
             self.generation_tokens += stats.num_new_tokens
-            self.target_steps += stats.target_steps
+            self.target_steps += stats.num_target_steps
             self.prefill_seconds += stats.prefill_seconds
             self.decode_seconds += stats.decode_seconds
             self.last_tokens_per_second = stats.tokens_per_second
             self.generation_seconds += seconds
             for level in stats.levels:
-                name = level["name"]
+                name = level.name
                 if name not in self.level_order:
                     self.level_order.append(name)
-                self.level_emitted[name] += level.get("emitted", 0)
-                review = level.get("review")
-                if review:
-                    self.level_reviews[name] += review["reviews"]
-                    self.level_drafted[name] += review["drafted"]
-                    self.level_accepted[name] += review["accepted"]
+                self.level_emitted[name] += level.num_emitted
+                review = level.review
+                if review is not None:
+                    self.level_reviews[name] += review.num_reviews
+                    self.level_drafted[name] += review.num_drafted
+                    self.level_accepted[name] += review.num_accepted
 
     def mean_generation_seconds(self) -> float | None:
         with self._lock:

@@ -37,7 +37,7 @@ class Measured:
     method: Method
     seconds: list[float] = field(default_factory=list)  # per trial, summed over prompts
     tokens: list[int] = field(default_factory=list)
-    target_steps: list[int] = field(default_factory=list)
+    num_target_steps: list[int] = field(default_factory=list)
     mismatches: int = 0
 
     @property
@@ -46,28 +46,30 @@ class Measured:
 
     @property
     def tokens_per_step(self) -> float:
-        return sum(self.tokens) / max(sum(self.target_steps), 1)
+        return sum(self.tokens) / max(sum(self.num_target_steps), 1)
 
 
-def build(cascade, method: Method):
-    """A ``Cascade`` for ``method`` over ``cascade``'s loaded levels."""
-    from ..cascade import Cascade
+def method_config(config, method: Method):
+    """``method`` as a ``CascadeConfig`` over the levels ``config`` names (levels are 1-based
+    indices into its drafters, MaG last)."""
+    from dataclasses import replace
 
-    num_neural = len(cascade.drafters)
-    drafters = [cascade.drafters[v - 1] for v in method.levels if v <= num_neural]
-    with_mag = cascade.mag is not None and (num_neural + 1) in method.levels
-    return Cascade(
-        cascade.target,
-        drafters,
-        cascade.tokenizer,
+    num_neural = len(config.drafters)
+    with_mag = config.mag and (num_neural + 1) in method.levels
+    return replace(
+        config,
+        drafters=tuple(config.drafters[v - 1] for v in method.levels if v <= num_neural),
         mag=with_mag,
-        k_matrix=[list(row) for row in method.k_matrix],
+        k_matrix=method.k_matrix,
         lenience=method.lenience,
-        bigram=cascade.mag.bigram if with_mag else None,
-        eos_token_ids=cascade.eos_token_ids,
         adaptive=method.adaptive,
         mag_first=method.mag_first if with_mag else None,
     )
+
+
+def build(cascade, method: Method):
+    """A ``Cascade`` for ``method`` over ``cascade``'s loaded levels (no reload)."""
+    return cascade.with_config(method_config(cascade.config, method))
 
 
 def compare(
@@ -90,7 +92,7 @@ def compare(
         for m in results.values():
             m.seconds.append(0.0)
             m.tokens.append(0)
-            m.target_steps.append(0)
+            m.num_target_steps.append(0)
         for p, ids in enumerate(prompts_ids):
             shift = (p + trial) % len(built)
             order = built[shift:] + built[:shift]
@@ -104,7 +106,7 @@ def compare(
                 entry = results[method.name]
                 entry.seconds[-1] += result.stats.decode_seconds
                 entry.tokens[-1] += result.stats.num_new_tokens
-                entry.target_steps[-1] += result.stats.target_steps
+                entry.num_target_steps[-1] += result.stats.num_target_steps
                 outputs[method.name] = result.token_ids
                 if method is methods[0]:
                     reference = result.token_ids
