@@ -222,7 +222,7 @@ class Cascade:
             )
             started = time.perf_counter()
             step.prefill(prompt_ids)
-            self._synchronize()
+            self.synchronize()
             prefilled = time.perf_counter()
             ids = list(prompt_ids)
             num_steps = 0
@@ -232,7 +232,7 @@ class Cascade:
                 for chunk in out.push(tokens, origins, step.names):
                     ids.extend(chunk.token_ids)
                     yield chunk
-            self._synchronize()
+            self.synchronize()
             finished = time.perf_counter()
             emitted = [0] * len(step.levels)
             for origin in out.origins:
@@ -248,6 +248,7 @@ class Cascade:
             )
             yield out.finish(step.names[0], stats)
 
-    def _synchronize(self) -> None:
+    def synchronize(self) -> None:
+        """Wait for the device (CUDA) to finish queued work; a no-op on CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -4,10 +4,11 @@ Models load once and every method shares them: the transformers peers call ``gen
 loaded modules, and each of our configurations is a ``Cascade`` over shared ``ModelLevel``s (a
 level is reset at the start of every generation, so sharing is safe when one runs at a time).
 
-Order: for each trial, prompt, generation length and mode, every method runs once, in an order
-rotated from prompt to prompt so no method always runs first. Before the timed loop each method
-runs one warm-up generation per decoding (greedy, sampling), which is not recorded. Timers read
-``time.perf_counter`` around the whole ``generate`` call, after a device synchronize on CUDA.
+Timing is ``csdrafting.timing``'s (shared with ``csd tune``): for each trial, prompt, generation
+length and mode (the cases), every method runs once, in an order rotated from case to case so no
+method always runs first; wall time around the whole call, after a device synchronize on CUDA;
+setup garbage frozen and a collection before every call, outside the timer. Before the timed loop
+each method runs one warm-up generation per decoding (greedy, sampling), not recorded.
 
 Each generation becomes one JSON line (see ``docs/bench.md`` for the schema). Greedy rows record
 whether their tokens equal the baseline's (transformers plain ``generate``) for the same prompt.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .. import timing
 from ..errors import ConfigError
 from .suite import REPO_DIR, Method, Suite
 
@@ -303,7 +304,6 @@ class Request:
 class Outcome:
     token_ids: list[int]
     finish_reason: str
-    wall_seconds: float
     prefill_seconds: float | None
     decode_seconds: float | None
     levels: list[dict]  # name, kind, num_forwards, num_params (+ our per-level statistics)
@@ -400,7 +400,6 @@ class TransformersMethod:
         return Outcome(
             token_ids=tokens,
             finish_reason=finish,
-            wall_seconds=wall,
             prefill_seconds=prefill,
             decode_seconds=wall - prefill if prefill is not None else None,
             levels=levels,
@@ -435,9 +434,6 @@ class CascadeMethod:
         self.config["bigram"] = models.bigram_path if spec["mag"] else None
 
     def generate(self, request: Request) -> Outcome:
-        models = self.models
-        models.synchronize()
-        started = time.perf_counter()
         result = self.cascade.generate(
             request.prompt_ids,
             max_new_tokens=request.max_new_tokens,
@@ -447,13 +443,10 @@ class CascadeMethod:
             seed=None if request.greedy else request.seed,
             ignore_eos=request.fixed_length,
         )
-        models.synchronize()
-        wall = time.perf_counter() - started
         stats = result.stats.as_dict()
         return Outcome(
             token_ids=list(result.token_ids),
             finish_reason=result.finish_reason,
-            wall_seconds=wall,
             prefill_seconds=stats["prefill_seconds"],
             decode_seconds=stats["decode_seconds"],
             levels=stats["levels"],
@@ -600,60 +593,54 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
             seed=seed,
         )
 
-    # setup garbage (model loading) is collected once and frozen, so the collection before each
-    # generation (outside the timer) is cheap and no method pays for another's garbage
-    gc.collect()
-    gc.freeze()
+    cases = [
+        (p, prompt, ids, length, m, mode)
+        for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids))
+        for length in suite.lengths
+        for m, mode in enumerate(suite.modes)
+    ]
+
+    def run(method: Method, case, trial: int):
+        p, prompt, ids, length, _, mode = case
+        bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
+        memory.start()
+        outcome = runners[method.name].generate(request(ids, length, mode, config.seed + 1000 * trial + p))
+        bar.update()
+        return outcome, memory.stop()
+
+    def warm(method: Method, decoding: str):
+        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
+        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
+        bar.update()
+
     try:
-        with _quiet_transformers(), open(config.output, "w", encoding="utf-8") as sink:
-            # warm-up: one generation per method and decoding, not recorded
-            for decoding in decodings:
+        with _quiet_transformers(), timing.frozen_setup_garbage(), open(config.output, "w", encoding="utf-8") as sink:
+            for decoding in decodings:  # warm-up: one generation per method and decoding, not recorded
                 for _ in range(config.warmup):
-                    for method in methods:
-                        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
-                        gc.collect()
-                        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
-                        bar.update()
-            for trial in range(config.trials):
-                for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids)):
-                    seed = config.seed + 1000 * trial + p
-                    for length in suite.lengths:
-                        for m, mode in enumerate(suite.modes):
-                            shift = (p + trial + m) % len(methods)
-                            order = methods[shift:] + methods[:shift]  # rotated: no method always runs first
-                            req = request(ids, length, mode, seed)
-                            outcomes = {}
-                            for position, method in enumerate(order):
-                                bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
-                                gc.collect()
-                                memory.start()
-                                outcome = runners[method.name].generate(req)
-                                outcomes[method.name] = (outcome, memory.stop(), position)
-                                bar.update()
-                            baseline_tokens = outcomes[suite.baseline][0].token_ids
-                            for method in methods:  # rows in suite order
-                                outcome, mem, position = outcomes[method.name]
-                                row = _row(
-                                    common,
-                                    method,
-                                    prompt,
-                                    p,
-                                    trial,
-                                    mode,
-                                    req,
-                                    outcome,
-                                    mem,
-                                    baseline_tokens,
-                                    models,
-                                    target_params,
-                                    config,
-                                )
-                                row["run_position"] = position
-                                sink.write(json.dumps(row) + "\n")
-                            sink.flush()
+                    timing.warm_up(methods, lambda method, d=decoding: warm(method, d))
+            group = []  # one case's timed calls: rows are written when every method has run
+            timed_calls = timing.interleaved(
+                methods, cases, config.trials, run, models.synchronize, order_offset=lambda i, case: case[4]
+            )
+            for timed in timed_calls:
+                group.append(timed)
+                if len(group) < len(methods):
+                    continue
+                by_method = {t.method.name: t for t in group}
+                p, prompt, ids, length, _, mode = timed.case
+                req = request(ids, length, mode, config.seed + 1000 * timed.trial + p)
+                baseline_tokens = by_method[suite.baseline].result[0].token_ids
+                for method in methods:  # rows in suite order
+                    t = by_method[method.name]
+                    outcome, mem = t.result
+                    row = _row(common, method, prompt, p, t.trial, mode, req, outcome, t.seconds, mem,
+                               baseline_tokens, models, target_params, config)  # fmt: skip
+                    row["run_position"] = t.position
+                    sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                group = []
     finally:
         bar.close()
-        gc.unfreeze()
     elapsed = time.perf_counter() - clock_start
     log(f"csd bench: {num_rows} rows in {elapsed:.0f} s -> {config.output}")
     return config.output
@@ -666,7 +653,22 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tokens, models, target_params, config):
+def _row(
+    common,
+    method,
+    prompt,
+    p,
+    trial,
+    mode,
+    req,
+    outcome,
+    wall_seconds,
+    mem,
+    baseline_tokens,
+    models,
+    target_params,
+    config,
+):
     decoding, stop = mode.split("-")
     num_new = len(outcome.token_ids)
     cost, swi = cost_model(outcome.levels, num_new, target_params)
@@ -702,8 +704,8 @@ def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tok
         },
         "num_new_tokens": num_new,
         "finish_reason": outcome.finish_reason,
-        "wall_seconds": outcome.wall_seconds,
-        "tokens_per_second": num_new / outcome.wall_seconds if outcome.wall_seconds > 0 else None,
+        "wall_seconds": wall_seconds,
+        "tokens_per_second": num_new / wall_seconds if wall_seconds > 0 else None,
         "prefill_seconds": outcome.prefill_seconds,
         "decode_seconds": outcome.decode_seconds,
         "decode_tokens_per_second": (num_new / outcome.decode_seconds if outcome.decode_seconds else None),

@@ -1,10 +1,10 @@
 """Measured speed of several configurations of one family, side by side, in one process.
 
-Every method is a ``Cascade`` over the same loaded levels (a level is reset at the start of every
-generation, so sharing is safe when one generation runs at a time). Each method first runs one
-untimed warm-up generation. Then, for every trial and prompt, every method generates once, in an
-order rotated from prompt to prompt; the timer is the generation's decode time (prefill
-excluded), read after a device synchronisation. A method's speed in a trial is its tokens over
+Every method is a ``Cascade`` over the same loaded levels (``Cascade.with_config``; a level is
+reset at the start of every generation, so sharing is safe when one generation runs at a time).
+Timing is ``csdrafting.timing``'s, the same as ``csd bench``'s: one untimed warm-up generation
+per method, then for every trial and prompt every method generates once, in an order rotated
+from prompt to prompt; the timer is wall time around the whole generation. A method's speed in a trial is its tokens over
 its decode seconds summed over the prompts; its speedup in a trial is plain decoding's seconds
 over its own in that trial, and the reported figures are medians over trials. Greedy rows are
 checked token for token against plain decoding's output on the same prompt.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from .. import timing
 from ..sampling import SamplingParams
 
 
@@ -81,44 +82,45 @@ def compare(
     params: SamplingParams | None = None,
     log=None,
 ) -> dict[str, Measured]:
-    """Measure every method (the first must be plain decoding: the baseline) on every prompt."""
+    """Measure every method (the first must be plain decoding: the baseline) on every prompt,
+    with ``csdrafting.timing``'s harness (interleaved, warmed up, wall time)."""
     params = params or SamplingParams()
     log = log or (lambda message: None)
-    built = [(m, build(cascade, m)) for m in methods]
-    results = {m.name: Measured(m) for m in methods}
-    for _, runner in built:  # warm-up, not recorded
-        runner.generate(prompts_ids[0], min(16, max_new_tokens), params.temperature, seed=0, ignore_eos=True)
-    for trial in range(trials):
-        for m in results.values():
-            m.seconds.append(0.0)
-            m.tokens.append(0)
-            m.num_target_steps.append(0)
-        for p, ids in enumerate(prompts_ids):
-            shift = (p + trial) % len(built)
-            order = built[shift:] + built[:shift]
-            reference = None
-            outputs = {}
-            for method, runner in order:
-                seed = None if params.greedy else (params.seed or 0) + 1000 * trial + p
-                result = runner.generate(
-                    ids, max_new_tokens, params.temperature, params.top_k, params.top_p, seed=seed, ignore_eos=True
-                )
-                entry = results[method.name]
-                entry.seconds[-1] += result.stats.decode_seconds
-                entry.tokens[-1] += result.stats.num_new_tokens
-                entry.num_target_steps[-1] += result.stats.num_target_steps
-                outputs[method.name] = result.token_ids
-                if method is methods[0]:
-                    reference = result.token_ids
-            if params.greedy:
-                for name, tokens in outputs.items():
-                    if tokens != reference:
-                        results[name].mismatches += 1
-        plain = results[methods[0].name]
-        log(
-            f"trial {trial + 1}/{trials}: "
-            + ", ".join(f"{m.method.name} {plain.seconds[-1] / m.seconds[-1]:.2f}x" for m in results.values())
+    built = {m.name: build(cascade, m) for m in methods}
+    results = {m.name: Measured(m, [0.0] * trials, [0] * trials, [0] * trials) for m in methods}
+
+    def run(method: Method, case: tuple[int, list[int]], trial: int):
+        p, ids = case
+        seed = None if params.greedy else (params.seed or 0) + 1000 * trial + p
+        return built[method.name].generate(
+            ids, max_new_tokens, params.temperature, params.top_k, params.top_p, seed=seed, ignore_eos=True
         )
+
+    warm_length = min(16, max_new_tokens)
+    timing.warm_up(methods, lambda m: built[m.name].generate(prompts_ids[0], warm_length, seed=0, ignore_eos=True))
+    outputs: dict[tuple[int, int], dict[str, list[int]]] = {}
+    with timing.frozen_setup_garbage():
+        cases = list(enumerate(prompts_ids))
+        for timed in timing.interleaved(methods, cases, trials, run, cascade.synchronize):
+            entry, result = results[timed.method.name], timed.result
+            entry.seconds[timed.trial] += timed.seconds
+            entry.tokens[timed.trial] += result.stats.num_new_tokens
+            entry.num_target_steps[timed.trial] += result.stats.num_target_steps
+            outputs.setdefault((timed.trial, timed.case_index), {})[timed.method.name] = result.token_ids
+            if timed.case_index == len(cases) - 1 and len(outputs[timed.trial, timed.case_index]) == len(methods):
+                plain = results[methods[0].name]
+                log(
+                    f"trial {timed.trial + 1}/{trials}: "
+                    + ", ".join(
+                        f"{m.method.name} {plain.seconds[timed.trial] / m.seconds[timed.trial]:.2f}x"
+                        for m in results.values()
+                    )
+                )
+    if params.greedy:
+        for by_method in outputs.values():
+            reference = by_method[methods[0].name]
+            for name, tokens in by_method.items():
+                results[name].mismatches += tokens != reference
     return results
 
 
