@@ -50,6 +50,14 @@ def reference_tokens():
     return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def test_generate_with_no_model_flags_from_outside_the_repository(capsys, reference_tokens, tmp_path, monkeypatch):
+    """The embedded family and its default configuration are package data: found from any folder."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, ["generate", "--prompt", PROMPT, "--max-new-tokens", 8, "--json"])
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == reference_tokens[0]
+
+
 def test_generate_json_on_the_embedded_models(capsys, reference_tokens):
     code, out, err = run(capsys, ["generate", "--prompt", PROMPT, "--max-new-tokens", 8, "--json"])
     assert code == 0, err

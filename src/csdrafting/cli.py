@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, CSDraftingError
+from .paths import MODELS_DIR  # the embedded default family, shipped as package data
 
-# The embedded default family (shipped in the repository's models/ folder).
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_TARGET = MODELS_DIR / "pycode-22m"
 DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
 # what `csd generate` runs with no model flags: the family's measured best cascade (README, Results)

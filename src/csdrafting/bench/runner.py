@@ -34,7 +34,8 @@ import torch
 
 from .. import timing
 from ..errors import ConfigError
-from .suite import REPO_DIR, Method, Suite
+from ..paths import PACKAGE_DIR
+from .suite import Method, Suite
 
 SCHEMA = "csd-bench/1"
 COST_MODEL_LABEL = (
@@ -72,14 +73,14 @@ def environment(device: torch.device, dtype: str) -> dict:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = (
             subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
+                ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5
             ).stdout.strip()
             or None
         )
         if commit:
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=REPO_DIR,
+                cwd=PACKAGE_DIR,
                 capture_output=True,
                 text=True,
                 timeout=5,
