@@ -109,11 +109,16 @@ class Levels:
         """Index (0 = target) of the level a configuration names ``ref``: its source or its name."""
         levels = [self.target, *self.drafters]
         for i, (source, level) in enumerate(zip(self.sources, levels)):
-            if (i > 0 or not drafter) and ref in (source, level.name):
+            if (i > 0 or not drafter) and (ref in (source, level.name) or _same_folder(ref, source)):
                 return i
         known = ", ".join(self.sources[1:]) or "none"
         what = "drafter" if drafter else "target"
         raise ConfigError(f"{what} {ref!r} is not among the loaded levels (drafters loaded: {known})")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Two spellings (relative, absolute, through a link) of one existing folder."""
+    return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
 
 
 def load_levels(config: CascadeConfig) -> Levels:
