@@ -36,11 +36,12 @@ class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread, configured as
     ``csd serve`` configures it (``uvicorn_config``)."""
 
-    def __init__(self, app, log_level: str = "warning") -> None:
+    def __init__(self, app, log_level: str = "warning", head_timeout: float = 30.0) -> None:
         self.sock = bind_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        config = uvicorn_config(app, log_level=log_level, head_timeout=head_timeout, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:

@@ -70,7 +70,8 @@ def reference(cascade):
 @pytest.fixture(scope="module")
 def server(cascade, reference):
     """A server logging at info level (as ``csd serve`` does by default), with a short body timeout."""
-    thread = ServerThread(create_app(cascade, MODEL, body_timeout=BODY_TIMEOUT), log_level="info")
+    app = create_app(cascade, MODEL, body_timeout=BODY_TIMEOUT)
+    thread = ServerThread(app, log_level="info", head_timeout=BODY_TIMEOUT)
     with thread as url:
         thread.url = url
         yield thread
@@ -197,6 +198,30 @@ def test_many_stalled_bodies_are_all_answered_within_the_timeout(server, http):
     assert time.monotonic() - started < BODY_TIMEOUT + 10
     for raw in answers:
         _assert_timed_out(raw)
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["idle", "partial head"])  # fmt: skip
+def test_slow_request_head_is_closed_at_the_timeout(server, sent):
+    """uvicorn itself would wait forever for a request line and headers, even sent 1 byte at a time."""
+    started = time.monotonic()
+    with connect(server.port, timeout=BODY_TIMEOUT + 10) as sock:
+        sock.sendall(sent)
+        for _ in range(int((BODY_TIMEOUT + 5) / 0.2)):  # bounded: stops by itself
+            if select.select([sock], [], [], 0.2)[0]:
+                break
+            sock.sendall(b"X")  # never a complete header line
+        assert read_until_closed(sock) == b""  # closed without an answer: no request arrived
+    assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 5
+
+
+def test_head_timeout_does_not_cut_a_long_answer(cascade):
+    """The head timer stops once the head is in: a request running well past it gets its own
+    answer (here the 504 of --timeout), not a closed connection."""
+    app = create_app(cascade, MODEL, request_timeout=3 * BODY_TIMEOUT)
+    with ServerThread(app, head_timeout=BODY_TIMEOUT) as url, http_client(url) as http:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1800, "temperature": 0, "ignore_eos": True}
+        response = http.post(COMPLETIONS, json=body)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
 
 
 # -- 4. cross-origin requests: foreign Host names and non-JSON bodies ---------------------------------

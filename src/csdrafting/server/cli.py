@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
         "--body-timeout",
         type=float,
         default=30.0,
-        help="seconds a client may take to send its request body; then 408 (default: 30)",
+        help="seconds a client may take to send its request body (then 408), and its request line and "
+        "headers (then the connection is closed) (default: 30)",
     )
     group.add_argument(
         "--allowed-host",
@@ -127,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 for queue in app.state.queues.values():  # end running streams now, not after the grace period
                     queue.close(wait=0)
 
-        Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
+        config = uvicorn_config(app, log_level=args.log_level, head_timeout=args.body_timeout)
+        Server(config).run(sockets=[sock])
     finally:
         sock.close()
     return 0
