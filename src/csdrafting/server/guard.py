@@ -11,7 +11,9 @@
   ``application/json`` (else 415), and no page can make this server generate.
 - **The body** is read here: at most ``max_body_bytes`` (else 413), within ``body_timeout`` seconds
   of the request's arrival (else 408 and the connection is closed), and parsed as strict JSON (else
-  400). A client that disconnects while sending it is logged once, at info level, and not answered.
+  400). A client that disconnects while sending it is not answered; it is logged once at debug
+  level (a client going away is not the server's problem, and anyone can do it in a loop) and
+  counted as status 499 in ``/metrics``.
 
 Refusals use OpenAI's error shape; those sent before the body was read close the connection, so a
 client that keeps sending cannot hold it. The parsed body goes to FastAPI's validation through the
@@ -107,7 +109,7 @@ class RequestGuard:
             return
         except _ClientGone as gone:
             client = "{}:{}".format(*scope["client"]) if scope.get("client") else "a client"
-            log.info("%s disconnected while sending its request body (%d bytes received)", client, gone.num_received)
+            log.debug("%s disconnected while sending its request body (%d bytes received)", client, gone.num_received)
             return
         await self.app(scope, _replay(raw, receive), send)
 
