@@ -93,25 +93,28 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
         try:
-            self._check_host(headers.get("host"))
-            if scope["method"] != "POST":
-                await self.app(scope, receive, send)
-                return
-            if not _is_json(headers.get("content-type")):
-                raise _unsupported_media_type(headers.get("content-type"))
-            raw = await self._read_body(receive, headers.get("content-length"))
-            scope[PARSED_BODY] = parse_json_body(raw)
+            receive_body = await self._admit(scope, receive)
         except ApiError as exc:
-            response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-            await response(scope, receive, send)
+            await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)(scope, receive, send)
             return
         except _ClientGone as gone:
             client = "{}:{}".format(*scope["client"]) if scope.get("client") else "a client"
             log.debug("%s disconnected while sending its request body (%d bytes received)", client, gone.num_received)
             return
-        await self.app(scope, _replay(raw, receive), send)
+        await self.app(scope, receive_body, send)
+
+    async def _admit(self, scope, receive):
+        """The checks; returns the ``receive`` the app gets (a POST's body replayed) or raises."""
+        headers = Headers(scope=scope)
+        self._check_host(headers.get("host"))
+        if scope["method"] != "POST":
+            return receive
+        if not _is_json(headers.get("content-type")):
+            raise _unsupported_media_type(headers.get("content-type"))
+        raw = await self._read_body(receive, headers.get("content-length"))
+        scope[PARSED_BODY] = parse_json_body(raw)
+        return _replay(raw, receive)
 
     def _check_host(self, host: str | None) -> None:
         if self.allowed_hosts is None or (host is not None and host_name(host) in self.allowed_hosts):
