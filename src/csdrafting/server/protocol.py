@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import GenerationInputError
 from ..stats import GenerationStats
-from .schema import ChatCompletionRequest, CompletionRequest, _GenerationRequest, json_type
+from .schema import ChatCompletionRequest, CompletionRequest, GenerationRequestBase, json_type
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 STATS_FIELD = "speculative_stats"  # the extra response field holding this request's GenerationStats
@@ -176,7 +176,7 @@ def _check_model(model: str, model_names: set[str]) -> None:
         )
 
 
-def _sampling(body: _GenerationRequest) -> dict:
+def _sampling(body: GenerationRequestBase) -> dict:
     """The GenerationRequest fields every endpoint shares, with OpenAI's defaults."""
     options = body.stream_options
     stop = body.stop

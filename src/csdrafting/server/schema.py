@@ -125,7 +125,7 @@ class StreamOptions(_Strict):
     include_usage: bool | None = Field(None, description="Send a last chunk with usage and no choices.")
 
 
-class _GenerationRequest(_Strict):
+class GenerationRequestBase(_Strict):
     """The fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Text = Field(description="The served model id (GET /v1/models).")
@@ -182,7 +182,7 @@ class _GenerationRequest(_Strict):
         return stop
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequestBase):
     """POST /v1/completions."""
 
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
@@ -260,7 +260,7 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequestBase):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
