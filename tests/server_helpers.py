@@ -73,13 +73,15 @@ def http_client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=TIMEOUT, trust_env=False)
 
 
-def metric(client: httpx.Client, name: str, **labels) -> float:
-    """One sample of /metrics, read with prometheus_client's own parser."""
+def metric(client: httpx.Client, name: str, missing: float | None = None, **labels) -> float:
+    """One sample of /metrics, read with prometheus_client's own parser; ``missing``, if given,
+    for a labelled series not counted yet."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
                 return sample.value
-    raise AssertionError(f"{name}{labels} not in /metrics")
+    assert missing is not None, f"{name}{labels} not in /metrics"
+    return missing
 
 
 def wait_until(predicate, seconds: float = 10.0) -> None:

@@ -70,8 +70,7 @@ def reference(cascade):
 @pytest.fixture(scope="module")
 def server(cascade, reference):
     """A server logging at info level (as ``csd serve`` does by default), with a short body timeout."""
-    app = create_app(cascade, MODEL, body_timeout=BODY_TIMEOUT)
-    thread = ServerThread(app, log_level="info", head_timeout=BODY_TIMEOUT)
+    thread = ServerThread(create_app(cascade, MODEL, body_timeout=BODY_TIMEOUT), log_level="info")
     with thread as url:
         thread.url = url
         yield thread
@@ -141,7 +140,7 @@ def test_aborted_uploads_are_not_logged_at_info_and_one_debug_line_each(server, 
     records = _Records()
     for logger in loggers:
         logger.addHandler(records)
-    aborted = lambda: metric(http, "csd_http_requests_total", method="POST", endpoint=COMPLETIONS, status="499")  # noqa: E731
+    aborted = lambda: metric(http, "csd_http_requests_total", 0, method="POST", endpoint=COMPLETIONS, status="499")  # noqa: E731
     try:
         _abort_uploads(server.port, 10)  # the server logs at info, as csd serve does by default
         wait_until(lambda: aborted() == 10)
@@ -217,17 +216,20 @@ def test_many_stalled_bodies_are_all_answered_within_the_timeout(server, http):
 
 
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["idle", "partial head"])  # fmt: skip
-def test_slow_request_head_is_closed_at_the_timeout(server, sent):
-    """uvicorn itself would wait forever for a request line and headers, even sent 1 byte at a time."""
-    started = time.monotonic()
-    with connect(server.port, timeout=BODY_TIMEOUT + 10) as sock:
-        sock.sendall(sent)
-        for _ in range(int((BODY_TIMEOUT + 5) / 0.2)):  # bounded: stops by itself
-            if select.select([sock], [], [], 0.2)[0]:
-                break
-            sock.sendall(b"X")  # never a complete header line
-        assert read_until_closed(sock) == b""  # closed without an answer: no request arrived
-    assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 5
+def test_slow_request_head_is_closed_at_the_timeout(cascade, sent):
+    """uvicorn itself would wait forever for a request line and headers, even sent 1 byte at a time.
+    (Its own server: a short head timeout also closes idle keep-alive connections of the clients.)"""
+    server = ServerThread(create_app(cascade, MODEL), head_timeout=BODY_TIMEOUT)
+    with server:
+        started = time.monotonic()
+        with connect(server.port, timeout=BODY_TIMEOUT + 10) as sock:
+            sock.sendall(sent)
+            for _ in range(int((BODY_TIMEOUT + 5) / 0.2)):  # bounded: stops by itself
+                if select.select([sock], [], [], 0.2)[0]:
+                    break
+                sock.sendall(b"X")  # never a complete header line
+            assert read_until_closed(sock) == b""  # closed without an answer: no request arrived
+        assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 5
 
 
 def test_head_timeout_does_not_cut_a_long_answer(cascade):
