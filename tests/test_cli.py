@@ -290,6 +290,8 @@ def test_api_validation():
         dict(top_p=0.0),
         dict(top_k=-2),
         dict(stop=[3]),
+        dict(stop=[""]),
+        dict(stop=""),
     ):
         with pytest.raises(GenerationInputError):
             cascade.generate([0, 1], **{"max_new_tokens": 3, **bad})

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from csdrafting import Cascade
 from csdrafting.sampling import SamplingParams, warp
-from tiny import hf_greedy, noisy_copy, tiny_llama
+from tiny import hf_greedy, make_cascade, noisy_copy, tiny_llama
 
 TEMPERATURES = [5e-324, 1e-300, 1e-40, 1.2e-38, 1e-30, 1e-12, 1e-3, 0.7, 2.0, 1e3, 1e300]
 TINY_VALUES = [5e-324, 1e-300, 1e-40, 1e-12]  # each one a point mass at these logit gaps
@@ -106,9 +105,9 @@ def test_cascade_at_a_vanishing_temperature_or_top_p_is_greedy(dtype, params):
     reference = hf_greedy(target, prompt, num_new)
     target = target.to(dtype)
     drafter = noisy_copy(tiny_llama(0), 1, 0.02).to(dtype)
-    cascade = Cascade(target, [drafter], mag=True, k_matrix=[[2, 2], [0, 2]], eos_token_ids=[])
+    cascade = make_cascade(target, [drafter], mag=True, k_matrix=[[2, 2], [0, 2]], eos_token_ids=[])
     for seed in (0, 1):
         result = cascade.generate(prompt, num_new, seed=seed, ignore_eos=True, **params)
         assert result.token_ids == reference
-        review = result.stats.levels[0]["review"]
-        assert 0 < review["accepted"] <= review["drafted"]
+        review = result.stats.levels[0].review
+        assert 0 < review.num_accepted <= review.num_drafted

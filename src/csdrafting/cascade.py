@@ -205,6 +205,8 @@ class Cascade:
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) for s in stop):
             raise GenerationInputError("stop must be a string or a list of strings")
+        if any(not s for s in stop):
+            raise GenerationInputError("stop strings must not be empty (an empty string would match everywhere)")
         if stop and self.tokenizer is None:
             raise GenerationInputError("stop strings need a tokenizer")
         return prompt_ids, max_new_tokens, params, ignore_eos, stop
