@@ -43,7 +43,7 @@ def test_static_schedule_keeps_every_length():
         schedule.after_mag_first(num_accepted=20)
         schedule.after_step(1.0, 1, speculative=True)
     assert schedule.current() == [[2, 3], [0, 1]] and schedule.ends(0) == [2, 5]
-    assert schedule.mag_first_length() == StaticSchedule.MAG_FIRST_MIN_START  # adaptive=False: fixed
+    assert schedule.mag_first_length() == StaticSchedule.MAG_FIRST_START == 24  # adaptive=False: fixed
     assert schedule.speculate()
 
 
@@ -85,7 +85,7 @@ def test_backoff_is_capped():
 
 def test_mag_first_length_follows_acceptance_within_bounds():
     schedule = adaptive(KMatrix(((1,),)), mag_first=3)
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MIN_START
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
     schedule.after_mag_first(num_accepted=5)
     assert schedule.mag_first_length() == 12  # about twice what was accepted
     schedule.after_mag_first(num_accepted=100)
@@ -93,7 +93,7 @@ def test_mag_first_length_follows_acceptance_within_bounds():
     schedule.after_mag_first(num_accepted=0)
     assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
     schedule.begin(carry_over=True)  # a new generation starts from the initial length
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MIN_START
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
 
 
 def run_steps(schedule: AdaptiveSchedule, num_steps: int, spec_seconds_per_token: float) -> list[bool]:
