@@ -65,7 +65,7 @@ def main() -> int:
                 else:
                     failures += 1
                     print(f"  MISMATCH {prompt['id']} K={k_matrix} l={lenience}", file=sys.stderr)
-                mal += result.stats.mean_acceptance_length / len(prompts)
+                mal += result.stats.tokens_per_target_step / len(prompts)
             print(f"{json.dumps(k_matrix):32s} {lenience:8.1f} {same:>4d}/{len(prompts):<5d} {mal:21.2f}")
     print("all identical" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0

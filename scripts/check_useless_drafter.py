@@ -87,16 +87,13 @@ def main() -> int:
             f"step, outputs identical to plain: {adaptive.mismatches == 0}"
         )
         # how much drafting the adaptive schedule still did, on one more generation
-        probe = Cascade(
-            cascade.target, cascade.drafters, cascade.tokenizer, mag=False, eos_token_ids=cascade.eos_token_ids,
-            adaptive=True,
-        )  # fmt: skip
+        probe = cascade.with_config(cascade.config)  # a fresh schedule over the same levels
         stats = probe.generate(prompts_ids[0], args.max_new_tokens, ignore_eos=True).stats
         drafter = stats.levels[1]
-        review = stats.levels[0]["review"]
+        review = stats.levels[0].review
         print(
-            f"one fresh generation: {stats.target_steps} target steps, {drafter['forward_calls']} drafter forwards, "
-            f"{review['drafted']} drafted, {review['accepted']} accepted"
+            f"one fresh generation: {stats.num_target_steps} target steps, {drafter.num_forwards} drafter forwards, "
+            f"{review.num_drafted} drafted, {review.num_accepted} accepted"
         )
         print("time ratio adaptive / plain per trial: " + ", ".join(f"{r:.3f}" for r in ratios))
         verdict = "PASS" if median <= args.max_ratio else "FAIL"

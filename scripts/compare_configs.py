@@ -40,7 +40,7 @@ def methods_over_one_family(named_configs):
             raise ConfigError(f"{name}: every configuration must have the same target")
         if any(getattr(config, key) != getattr(first, key) for key in shared):
             raise ConfigError(f"{name}: every configuration must have the same {', '.join(shared)}")
-        if not isinstance(config.k_matrix, list):
+        if config.is_auto:
             raise ConfigError(f"{name}: give an explicit K-matrix (this script measures configurations as written)")
         drafters += [d for d in map(str, (Path(p).resolve() for p in config.drafters)) if d not in drafters]
     mag_level = len(drafters) + 1
@@ -57,7 +57,9 @@ def methods_over_one_family(named_configs):
         for name, config in named_configs
     ]
     # the family only holds the levels: its own K-matrix is never used
-    family = replace(first, drafters=drafters, mag=any(c.mag for _, c in named_configs), k_matrix=None, mag_first=None)
+    family = replace(
+        first, drafters=tuple(drafters), mag=any(c.mag for _, c in named_configs), k_matrix="auto", mag_first=None
+    )
     return family, methods
 
 

@@ -40,9 +40,10 @@ sys.path.insert(0, str(REPO / "src"))
 from csdrafting.convert import convert  # noqa: E402
 from csdrafting.levels.llama import LlamaRunner  # noqa: E402
 from csdrafting.levels.llamacpp import LlamaCppRunner  # noqa: E402
+from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR  # noqa: E402
 from csdrafting.prompts import load_prompts  # noqa: E402
 
-MODELS = REPO / "models"
+MODELS = MODELS_DIR
 GGUF_RUNS = [
     ("pycode-22m", "f32"),
     ("pycode-5m", "f32"),
@@ -71,17 +72,11 @@ def gguf_path(gguf_dir: Path, model: str, outtype: str) -> Path:
     return path
 
 
-class TorchLean:
-    """LlamaRunner behind the llama.cpp runner's call: forward(token_ids list, start, num_logits)."""
+def torch_lean(model_name: str) -> LlamaRunner:
+    """Our torch lean runner over the float32 weights."""
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self, model_name: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(MODELS / model_name, dtype=torch.float32).eval()
-        self.runner = LlamaRunner(self.model)
-
-    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
-        return self.runner.forward(torch.tensor(token_ids, dtype=torch.long), start, num_logits)
+    return LlamaRunner(AutoModelForCausalLM.from_pretrained(MODELS / model_name, dtype=torch.float32).eval())
 
 
 def forward_costs(runners: dict, prompt: list[int], sizes: list[int], reps: int, warmup: int) -> dict:
@@ -166,7 +161,7 @@ def greedy_llama_cpp_python(path: Path, prompt: list[int], num_tokens: int, thre
 def greedy_comparison(gguf_dir: Path, prompt: list[int], num_tokens: int, trials: int, threads: int) -> dict:
     path = gguf_path(gguf_dir, "pycode-22m", "f32")
     ours = LlamaCppRunner(path, n_threads=threads)
-    lean = TorchLean("pycode-22m")
+    lean = torch_lean("pycode-22m")
     methods = {
         "LlamaCppRunner loop": lambda: greedy_loop(ours, prompt, num_tokens),
         "llama_cpp.Llama.generate": lambda: greedy_llama_cpp_python(path, prompt, num_tokens, threads),
@@ -237,7 +232,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    text = load_prompts(REPO / "benchmarks" / "prompts.jsonl")[args.prompt_index]["text"]
+    text = load_prompts(DEFAULT_PROMPTS_FILE)[args.prompt_index]["text"]
     prompt = AutoTokenizer.from_pretrained(MODELS / "pycode-22m")(text)["input_ids"]
 
     runners = {}
@@ -246,7 +241,7 @@ def main() -> int:
             gguf_path(gguf_dir, model, outtype), n_threads=args.threads
         )
         if outtype == "f32":
-            runners[f"{model} torch lean f32"] = TorchLean(model)
+            runners[f"{model} torch lean f32"] = torch_lean(model)
     costs = forward_costs(runners, prompt, sizes, args.reps, args.warmup)
     greedy = greedy_comparison(gguf_dir, prompt, args.max_new_tokens, args.trials, args.threads)
     gaps = numerics(gguf_dir, prompt, args.threads)

@@ -123,7 +123,7 @@ def run_client(base_url: str, model: str, index: int, args) -> list[dict]:
                 record["completion_tokens"] = last.usage.completion_tokens
                 stats = (last.model_extra or {}).get("speculative_stats") or {}
                 record["tokens_per_second"] = stats.get("tokens_per_second")
-                record["tokens_per_target_step"] = stats.get("mean_acceptance_length")
+                record["tokens_per_target_step"] = stats.get("tokens_per_target_step")
             except openai.OpenAIError as exc:
                 record["error"] = f"{type(exc).__name__}: {exc}"
             record["latency"] = time.perf_counter() - started

@@ -24,7 +24,7 @@ ROW_FIELDS = {
     "schema", "run_id", "suite", "baseline", "env", "method", "engine", "spec", "config", "models",
     "prompt_id", "trial", "mode", "decoding", "stop", "max_new_tokens", "sampling", "num_new_tokens",
     "finish_reason", "wall_seconds", "tokens_per_second", "prefill_seconds", "decode_seconds",
-    "mean_acceptance_length", "acceptance_rate", "forward_calls", "levels", "cost_target_forwards", "swi",
+    "tokens_per_target_step", "acceptance_rate", "num_forwards", "levels", "cost_target_forwards", "swi",
     "matches_baseline", "first_mismatch", "memory", "weights_bytes", "runner_bytes",
 }  # fmt: skip
 ENV_FIELDS = {"python", "torch", "transformers", "csdrafting", "device", "device_name", "dtype", "num_threads"}
@@ -130,7 +130,7 @@ def test_bench_end_to_end(family, tmp_path, capsys):
         assert ENV_FIELDS <= set(row["env"])
         assert row["tokens_per_second"] > 0 and row["wall_seconds"] > 0
         assert row["memory"]["peak_bytes"] > 0
-        assert row["levels"][0]["forward_calls"] > 0
+        assert row["levels"][0]["num_forwards"] > 0
         if row["stop"] == "fixed":
             assert row["num_new_tokens"] == 8 and row["finish_reason"] == "length"
         if row["decoding"] == "greedy":
@@ -140,9 +140,9 @@ def test_bench_end_to_end(family, tmp_path, capsys):
     by = {(r["method"], r["prompt_id"], r["mode"]): r for r in rows}
     copy = by[("csd-sd-tiny-copy", "a", "greedy-fixed")]
     assert copy["acceptance_rate"] == 1.0  # a drafter with the target's weights always agrees
-    assert copy["forward_calls"]["tiny-copy"] > 0 and copy["swi"] is not None
+    assert copy["num_forwards"]["tiny-copy"] > 0 and copy["swi"] is not None
     assert by[("hf-plain", "a", "greedy-fixed")]["swi"] == pytest.approx(1.0)
-    assert by[("hf-assisted-tiny-copy", "a", "greedy-fixed")]["forward_calls"]["tiny-copy"] > 0
+    assert by[("hf-assisted-tiny-copy", "a", "greedy-fixed")]["num_forwards"]["tiny-copy"] > 0
     full = by[("csd-full", "a", "greedy-fixed")]
     assert full["config"]["k_matrix"] == full["spec"]["k_matrix"] and full["ablation"]
     assert "greedy-fixed, 8 new tokens" in capsys.readouterr().out

@@ -16,9 +16,10 @@ from collections import Counter
 import pytest
 import torch
 
-from csdrafting import Cascade, CSDraftingError, GenerationInputError
-from csdrafting.levels.model import ModelLevel, common_prefix_length
-from tiny import TableLevel, copy_model, hf_greedy, noisy_copy, random_table, tiny_gpt2, tiny_llama
+from csdrafting import CSDraftingError, GenerationInputError
+from csdrafting.levels.memo import PrefixMemoLevel, common_prefix_length
+from csdrafting.levels.model import model_level
+from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
 
 MODELS_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "models"
 PROMPT = [5, 17, 33, 2, 81, 40, 7]
@@ -38,7 +39,7 @@ def full_forward(model, ids: list[int]) -> torch.Tensor:
 
 def fresh_forward(model, runner: str, ids: list[int]) -> torch.Tensor:
     """The same runner's logits (T, V) for the whole sequence, from an empty cache."""
-    return ModelLevel("fresh", model, runner).next_token_logits(ids, len(ids))
+    return model_level("fresh", model, runner).next_token_logits(ids, len(ids))
 
 
 # the lean runner keeps float64 in RMSNorm where transformers computes it in float32
@@ -49,7 +50,7 @@ HF_TOLERANCE = {"lean": 1e-4, "transformers": 1e-9}
 # -- cache invariants --------------------------------------------------------------------------
 
 
-def drive_level(level: ModelLevel, model, seed: int, num_ops: int = 40) -> Counter:
+def drive_level(level: PrefixMemoLevel, model, seed: int, num_ops: int = 40) -> Counter:
     """Random draft / verify / rollback traffic on one level, checking every answer against a
     fresh forward. Returns how often each kind of move happened (so the test can check coverage)."""
     rng = random.Random(seed)
@@ -67,17 +68,17 @@ def drive_level(level: ModelLevel, model, seed: int, num_ops: int = 40) -> Count
             ids = ids[:keep] + [(t + 1) % vocab for t in ids[keep:]] + [rng.randrange(vocab)]
         elif move == "prefill":
             ids = ids + [rng.randrange(vocab) for _ in range(rng.randint(0, 4))]
-            before = level.counters.tokens_run
+            before = level.counters.num_tokens_run
             shared = common_prefix_length(level._ids, ids)
             level.prefill(ids)
             assert level.num_cached == len(ids) or not ids
-            assert level.counters.tokens_run - before == len(ids) - shared
+            assert level.counters.num_tokens_run - before == len(ids) - shared
             ids = ids + [rng.randrange(vocab)]
             # fall through to a logits request on top of the prefilled prefix
         ids = ids[: level.max_positions]
         num_positions = rng.randint(1, min(6, len(ids)))
         shared = common_prefix_length(level._ids, ids)
-        before = level.counters.tokens_run
+        before = level.counters.num_tokens_run
         logits = level.next_token_logits(ids, num_positions)  # (N, V)
         expected = fresh_forward(model, level.runner_name, ids)[-num_positions:]
         torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9, msg=f"op {op} ({move})")
@@ -85,7 +86,7 @@ def drive_level(level: ModelLevel, model, seed: int, num_ops: int = 40) -> Count
         torch.testing.assert_close(logits, full_forward(model, ids)[-num_positions:], rtol=0, atol=tolerance)
         assert level.num_cached == len(ids)
         # only the uncached tokens, plus those whose logits were asked for, are run
-        assert level.counters.tokens_run - before == len(ids) - min(shared, len(ids) - num_positions)
+        assert level.counters.num_tokens_run - before == len(ids) - min(shared, len(ids) - num_positions)
         moves[move] += 1
         moves["fully cached"] += shared == len(ids)
         if op == num_ops // 2:
@@ -97,7 +98,7 @@ def drive_level(level: ModelLevel, model, seed: int, num_ops: int = 40) -> Count
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
 def test_cached_logits_equal_fresh_forward_llama(llama, runner):
     for seed in range(3):
-        level = ModelLevel("t", llama["target"], runner)
+        level = model_level("t", llama["target"], runner)
         assert level.runner_name == runner
         moves = drive_level(level, llama["target"], seed)
         assert min(moves[m] for m in ("extend", "rollback", "diverge", "prefill", "fully cached")) > 0, moves
@@ -105,7 +106,7 @@ def test_cached_logits_equal_fresh_forward_llama(llama, runner):
 
 def test_cached_logits_equal_fresh_forward_gpt2():
     model = tiny_gpt2(0)
-    level = ModelLevel("g", model, "auto")
+    level = model_level("g", model, "auto")
     assert level.runner_name == "transformers"
     moves = drive_level(level, model, seed=7)
     assert moves["rollback"] > 0 and moves["diverge"] > 0
@@ -114,15 +115,15 @@ def test_cached_logits_equal_fresh_forward_gpt2():
 def test_lean_runner_buffers_grow_without_losing_the_cache():
     """The lean runner preallocates 256 positions and grows: cross that boundary mid-sequence."""
     model = tiny_llama(3, max_positions=600)
-    level = ModelLevel("t", model, "lean")
+    level = model_level("t", model, "lean")
     rng = random.Random(0)
     ids = [rng.randrange(96) for _ in range(250)]
     level.next_token_logits(ids, 1)
-    assert level.backend.capacity == 256
+    assert level.runner.capacity == 256
     ids = ids + [rng.randrange(96) for _ in range(20)]  # crosses 256
     expected = fresh_forward(model, "lean", ids)[-3:]
     torch.testing.assert_close(level.next_token_logits(ids, 3), expected, rtol=1e-9, atol=1e-9)
-    assert level.backend.capacity > 256
+    assert level.runner.capacity > 256
     ids = ids[:240] + [1, 2, 3]  # roll back below the old capacity
     expected = fresh_forward(model, "lean", ids)[-2:]
     torch.testing.assert_close(level.next_token_logits(ids, 2), expected, rtol=1e-9, atol=1e-9)
@@ -131,7 +132,7 @@ def test_lean_runner_buffers_grow_without_losing_the_cache():
 
 def test_lean_runner_matches_transformers_in_float64(llama):
     ids = PROMPT + [9, 11]
-    lean = ModelLevel("t", llama["target"], "lean").next_token_logits(ids, len(ids))
+    lean = model_level("t", llama["target"], "lean").next_token_logits(ids, len(ids))
     torch.testing.assert_close(lean, full_forward(llama["target"], ids), rtol=1e-9, atol=1e-9)
 
 
@@ -141,7 +142,7 @@ def test_drafter_with_a_shorter_context_than_the_target():
     prompt = list(range(1, 21))  # longer than the drafter's context
     # either a typed error (up front, or for a request the smallest level cannot hold) or exact output
     try:
-        cascade = Cascade(target, [drafter], mag=False, k_matrix=[[2]], runner="lean", eos_token_ids=[])
+        cascade = make_cascade(target, [drafter], mag=False, k_matrix=[[2]], runner="lean", eos_token_ids=[])
         tokens = cascade.generate(prompt, 5, ignore_eos=True).token_ids
     except CSDraftingError as exc:
         assert "context" in str(exc)
@@ -167,18 +168,18 @@ class RecordingLevel:
         self.inner.prefill(ids)
 
     def next_token_logits(self, ids, num_positions):
-        before = self.inner.counters.tokens_run
+        before = self.inner.counters.num_tokens_run
         logits = self.inner.next_token_logits(ids, num_positions)
-        self.calls.append((len(ids), num_positions, self.inner.counters.tokens_run - before))
+        self.calls.append((len(ids), num_positions, self.inner.counters.num_tokens_run - before))
         return logits
 
 
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
 def test_drafter_catches_up_after_a_fully_accepted_draft(llama, runner):
     k = 3
-    target = ModelLevel("target", llama["target"], runner)
-    drafter = RecordingLevel(ModelLevel("drafter", llama["copy"], runner))
-    cascade = Cascade(target, [drafter], mag=False, k_matrix=[[k]], eos_token_ids=[])
+    target = model_level("target", llama["target"], runner)
+    drafter = RecordingLevel(model_level("drafter", llama["copy"], runner))
+    cascade = make_cascade(target, [drafter], mag=False, k_matrix=[[k]], eos_token_ids=[])
     num_new = 4 * (k + 1)
     result = cascade.generate(PROMPT, num_new, ignore_eos=True)
     assert result.token_ids == hf_greedy(llama["target"], PROMPT, num_new)
@@ -195,21 +196,21 @@ def test_drafter_catches_up_after_a_fully_accepted_draft(llama, runner):
         assert first[0] == len(PROMPT) + step * (k + 1)
         assert [c[2] for c in calls[step * k + 1 : (step + 1) * k]] == [1] * (k - 1)
     # every position the drafter needed was run exactly once: no re-runs, nothing skipped
-    assert drafter.counters.tokens_run == len(PROMPT) - 1 + 4 * (k + 1) - 1
+    assert drafter.counters.num_tokens_run == len(PROMPT) - 1 + 4 * (k + 1) - 1
 
 
 def test_drafter_rolls_back_after_a_rejection(llama):
-    target = ModelLevel("target", llama["target"], "lean")
-    drafter = RecordingLevel(ModelLevel("drafter", llama["noisy"], "lean"))
-    cascade = Cascade(target, [drafter], mag=False, k_matrix=[[4]], eos_token_ids=[])
+    target = model_level("target", llama["target"], "lean")
+    drafter = RecordingLevel(model_level("drafter", llama["noisy"], "lean"))
+    cascade = make_cascade(target, [drafter], mag=False, k_matrix=[[4]], eos_token_ids=[])
     result = cascade.generate(PROMPT, 30, ignore_eos=True)
     assert result.token_ids == hf_greedy(llama["target"], PROMPT, 30)
-    review = result.stats.levels[0]["review"]
-    assert 0 < review["accepted"] < review["drafted"]
+    review = result.stats.levels[0].review
+    assert 0 < review.num_accepted < review.num_drafted
     # whatever was rejected, no forward ever re-runs more than the new tokens plus the recovered one:
     # a rejected suffix is dropped from the cache, never recomputed from scratch
     assert all(run <= 2 for _, _, run in drafter.calls), drafter.calls
-    assert drafter.counters.tokens_run <= len(PROMPT) + 30 + review["drafted"]
+    assert drafter.counters.num_tokens_run <= len(PROMPT) + 30 + review.num_drafted
 
 
 # -- truncation: EOS and max_new_tokens --------------------------------------------------------
@@ -233,7 +234,7 @@ CASCADES = {
 
 def build(llama, name, runner="auto", eos=(), tokenizer=None, lenience=1.0):
     spec = CASCADES[name]
-    return Cascade(
+    return make_cascade(
         llama["target"],
         [llama[d] for d in spec["drafters"]],
         tokenizer=tokenizer,
@@ -254,7 +255,7 @@ def test_eos_inside_a_draft_stops_where_plain_decoding_stops(llama, eos_case, na
     assert result.finish_reason == "eos"
     assert result.stats.num_new_tokens == position + 1
     if name == "copy K=6":  # every step emits 7 tokens: the step that reached EOS drafted past it
-        assert result.stats.target_steps == -(-(position + 1) // 7)
+        assert result.stats.num_target_steps == -(-(position + 1) // 7)
     # transformers agrees on where EOS stops the output
     with torch.no_grad():
         hf = llama["target"].generate(
@@ -279,9 +280,9 @@ def test_eos_is_not_cut_when_it_is_drafted_but_rejected():
     drafter_table[..., 3] = 5.0  # the drafter always says 3 (= EOS)
     target = TableLevel("t", target_table, "bigram")
     drafter = TableLevel("d", drafter_table, "bigram")
-    result = Cascade(target, [drafter], mag=False, k_matrix=[[3]], eos_token_ids=[3]).generate([0, 2], 10)
+    result = make_cascade(target, [drafter], mag=False, k_matrix=[[3]], eos_token_ids=[3]).generate([0, 2], 10)
     assert result.token_ids == [1] * 10 and result.finish_reason == "length"
-    assert result.stats.levels[0]["review"]["drafted"] > 0 and result.stats.levels[0]["review"]["accepted"] == 0
+    assert result.stats.levels[0].review.num_drafted > 0 and result.stats.levels[0].review.num_accepted == 0
 
 
 @pytest.mark.parametrize("name", ["copy K=6", "copy + noisy + MaG"])
@@ -296,7 +297,7 @@ def test_max_new_tokens_is_never_exceeded(llama, name):
     # with a copy drafter of K=6 and max_new_tokens=3 a draft + bonus could emit 7: it must be 3,
     # in one target step (the draft was shortened to fit, not truncated after the fact)
     result = build(llama, "copy K=6").generate(PROMPT, 3, ignore_eos=True)
-    assert result.stats.target_steps == 1 and result.stats.levels[0]["review"]["drafted"] == 2
+    assert result.stats.num_target_steps == 1 and result.stats.levels[0].review.num_drafted == 2
 
 
 def test_context_limit_is_respected_to_the_last_position():
@@ -304,7 +305,7 @@ def test_context_limit_is_respected_to_the_last_position():
     prompt = list(range(10, 20))
     reference = hf_greedy(model, prompt, 22)
     for runner in ("lean", "transformers"):
-        cascade = Cascade(
+        cascade = make_cascade(
             model, [copy_model(model)], mag=True, k_matrix=[[5, 5], [0, 3]], runner=runner, eos_token_ids=[]
         )
         assert cascade.generate(prompt, 22, ignore_eos=True).token_ids == reference  # fills the context exactly
@@ -320,7 +321,7 @@ def test_sampling_respects_eos_and_max_new_tokens():
     target = TableLevel("t", table, "bigram")
     d1 = TableLevel("d1", table + random_table(6, vocab, "bigram"), "bigram")
     d2 = TableLevel("d2", random_table(7, vocab, "bigram"), "bigram")
-    cascade = Cascade(
+    cascade = make_cascade(
         target, [d1, d2], mag=True, k_matrix=[[2, 1, 3], [0, 1, 2], [0, 0, 3]], lenience=2.0, eos_token_ids=[3]
     )
     finishes = Counter()
@@ -358,7 +359,7 @@ def text_case():
 
 
 def text_cascade(case, drafters: bool):
-    return Cascade(
+    return make_cascade(
         case["model"],
         [case["copy"]] if drafters else [],
         tokenizer=case["tokenizer"],
@@ -404,7 +405,7 @@ def test_stream_chunks_add_up_to_the_result(text_case, drafters, stop):
     stop_strings = [text_case["text"][30:34]] if stop else None
     result = cascade.generate(text_case["prompt"], 60, ignore_eos=True, stop=stop_strings)
     chunks = list(cascade.stream(text_case["prompt"], 60, ignore_eos=True, stop=stop_strings))
-    names = {entry["name"] for entry in result.stats.levels}
+    names = {entry.name for entry in result.stats.levels}
     assert "".join(chunk.text for chunk in chunks) == result.text
     assert [t for chunk in chunks for t in chunk.token_ids] == result.token_ids
     assert all(chunk.level in names for chunk in chunks)
@@ -417,7 +418,7 @@ def test_stream_chunks_add_up_to_the_result(text_case, drafters, stop):
         by_level = Counter()
         for chunk in chunks:
             by_level[chunk.level] += len(chunk.token_ids)
-        assert by_level == Counter({e["name"]: e["emitted"] for e in last.stats.levels if e["emitted"]})
+        assert by_level == Counter({e.name: e.num_emitted for e in last.stats.levels if e.num_emitted})
 
 
 def test_stream_validates_before_the_first_chunk(text_case):
@@ -432,7 +433,7 @@ def test_stream_validates_before_the_first_chunk(text_case):
 
 def test_stop_strings_need_a_tokenizer():
     level = TableLevel("t", random_table(0, 3, "bigram"), "bigram")
-    cascade = Cascade(level, [], mag=False, eos_token_ids=[])
+    cascade = make_cascade(level, [], mag=False, eos_token_ids=[])
     with pytest.raises(GenerationInputError):
         cascade.generate([0, 1], 3, stop=["x"])
     with pytest.raises(GenerationInputError):

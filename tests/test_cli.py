@@ -50,6 +50,14 @@ def reference_tokens():
     return tokens, tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def test_generate_with_no_model_flags_from_outside_the_repository(capsys, reference_tokens, tmp_path, monkeypatch):
+    """The embedded family and its default configuration are package data: found from any folder."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, ["generate", "--prompt", PROMPT, "--max-new-tokens", 8, "--json"])
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == reference_tokens[0]
+
+
 def test_generate_json_on_the_embedded_models(capsys, reference_tokens):
     code, out, err = run(capsys, ["generate", "--prompt", PROMPT, "--max-new-tokens", 8, "--json"])
     assert code == 0, err
@@ -64,8 +72,8 @@ def test_generate_json_on_the_embedded_models(capsys, reference_tokens):
     # the shipped default configuration (models/csd_default.json) picks the levels
     default = json.loads((MODELS_DIR / "csd_default.json").read_text())
     assert names == ["pycode-22m", *default["drafters"], "mag"]
-    assert stats["levels"][0]["review"]["drafted"] > 0  # the cascade really drafted
-    assert sum(level["emitted"] for level in stats["levels"]) == 8
+    assert stats["levels"][0]["review"]["num_drafted"] > 0  # the cascade really drafted
+    assert sum(level["num_emitted"] for level in stats["levels"]) == 8
     assert payload["config"]["target"] == "pycode-22m" and payload["config"]["mag"] is True
 
 
@@ -260,20 +268,20 @@ def test_build_bigram(capsys, tmp_path):
 
 
 def test_api_validation():
-    from csdrafting import Cascade, ConfigError, GenerationInputError, ModelLoadError
-    from tiny import TableLevel, random_table
+    from csdrafting import ConfigError, GenerationInputError, ModelLoadError
+    from tiny import TableLevel, make_cascade, random_table
 
     target = TableLevel("t", random_table(0, 4, "bigram"), "bigram")
     for lenience in (0.5, True, float("inf"), "2"):
         with pytest.raises(ConfigError, match="lenience"):
-            Cascade(target, [], lenience=lenience, eos_token_ids=[])
+            make_cascade(target, [], lenience=lenience, eos_token_ids=[])
     with pytest.raises(ConfigError, match="runner"):
-        Cascade(target, [], runner="fast", eos_token_ids=[])
+        make_cascade(target, [], runner="fast", eos_token_ids=[])
     with pytest.raises(ModelLoadError, match="vocabulary"):
-        Cascade(target, [TableLevel("d", random_table(1, 3, "bigram"), "bigram")], eos_token_ids=[])
+        make_cascade(target, [TableLevel("d", random_table(1, 3, "bigram"), "bigram")], eos_token_ids=[])
     with pytest.raises(ConfigError, match="NeuralLevel"):
-        Cascade(target, [object()], eos_token_ids=[])
-    cascade = Cascade(target, [], mag=True, eos_token_ids=[])
+        make_cascade(target, [object()], eos_token_ids=[])
+    cascade = make_cascade(target, [], mag=True, eos_token_ids=[])
     for bad in (
         dict(max_new_tokens=0),
         dict(max_new_tokens=True),
@@ -282,6 +290,8 @@ def test_api_validation():
         dict(top_p=0.0),
         dict(top_k=-2),
         dict(stop=[3]),
+        dict(stop=[""]),
+        dict(stop=""),
     ):
         with pytest.raises(GenerationInputError):
             cascade.generate([0, 1], **{"max_new_tokens": 3, **bad})
@@ -291,9 +301,9 @@ def test_api_validation():
 
 
 def test_names_must_match_the_levels():
-    from csdrafting import Cascade, ConfigError
-    from tiny import TableLevel, random_table
+    from csdrafting import ConfigError
+    from tiny import TableLevel, make_cascade, random_table
 
     levels = [TableLevel(f"l{i}", random_table(i, 4, "bigram"), "bigram") for i in range(3)]
     with pytest.raises(ConfigError):
-        Cascade(levels[0], levels[1:], names=["target", "only-one-drafter"], mag=False, eos_token_ids=[])
+        make_cascade(levels[0], levels[1:], names=["target", "only-one-drafter"], mag=False, eos_token_ids=[])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csdrafting import Cascade, ConfigError, KMatrix
-from csdrafting.levels.mag import BigramTable, MaG
-from tiny import TableLevel, copy_model, hf_greedy, noisy_copy, random_table, tiny_gpt2, tiny_llama
+from csdrafting import ConfigError, KMatrix
+from csdrafting.levels.mag import BigramTable
+from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
 
 PROMPT = [5, 17, 33, 2, 81, 40, 7]
 NUM_NEW = 40
@@ -33,66 +33,70 @@ def llama():
 
 
 def target_review(result) -> dict:
-    return result.stats.levels[0]["review"]
+    return result.stats.levels[0].review
 
 
 def level(result, name: str) -> dict:
-    return next(entry for entry in result.stats.levels if entry["name"] == name)
+    return next(entry for entry in result.stats.levels if entry.name == name)
 
 
 def check_common_stats(result, num_new: int = NUM_NEW) -> None:
     stats = result.stats
     assert stats.num_new_tokens == len(result.token_ids) == num_new
-    assert sum(entry["emitted"] for entry in stats.levels) == num_new  # every token has one origin
+    assert sum(entry.num_emitted for entry in stats.levels) == num_new  # every token has one origin
     review = target_review(result)
-    assert review["reviews"] <= stats.target_steps  # steps with an empty draft are not reviews
+    assert review.num_reviews <= stats.num_target_steps  # steps with an empty draft are not reviews
     # each target step emits its accepted tokens plus one recovered or bonus token
-    assert review["accepted"] + stats.target_steps == num_new
+    assert review.num_accepted + stats.num_target_steps == num_new
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_plain_cascade_matches_transformers_generate(llama, runner):
-    cascade = Cascade(llama["target"], [], mag=False, runner=runner, eos_token_ids=[])
+    cascade = make_cascade(llama["target"], [], mag=False, runner=runner, eos_token_ids=[])
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
-    assert result.stats.levels[0]["runner"] == runner
-    assert result.stats.levels[0]["forward_calls"] == NUM_NEW  # one forward per token
-    assert result.stats.target_steps == NUM_NEW
+    assert result.stats.levels[0].runner == runner
+    assert result.stats.levels[0].num_forwards == NUM_NEW  # one forward per token
+    assert result.stats.num_target_steps == NUM_NEW
     check_common_stats(result)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_copy_drafter_is_always_accepted(llama, runner, k):
-    cascade = Cascade(llama["target"], [llama["copy"]], mag=False, k_matrix=[[k]], runner=runner, eos_token_ids=[])
+    cascade = make_cascade(llama["target"], [llama["copy"]], mag=False, k_matrix=[[k]], runner=runner, eos_token_ids=[])
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
     review = target_review(result)
-    assert review["drafted"] > 0 and review["acceptance_rate"] == 1.0
-    assert result.stats.target_steps == -(-NUM_NEW // (k + 1))  # k accepted + 1 bonus per step
-    assert level(result, "drafter1")["forward_calls"] > 0
+    assert review.num_drafted > 0 and review.acceptance_rate == 1.0
+    assert result.stats.num_target_steps == -(-NUM_NEW // (k + 1))  # k accepted + 1 bonus per step
+    assert level(result, "drafter1").num_forwards > 0
     check_common_stats(result)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_random_drafter_is_rarely_accepted(llama, runner):
-    cascade = Cascade(llama["target"], [llama["random"]], mag=False, k_matrix=[[3]], runner=runner, eos_token_ids=[])
+    cascade = make_cascade(
+        llama["target"], [llama["random"]], mag=False, k_matrix=[[3]], runner=runner, eos_token_ids=[]
+    )
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
     review = target_review(result)
-    assert review["drafted"] >= 3 * (NUM_NEW - 5) and review["accepted"] <= review["drafted"] * 0.1
+    assert review.num_drafted >= 3 * (NUM_NEW - 5) and review.num_accepted <= review.num_drafted * 0.1
     check_common_stats(result)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_noisy_drafter_is_partly_accepted(llama, runner):
-    cascade = Cascade(llama["target"], [llama["noisy"]], mag=False, k_matrix=[[4]], runner=runner, eos_token_ids=[])
+    cascade = make_cascade(
+        llama["target"], [llama["noisy"]], mag=False, k_matrix=[[4]], runner=runner, eos_token_ids=[]
+    )
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
     review = target_review(result)
-    assert 0 < review["accepted"] < review["drafted"]
+    assert 0 < review.num_accepted < review.num_drafted
     # rejections happen at several draft positions, acceptances at more than the first
-    assert review["accepted_by_position"][1] > 0
+    assert review.accepted_by_position[1] > 0
     check_common_stats(result)
 
 
@@ -100,14 +104,14 @@ def test_noisy_drafter_is_partly_accepted(llama, runner):
 def test_mag_alone(llama, with_bigram):
     # a bigram table built from the reference output makes MaG's guesses often right
     bigram = BigramTable.from_token_ids([PROMPT + llama["reference"]], 96) if with_bigram else None
-    cascade = Cascade(llama["target"], [], mag=True, bigram=bigram, k_matrix=[[4]], eos_token_ids=[])
+    cascade = make_cascade(llama["target"], [], mag=True, bigram=bigram, k_matrix=[[4]], eos_token_ids=[])
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
     review = target_review(result)
-    assert level(result, "mag")["forward_calls"] > 0 and review["drafted_by_origin"]["mag"] == review["drafted"] > 0
+    assert level(result, "mag").num_forwards > 0 and review.drafted_by_origin["mag"] == review.num_drafted > 0
     if with_bigram:
-        assert 0 < review["accepted"] < review["drafted"]
-        assert level(result, "mag")["emitted"] == review["accepted"]
+        assert 0 < review.num_accepted < review.num_drafted
+        assert level(result, "mag").num_emitted == review.num_accepted
     check_common_stats(result)
 
 
@@ -123,7 +127,7 @@ FULL_K = [
 @pytest.mark.parametrize("lenience", [1.0, 3.0])
 @pytest.mark.parametrize("k_matrix", FULL_K, ids=[str(k) for k in FULL_K])
 def test_full_cascade(llama, runner, lenience, k_matrix):
-    cascade = Cascade(
+    cascade = make_cascade(
         llama["target"],
         [llama["noisy"], llama["noisier"]],
         mag=True,
@@ -135,17 +139,17 @@ def test_full_cascade(llama, runner, lenience, k_matrix):
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
     review = target_review(result)
-    assert review["drafted"] > 0 and review["drafted_by_origin"].get("drafter1", 0) > 0
+    assert review.num_drafted > 0 and review.drafted_by_origin.get("drafter1", 0) > 0
     d1, d2 = level(result, "drafter1"), level(result, "drafter2")
-    assert d1["forward_calls"] > 0 and d2["forward_calls"] > 0 and level(result, "mag")["forward_calls"] > 0
-    assert d1["review"]["drafted"] > 0  # d1 reviewed drafts from below (vertical cascade)
+    assert d1.num_forwards > 0 and d2.num_forwards > 0 and level(result, "mag").num_forwards > 0
+    assert d1.review.num_drafted > 0  # d1 reviewed drafts from below (vertical cascade)
     check_common_stats(result)
 
 
 def test_lenience_makes_drafters_accept_more_but_not_the_target(llama):
     accepted = {}
     for lenience in (1.0, 3.0):
-        cascade = Cascade(
+        cascade = make_cascade(
             llama["target"],
             [llama["noisy"], llama["noisier"]],
             mag=True,
@@ -155,14 +159,14 @@ def test_lenience_makes_drafters_accept_more_but_not_the_target(llama):
         )
         result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
         assert result.token_ids == llama["reference"]
-        accepted[lenience] = level(result, "drafter1")["review"]["accepted"]
+        accepted[lenience] = level(result, "drafter1").review.num_accepted
     assert accepted[3.0] > accepted[1.0]
 
 
 def test_lenient_cascade_with_copy_and_random_drafters(llama):
     """d1 is an exact copy of the target but reviews the random d2 leniently (l = 5): it lets through
     tokens that are not its argmax, and the target, reviewing exactly, must reject those."""
-    cascade = Cascade(
+    cascade = make_cascade(
         llama["target"],
         [llama["copy"], llama["random"]],
         mag=True,
@@ -172,16 +176,16 @@ def test_lenient_cascade_with_copy_and_random_drafters(llama):
     )
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == llama["reference"]
-    d1_review = level(result, "drafter1")["review"]
-    assert d1_review["accepted"] > 0
+    d1_review = level(result, "drafter1").review
+    assert d1_review.num_accepted > 0
     review = target_review(result)
-    assert review["accepted_by_origin"].get("drafter2", 0) < review["drafted_by_origin"].get("drafter2", 0)
+    assert review.accepted_by_origin.get("drafter2", 0) < review.drafted_by_origin.get("drafter2", 0)
     check_common_stats(result)
 
 
 def test_automatic_schedule_is_lossless(llama):
     """k_matrix=None: the default (possibly adaptive) schedule; output must not depend on it."""
-    cascade = Cascade(llama["target"], [llama["noisy"], llama["noisier"]], mag=True, eos_token_ids=[])
+    cascade = make_cascade(llama["target"], [llama["noisy"], llama["noisier"]], mag=True, eos_token_ids=[])
     for _ in range(2):  # a second generation reuses whatever the schedule learned
         result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
         assert result.token_ids == llama["reference"]
@@ -193,7 +197,7 @@ def test_generations_do_not_leak_into_each_other(llama):
     other = [9, 9, 3, 60, 61]
     other_reference = hf_greedy(llama["target"], other, 20)
     for runner in RUNNERS:
-        cascade = Cascade(
+        cascade = make_cascade(
             llama["target"], [llama["noisy"]], mag=True, k_matrix=[[2, 2], [0, 2]], runner=runner, eos_token_ids=[]
         )
         for _ in range(2):
@@ -207,7 +211,7 @@ def test_generations_do_not_leak_into_each_other(llama):
 def test_single_token_prompt(llama):
     reference = hf_greedy(llama["target"], [42], 12)
     for runner in RUNNERS:
-        cascade = Cascade(
+        cascade = make_cascade(
             llama["target"], [llama["copy"]], mag=True, runner=runner, k_matrix=[[2, 2], [0, 2]], eos_token_ids=[]
         )
         assert cascade.generate([42], 12, ignore_eos=True).token_ids == reference
@@ -217,29 +221,29 @@ def test_gpt2_target_and_drafters_use_the_generic_path():
     target = tiny_gpt2(0)
     reference = hf_greedy(target, PROMPT, NUM_NEW)
     drafters = [noisy_copy(target, 3, 0.03), copy_model(target)]
-    cascade = Cascade(
+    cascade = make_cascade(
         target, drafters, mag=True, k_matrix=[[2, 1, 2], [0, 1, 2], [0, 0, 2]], lenience=2.0, eos_token_ids=[]
     )
     result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert result.token_ids == reference
-    assert {entry.get("runner") for entry in result.stats.levels[:3]} == {"transformers"}
-    assert target_review(result)["drafted"] > 0 and target_review(result)["accepted"] > 0
+    assert {entry.runner for entry in result.stats.levels[:3]} == {"transformers"}
+    assert target_review(result).num_drafted > 0 and target_review(result).num_accepted > 0
     check_common_stats(result)
-    plain = Cascade(target, [], mag=False, eos_token_ids=[]).generate(PROMPT, NUM_NEW, ignore_eos=True)
+    plain = make_cascade(target, [], mag=False, eos_token_ids=[]).generate(PROMPT, NUM_NEW, ignore_eos=True)
     assert plain.token_ids == reference
 
 
 def test_describe_reports_the_dtype_for_the_transformers_runner():
-    assert Cascade(tiny_gpt2(0), [], mag=False).describe()["dtype"] == "float64"
+    assert make_cascade(tiny_gpt2(0), [], mag=False).describe()["dtype"] == "float64"
 
 
 def test_describe_reports_the_dtype_for_the_lean_runner(llama):
-    assert Cascade(llama["target"], [], mag=False, runner="lean").describe()["dtype"] == "float64"
+    assert make_cascade(llama["target"], [], mag=False, runner="lean").describe()["dtype"] == "float64"
 
 
 def test_lean_runner_refuses_other_architectures():
-    with pytest.raises((ValueError, ConfigError)):
-        Cascade(tiny_gpt2(0), [], mag=False, runner="lean")
+    with pytest.raises(ConfigError, match="lean runner"):
+        make_cascade(tiny_gpt2(0), [], mag=False, runner="lean")
 
 
 # -- table-lookup models: many cascade shapes, exact reference by argmax ------------------------
@@ -270,23 +274,22 @@ def test_table_models_greedy_identity(k_matrix, lenience):
         target = TableLevel("target", target_table, "bigram")
         d1 = TableLevel("d1", target_table + random_table(200 + seed, vocab, "bigram", scale=0.8), "bigram")
         d2 = TableLevel("d2", random_table(300 + seed, vocab, "bigram"), "bigram")
-        cascade = Cascade(target, [d1, d2], mag=True, k_matrix=k_matrix, lenience=lenience, eos_token_ids=[])
+        cascade = make_cascade(target, [d1, d2], mag=True, k_matrix=k_matrix, lenience=lenience, eos_token_ids=[])
         prompt = [seed % vocab, 1, 2, 1, 2]
         result = cascade.generate(prompt, 30, ignore_eos=True)
         expected = table_greedy(TableLevel("ref", target_table, "bigram"), prompt, 30)
         assert result.token_ids == expected
         check_common_stats(result, 30)
-        drafted += target_review(result)["drafted"]
+        drafted += target_review(result).num_drafted
     assert drafted > 0
 
 
-def test_mag_object_can_be_passed_in():
+def test_mag_alone_over_a_table_target():
     target_table = random_table(7, 4, "bigram")
-    mag = MaG(max_ngram=3)
-    cascade = Cascade(TableLevel("t", target_table, "bigram"), [], mag=mag, k_matrix=[[3]], eos_token_ids=[])
+    cascade = make_cascade(TableLevel("t", target_table, "bigram"), [], mag=True, k_matrix=[[3]], eos_token_ids=[])
     result = cascade.generate([0, 1, 2, 0, 1], 20, ignore_eos=True)
     assert result.token_ids == table_greedy(TableLevel("r", target_table, "bigram"), [0, 1, 2, 0, 1], 20)
-    assert mag.propose_calls > 0
+    assert cascade.mag.counters.num_forwards > 0
     torch.testing.assert_close(target_table, random_table(7, 4, "bigram"))
 
 
@@ -297,7 +300,7 @@ def test_mag_first_gating(llama, mag_first, adaptive):
     cascade drafts. Both kinds of step must happen, and the output must not change."""
     prompt = PROMPT + PROMPT[:4]  # a repeat, so MaG finds long matches from the start
     reference = hf_greedy(llama["target"], prompt, NUM_NEW)
-    cascade = Cascade(
+    cascade = make_cascade(
         llama["target"],
         [llama["noisy"], llama["noisier"]],
         mag=True,
@@ -310,6 +313,6 @@ def test_mag_first_gating(llama, mag_first, adaptive):
     result = cascade.generate(prompt, NUM_NEW, ignore_eos=True)
     assert result.token_ids == reference
     review = target_review(result)
-    assert review["drafted_by_origin"].get("mag", 0) > 0  # gated steps ran
-    assert level(result, "drafter1")["forward_calls"] > 0  # and cascade steps ran
+    assert review.drafted_by_origin.get("mag", 0) > 0  # gated steps ran
+    assert level(result, "drafter1").num_forwards > 0  # and cascade steps ran
     check_common_stats(result)

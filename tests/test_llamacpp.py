@@ -26,12 +26,11 @@ import torch
 
 from csdrafting import ConfigError, ModelLoadError
 from csdrafting.cli import main
-from csdrafting.levels.model import common_prefix_length
+from csdrafting.levels.memo import PrefixMemoLevel, common_prefix_length
+from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR
 from tiny import tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
-PYCODE_1M = ROOT / "models" / "pycode-1m"
-PROMPTS = ROOT / "benchmarks" / "prompts.jsonl"
+PYCODE_1M = MODELS_DIR / "pycode-1m"
 HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
 needs_llama = pytest.mark.skipif(
     not HAS_LLAMA, reason="llama-cpp-python / gguf not installed: pip install -e '.[llama]'"
@@ -213,7 +212,7 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(pycode_gguf):
 
     hf = AutoTokenizer.from_pretrained(PYCODE_1M)
     vocab = LlamaCppVocab(pycode_gguf)
-    texts = [json.loads(line)["text"] for line in PROMPTS.read_text().splitlines()] + AWKWARD
+    texts = [json.loads(line)["text"] for line in DEFAULT_PROMPTS_FILE.read_text().splitlines()] + AWKWARD
     assert len(texts) >= 10
     for text in texts:
         expected = hf(text)["input_ids"]  # the HF tokenizer adds no BOS
@@ -239,35 +238,14 @@ def test_pycode_logits_match_transformers(pycode_gguf):
 # -- KV cache: rollback and catch-up --------------------------------------------------------------
 
 
-class MemoLevel:
-    """The bookkeeping ``ModelLevel`` (levels/model.py) does over its backend, over a runner:
-    run only what is not cached (catch-up), start at the first differing token (rollback)."""
-
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.ids: list[int] = []
-        self.tokens_run = 0
-
-    def next_token_logits(self, ids: list[int], num_positions: int) -> torch.Tensor:
-        start = min(common_prefix_length(self.ids, ids), len(ids) - num_positions)
-        logits = self.runner.forward(ids[start:], start, num_positions)
-        self.tokens_run += len(ids) - start
-        self.ids = list(ids)
-        return logits
-
-    def prefill(self, ids: list[int]) -> None:
-        start = common_prefix_length(self.ids, ids)
-        assert self.runner.forward(ids[start:], start, 0).shape == (0, self.runner.vocab_size)
-        self.tokens_run += len(ids) - start
-        self.ids = list(ids)
-
-
 @needs_llama
 def test_rollback_and_catch_up_equal_a_fresh_evaluation(tiny_f32):
-    level = MemoLevel(runner(tiny_f32))
+    """Random draft / verify / rollback traffic through PrefixMemoLevel (the engine's bookkeeping)."""
+    level = PrefixMemoLevel("t", runner(tiny_f32))
     fresh = runner(tiny_f32)
     rng = random.Random(0)
     ids = [rng.randrange(96) for _ in range(6)]
+    cached: list[int] = []  # what the level has run, to predict what it must run next
     moves = Counter()
     for op in range(60):
         move = rng.choice(["extend", "rollback", "diverge", "prefill"])
@@ -281,15 +259,17 @@ def test_rollback_and_catch_up_equal_a_fresh_evaluation(tiny_f32):
         else:
             ids = ids + [rng.randrange(96) for _ in range(rng.randint(0, 4))]
             level.prefill(ids)
+            cached = list(ids)
             ids = ids + [rng.randrange(96)]
         ids = ids[: fresh.max_positions]
         num_positions = rng.randint(1, min(6, len(ids)))
-        before, shared = level.tokens_run, common_prefix_length(level.ids, ids)
+        before = level.counters.num_tokens_run
         logits = level.next_token_logits(ids, num_positions)
-        assert level.runner.length == len(ids)
-        assert level.tokens_run - before == len(ids) - min(shared, len(ids) - num_positions)
-        expected = fresh.forward(ids, 0, num_positions)
-        error = (logits - expected).abs().max().item()
+        assert level.runner.length == level.num_cached == len(ids)
+        expected_run = len(ids) - min(common_prefix_length(cached, ids), len(ids) - num_positions)
+        assert level.counters.num_tokens_run - before == expected_run
+        cached = list(ids)
+        error = (logits - fresh.forward(ids, 0, num_positions)).abs().max().item()
         assert error < BATCHING_TOLERANCE, f"op {op} ({move}): {error}"
         moves[move] += 1
     assert min(moves.values()) > 5, moves
@@ -297,7 +277,10 @@ def test_rollback_and_catch_up_equal_a_fresh_evaluation(tiny_f32):
 
 @needs_llama
 def test_forward_edges(tiny_f32):
+    from csdrafting.levels.base import Runner
+
     run = runner(tiny_f32)
+    assert isinstance(run, Runner) and run.runner_name == "llama.cpp"
     assert run.forward(IDS[:5], 0, 0).shape == (0, 96) and run.length == 5
     assert run.forward([], 3, 0).shape == (0, 96) and run.length == 3  # a pure rollback
     with pytest.raises(RuntimeError, match="cannot start at 4"):

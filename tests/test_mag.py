@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csdrafting import Cascade, ConfigError
+from csdrafting import ConfigError
 from csdrafting.levels.mag import BigramTable, MaG
-from tiny import TableLevel, random_table
+from tiny import TableLevel, make_cascade, random_table
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 def propose(ids, num_tokens, num_committed=None, bigram=None, max_ngram=12):
     mag = MaG(bigram, max_ngram=max_ngram)
-    return mag.propose(list(ids), len(ids) if num_committed is None else num_committed, num_tokens)
+    return mag.propose(list(ids), len(ids) if num_committed is None else num_committed, num_tokens).tokens
 
 
 def table(mapping: dict[int, int], vocab_size: int = 16, fallback: int = 0) -> BigramTable:
@@ -128,7 +128,7 @@ def test_incremental_index_matches_brute_force(with_bigram):
             ids = committed + draft
             num_tokens = rng.randint(1, 6)
             expected = reference_propose(ids, len(committed), num_tokens, max_ngram, bigram)
-            assert mag.propose(ids, len(committed), num_tokens) == expected, (seed, ids, len(committed))
+            assert mag.propose(ids, len(committed), num_tokens).tokens == expected, (seed, ids, len(committed))
             checked += 1
             if rng.random() < 0.1:
                 committed = [rng.randrange(vocab) for _ in range(rng.randint(1, 6))]  # a new generation
@@ -139,11 +139,18 @@ def test_incremental_index_matches_brute_force(with_bigram):
 
 def test_reset_forgets_the_previous_sequence():
     mag = MaG()
-    assert mag.propose([1, 2, 9, 1, 2], 5, 1) == [9]
+    assert mag.propose([1, 2, 9, 1, 2], 5, 1).tokens == [9]
     mag.reset()
-    assert mag.propose([1, 2], 2, 1) == [2]  # nothing indexed from before
-    assert mag.propose([3, 4, 5, 3], 4, 1) == [4]  # a different sequence re-indexes from scratch
-    assert mag.propose([1, 2, 9, 1, 2], 5, 1) == [9]
+    assert mag.propose([1, 2], 2, 1).tokens == [2]  # nothing indexed from before
+    assert mag.propose([3, 4, 5, 3], 4, 1).tokens == [4]  # a different sequence re-indexes from scratch
+    assert mag.propose([1, 2, 9, 1, 2], 5, 1).tokens == [9]
+
+
+def test_proposal_reports_the_match_length_of_its_first_token():
+    mag = MaG()
+    assert mag.propose([1, 2, 9, 3, 2, 8, 4, 1, 2], 1, 1).match_length == 0  # nothing indexed: committed 1
+    assert MaG().propose([1, 2, 9, 3, 2, 8, 4, 1, 2], 9, 3).match_length == 2  # [1, 2] occurred before 9
+    assert MaG().propose([5, 6, 7], 3, 2).match_length == 0  # no earlier occurrence: a fallback
 
 
 # -- the bigram table ----------------------------------------------------------------------------
@@ -222,4 +229,4 @@ def test_shipped_bigram_table_covers_the_pycode_vocabulary():
 def test_cascade_refuses_a_bigram_table_of_another_vocabulary():
     level = TableLevel("t", random_table(0, 4, "bigram"), "bigram")
     with pytest.raises(ConfigError):
-        Cascade(level, [], mag=True, bigram=BigramTable.from_token_ids([[1, 2]], 5), eos_token_ids=[])
+        make_cascade(level, [], mag=True, bigram=BigramTable.from_token_ids([[1, 2]], 5), eos_token_ids=[])

@@ -39,7 +39,7 @@ from csdrafting.tune.planner import (
     search,
     used_levels,
 )
-from csdrafting.tune.simulate import simulate
+from simulate import simulate
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -270,5 +270,5 @@ def test_replay_reproduces_a_real_run(tuned):
         assert result.token_ids == trace.output_ids
         replayed = replayer.run(k_matrix)
         assert replayed.matches
-        assert replayed.num_steps == result.stats.target_steps
-        assert len(replayed.forward_tokens[0]) == result.stats.levels[0]["forward_calls"]
+        assert replayed.num_steps == result.stats.num_target_steps
+        assert len(replayed.forward_tokens[0]) == result.stats.levels[0].num_forwards

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from csdrafting import Cascade, KMatrix
+from csdrafting import KMatrix
 from csdrafting import step as step_module
 from csdrafting.sampling import SamplingParams, warp
-from tiny import TableLevel, broken_reviewer, chisquare_pvalue, exact_joint, random_table
+from tiny import TableLevel, broken_reviewer, chisquare_pvalue, exact_joint, make_cascade, random_table
 
 VOCAB = 3
 PROMPT = [0, 1, 2, 0, 1]  # repeats, so MaG finds matches
@@ -180,7 +180,7 @@ CONFIGS = [
 
 def sample(config: Config, seed_offset: int = 0):
     levels = make_levels(config.mode, config.num_drafters, config.unrelated)
-    cascade = Cascade(
+    cascade = make_cascade(
         levels[0],
         levels[1:],
         tokenizer=None,
@@ -206,15 +206,15 @@ def sample(config: Config, seed_offset: int = 0):
         )
         assert len(result.token_ids) == config.num_tokens and result.finish_reason == "length"
         counts[tuple(result.token_ids)] += 1
-        target_review = result.stats.levels[0]["review"]
-        totals["drafted"] += target_review["drafted"]
-        totals["accepted"] += target_review["accepted"]
-        for origin, n in target_review["drafted_by_origin"].items():
+        target_review = result.stats.levels[0].review
+        totals["drafted"] += target_review.num_drafted
+        totals["accepted"] += target_review.num_accepted
+        for origin, n in target_review.drafted_by_origin.items():
             totals["drafted:" + origin] += n
         for level in result.stats.levels[1:]:
-            totals["calls:" + level["name"]] += level["forward_calls"]
-            if level["kind"] == "drafter":
-                totals["reviewed_by:" + level["name"]] += level["review"]["drafted"]
+            totals["calls:" + level.name] += level.num_forwards
+            if level.kind == "drafter":
+                totals["reviewed_by:" + level.name] += level.review.num_drafted
     return counts, totals, levels[0]
 
 
@@ -283,7 +283,7 @@ def test_cascade_with_eos_samples_the_truncated_target_law():
     output is the target's law truncated at its first EOS."""
     eos = 2
     levels = make_levels("bigram", 2)
-    cascade = Cascade(
+    cascade = make_cascade(
         levels[0], levels[1:], mag=True, k_matrix=[[2, 1, 2], [0, 1, 2], [0, 0, 2]], lenience=2.0, eos_token_ids=[eos]
     )
     params = SamplingParams(1.0)
@@ -306,15 +306,15 @@ def test_real_models_cascade_samples_the_target_distribution():
     drafters = [noisy_copy(target, 1, 0.3), tiny_llama(7, init=0.1)]
     prompt = [5, 17, 33, 2, 81, 40, 5, 17]
     params = SamplingParams(1.0, top_k=3)
-    cascade = Cascade(
+    cascade = make_cascade(
         target, drafters, mag=True, k_matrix=[[1, 1, 1], [0, 1, 2], [0, 0, 2]], lenience=2.0, eos_token_ids=[]
     )
     counts, drafted, accepted = Counter(), 0, 0
     for run in range(1500):
         result = cascade.generate(prompt, 3, temperature=1.0, top_k=3, seed=run, ignore_eos=True)
         counts[tuple(result.token_ids)] += 1
-        drafted += result.stats.levels[0]["review"]["drafted"]
-        accepted += result.stats.levels[0]["review"]["accepted"]
+        drafted += result.stats.levels[0].review.num_drafted
+        accepted += result.stats.levels[0].review.num_accepted
     expected = {}
     with torch.no_grad():
         first = warp(target(torch.tensor([prompt])).logits[0, -1:], params)[0]
@@ -332,7 +332,7 @@ def test_real_models_cascade_samples_the_target_distribution():
 def test_same_seed_same_output():
     config = CONFIGS[4]
     levels = make_levels(config.mode, config.num_drafters)
-    cascade = Cascade(levels[0], levels[1:], mag=True, k_matrix=DEFAULT_K, lenience=3.0, eos_token_ids=[])
+    cascade = make_cascade(levels[0], levels[1:], mag=True, k_matrix=DEFAULT_K, lenience=3.0, eos_token_ids=[])
     runs = [
         cascade.generate(PROMPT, max_new_tokens=6, temperature=1.0, seed=s, ignore_eos=True).token_ids
         for s in (5, 6, 5)

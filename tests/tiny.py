@@ -8,49 +8,31 @@ the last two tokens, so the exact joint law of a few generated tokens can be enu
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import stats
 
-from csdrafting import verify
+from csdrafting import Cascade, CascadeConfig, Levels, verify
+from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
 
 
-@dataclass
-class TableCounters:
-    forward_calls: int = 0
-    tokens_run: int = 0
-
-
-class TableLevel:
-    """A language model that is a lookup table.
-
-    mode "position": ``table`` (P, V, V); the logits after ``ids`` are ``table[len(ids) - 1, ids[-1]]``.
-    mode "bigram":   ``table`` (V, V, V); the logits after ``ids`` are ``table[ids[-2], ids[-1]]``
-                     (a single-token context uses ``ids[-1]`` twice).
-    It keeps a pretend cache (the ids it was last run on) so ``counters.tokens_run`` counts what a
-    real KV-cached level would run.
-    """
+class TableRunner:
+    """A ``Runner`` whose forward pass is a table lookup (see ``TableLevel``)."""
 
     runner_name = "table"
+    device = torch.device("cpu")
+    dtype = torch.float64
 
-    def __init__(self, name: str, table: torch.Tensor, mode: str = "position", max_positions: int = 64) -> None:
+    def __init__(self, table: torch.Tensor, mode: str, max_positions: int) -> None:
         assert mode in ("position", "bigram")
-        self.name = name
         self.table = table.to(torch.float64)
         self.mode = mode
         self.vocab_size = int(table.shape[-1])
         self.max_positions = max_positions if mode == "bigram" else min(max_positions, int(table.shape[0]))
         self.num_params = int(table.numel())
-        self.device = torch.device("cpu")
-        self.counters = TableCounters()
-        self._ids: list[int] = []
-
-    def reset(self) -> None:
-        self._ids = []
-        self.counters = TableCounters()
+        self.ids: list[int] = []  # the sequence the pretend cache holds
 
     def logits_after(self, ids: list[int]) -> torch.Tensor:
         """(V,) next-token logits after the context ``ids``."""
@@ -59,24 +41,42 @@ class TableLevel:
         prev = ids[-2] if len(ids) >= 2 else ids[-1]
         return self.table[prev, ids[-1]]
 
-    def _ran(self, ids: list[int], first_needed: int) -> None:
-        shared = 0
-        while shared < min(len(self._ids), len(ids)) and self._ids[shared] == ids[shared]:
-            shared += 1
-        start = min(shared, first_needed)
-        self.counters.tokens_run += len(ids) - start
-        self._ids = list(ids)
+    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        assert start <= len(self.ids), "a memo level never starts past what it cached"
+        self.ids = self.ids[:start] + list(token_ids)
+        assert len(self.ids) <= self.max_positions
+        end = len(self.ids)
+        rows = [self.logits_after(self.ids[: end - num_logits + i + 1]) for i in range(num_logits)]
+        return torch.stack(rows) if rows else torch.empty(0, self.vocab_size, dtype=torch.float64)  # (N, V)
 
-    def prefill(self, ids: list[int]) -> None:
-        if ids:
-            self._ran(ids, len(ids))
 
-    def next_token_logits(self, ids: list[int], num_positions: int) -> torch.Tensor:
-        assert 1 <= num_positions <= len(ids) <= self.max_positions
-        rows = [self.logits_after(ids[: len(ids) - num_positions + i + 1]) for i in range(num_positions)]
-        self.counters.forward_calls += 1
-        self._ran(ids, len(ids) - num_positions)
-        return torch.stack(rows)  # (num_positions, V)
+class TableLevel(PrefixMemoLevel):
+    """A language model that is a lookup table, behind the same prefix memo as a real model.
+
+    mode "position": ``table`` (P, V, V); the logits after ``ids`` are ``table[len(ids) - 1, ids[-1]]``.
+    mode "bigram":   ``table`` (V, V, V); the logits after ``ids`` are ``table[ids[-2], ids[-1]]``
+                     (a single-token context uses ``ids[-1]`` twice).
+    """
+
+    def __init__(self, name: str, table: torch.Tensor, mode: str = "position", max_positions: int = 64) -> None:
+        super().__init__(name, TableRunner(table, mode, max_positions))
+        self.table = self.runner.table
+        self.mode = mode
+
+    def logits_after(self, ids: list[int]) -> torch.Tensor:
+        return self.runner.logits_after(ids)
+
+
+def make_cascade(
+    target, drafters=(), tokenizer=None, *, names=None, runner="auto", bigram=None, eos_token_ids=None, **fields
+) -> Cascade:
+    """A cascade over models or levels built in memory; ``fields`` are ``CascadeConfig`` fields."""
+    levels = Levels.from_models(
+        target, drafters, tokenizer, names=names, runner=runner, bigram=bigram, eos_token_ids=eos_token_ids
+    )
+    return Cascade(
+        levels, CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, **fields)
+    )
 
 
 def random_table(seed: int, vocab_size: int, mode: str = "position", positions: int = 16, scale: float = 1.5):

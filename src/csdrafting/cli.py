@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, CSDraftingError
+from .paths import MODELS_DIR  # the embedded default family, shipped as package data
 
-# The embedded default family (shipped in the repository's models/ folder).
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_TARGET = MODELS_DIR / "pycode-22m"
 DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
 # what `csd generate` runs with no model flags: the family's measured best cascade (README, Results)
@@ -71,7 +70,7 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's, one per core; on a machine busy with other work, "
         "fewer threads avoid stalls where one thread waits for a descheduled peer)",
     )
-    group.add_argument("--runner", default="auto", choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+    group.add_argument("--runner", default=None, choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
 
 
 def add_prompt_arguments(group) -> None:
@@ -93,8 +92,10 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def config_from_args(args):
-    """The cascade configuration the flags (and --config file) describe."""
+def config_from_args(args, model_flags: bool = True):
+    """The cascade configuration the flags (and --config file) describe. ``model_flags=False``
+    leaves the file's (or the default's) target and drafters as they are: ``csd bench`` loads the
+    flags' models beside them and runs the file's cascade as one method."""
     from dataclasses import replace
 
     from .config import CascadeConfig
@@ -106,29 +107,29 @@ def config_from_args(args):
     else:
         config = CascadeConfig()
     changes = {}
-    if args.target is not None:
+    if model_flags and args.target is not None:
         changes["target"] = args.target
         changes["drafters"] = args.drafter or []
-    elif args.drafter is not None:
+    elif model_flags and args.drafter is not None:
         changes["drafters"] = args.drafter
-    if config.target is None and args.target is None:
+    if config.target is None and "target" not in changes:
         changes["target"] = str(DEFAULT_TARGET)
-        if args.drafter is None and not config.drafters:
+        if "drafters" not in changes and not config.drafters:
             changes["drafters"] = [str(p) for p in DEFAULT_DRAFTERS]
     if args.no_mag:
         changes["mag"] = False
-    for name in ("bigram", "k_matrix", "lenience", "device", "dtype", "mag_first"):
+    for name in ("bigram", "k_matrix", "lenience", "device", "dtype", "mag_first", "runner"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.adaptive is not None:
         changes["adaptive"] = args.adaptive == "on"
-    return replace(config, **changes)
+    return replace(config, **changes)  # validated as a whole: a K-matrix must fit the levels
 
 
 def cascade_from_args(args):
     from .cascade import Cascade
 
-    return Cascade.from_config(config_from_args(args), runner=args.runner)
+    return Cascade.from_config(config_from_args(args))
 
 
 def _read_prompt(args) -> str:
@@ -181,13 +182,13 @@ def _summary(stats) -> str:
     accept = f", acceptance {rate:.2f}" if rate is not None else ""
     return (
         f"[{stats.num_new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
-        f"{stats.mean_acceptance_length:.2f} tokens per target step{accept}, finish: {stats.finish_reason}]"
+        f"{stats.tokens_per_target_step:.2f} tokens per target step{accept}, finish: {stats.finish_reason}]"
     )
 
 
 def cmd_build_bigram(args) -> int:
-    from .cascade import load_tokenizer
     from .levels.mag import BigramTable
+    from .loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     files: list[Path] = []

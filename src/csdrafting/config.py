@@ -1,7 +1,10 @@
-"""Cascade configuration files (JSON): what `csd tune` writes and `csd generate --config`,
-`csd bench --config`, `csd serve --config` and ``Cascade.from_config`` read.
+"""``CascadeConfig``: the one description of a cascade, validated when built and frozen.
 
-Example::
+It is what ``csd tune`` writes, what ``--config`` reads, what bench methods and tune candidates
+are, and what ``Cascade`` receives. Every value a user can get wrong is checked in the
+constructor, before any model loads, and raises ``ConfigError``.
+
+A configuration file is its JSON form::
 
     {
       "target": "models/pycode-22m",
@@ -14,32 +17,102 @@ Example::
 
 Relative model paths are resolved against the file's folder first, then the working directory.
 Unknown keys are an error (a typo must not silently fall back to a default).
+
+``k_matrix="auto"`` (the default) is resolved into explicit values in one place,
+``CascadeConfig.resolve``: the default starting K-matrix for the levels, adapted online, with
+MaG first at ``AUTO_MAG_FIRST``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .kmatrix import KMatrix
+
+AUTO = "auto"
+AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
+BACKENDS = ("torch",)
 
 
 @dataclass(frozen=True)
 class CascadeConfig:
+    """Which levels a cascade uses and how it drafts with them.
+
+    ``target`` and ``drafters`` are model folders (or, for levels built in memory, level names);
+    drafters are listed largest first. ``k_matrix`` is ``"auto"`` or explicit rows (see
+    ``kmatrix.py``; its size must be the number of drafters plus one for MaG when on).
+    ``adaptive`` (default: on with ``"auto"``) adapts draft lengths online; ``mag_first`` lets a
+    MaG suffix match of that many tokens draft alone for a step (default: ``AUTO_MAG_FIRST``
+    with ``"auto"``, off otherwise).
+    """
+
     target: str | None = None
-    drafters: list[str] = field(default_factory=list)
+    drafters: tuple[str, ...] = ()
     mag: bool = True
-    k_matrix: list[list[int]] | str | None = None  # None / "auto": default start + online adaptation
+    k_matrix: tuple[tuple[int, ...], ...] | str = AUTO
     lenience: float = 1.0
     adaptive: bool | None = None
-    mag_first: int | None = None  # MaG drafts alone after a suffix match this long (None: off)
+    mag_first: int | None = None
     bigram: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    runner: str = "auto"
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        # normalise in place (the dataclass is frozen, hence object.__setattr__) and validate
+        set_field = object.__setattr__
+        set_field(self, "target", _path_or_none("target", self.target))
+        set_field(self, "drafters", _drafter_tuple(self.drafters))
+        set_field(self, "bigram", _path_or_none("bigram", self.bigram))
+        _check_bool("mag", self.mag)
+        if self.adaptive is not None:
+            _check_bool("adaptive", self.adaptive)
+        set_field(self, "k_matrix", _k_matrix_value(self.k_matrix, self.num_drafting_levels))
+        set_field(self, "lenience", _lenience(self.lenience))
+        _check_mag_first(self.mag_first)
+        _check_choice("dtype", self.dtype, DTYPE_NAMES)
+        _check_choice("runner", self.runner, RUNNERS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_device(self.device)
+
+    @property
+    def num_drafting_levels(self) -> int:
+        """Neural drafters plus MaG when on: the K-matrix's size."""
+        return len(self.drafters) + int(self.mag)
+
+    @property
+    def is_auto(self) -> bool:
+        return self.k_matrix == AUTO
+
+    def resolve(self) -> ResolvedConfig:
+        """``"auto"`` and the ``None`` defaults made explicit: what the step and schedule run."""
+        if self.is_auto:
+            k_matrix = KMatrix.default(len(self.drafters), self.mag)
+        else:
+            k_matrix = KMatrix(self.k_matrix)
+        adaptive = self.is_auto if self.adaptive is None else self.adaptive
+        mag_first = self.mag_first
+        if mag_first is None and self.is_auto:
+            mag_first = AUTO_MAG_FIRST
+        if not self.mag or k_matrix.size == 0:
+            mag_first = None  # nothing to gate (MaG off, or plain decoding)
+        return ResolvedConfig(k_matrix, self.lenience, adaptive, mag_first)
+
+    # -- files -----------------------------------------------------------------------------------
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["drafters"] = list(self.drafters)
+        if not self.is_auto:
+            data["k_matrix"] = [list(row) for row in self.k_matrix]
+        return data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")
@@ -53,14 +126,16 @@ class CascadeConfig:
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; known keys: {sorted(known)}")
         data = dict(data)
+        if data.get("k_matrix") is None or data.get("k_matrix") == "default":
+            data["k_matrix"] = AUTO  # older files wrote null (or "default") for the automatic schedule
         if data.get("target") is not None:
-            data["target"] = _resolve(data["target"], base)
+            data["target"] = _resolve_path(data["target"], base)
         if "drafters" in data:
             if not isinstance(data["drafters"], list):
                 raise ConfigError("'drafters' must be a list of model folders")
-            data["drafters"] = [_resolve(p, base) for p in data["drafters"]]
+            data["drafters"] = [_resolve_path(p, base) for p in data["drafters"]]
         if data.get("bigram") is not None:
-            data["bigram"] = _resolve(data["bigram"], base)
+            data["bigram"] = _resolve_path(data["bigram"], base)
         return cls(**data)
 
     @classmethod
@@ -75,7 +150,76 @@ class CascadeConfig:
         return cls.from_dict(data, base=path.parent)
 
 
-def _resolve(value, base: Path | None) -> str:
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The drafting settings with nothing left automatic."""
+
+    k_matrix: KMatrix
+    lenience: float
+    adaptive: bool
+    mag_first: int | None
+
+
+# -- validation helpers --------------------------------------------------------------------------
+
+
+def _path_or_none(name: str, value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a path (a non-empty string), got {value!r}")
+    return value
+
+
+def _drafter_tuple(value) -> tuple[str, ...]:
+    if isinstance(value, (str, Path)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"drafters must be a list of model folders (largest first), got {value!r}")
+    return tuple(_path_or_none("each drafter", item) for item in value)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _k_matrix_value(value, num_drafting: int) -> tuple[tuple[int, ...], ...] | str:
+    if value is None:
+        return AUTO
+    if isinstance(value, str) and value.strip() in (AUTO, "default"):
+        return AUTO
+    return KMatrix.parse(value, num_drafting).rows
+
+
+def _lenience(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"lenience must be a number >= 1, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"lenience must be >= 1 (1 is strict review), got {value}")
+    return float(value)
+
+
+def _check_mag_first(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"mag_first must be a positive integer (a match length) or None, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_device(value) -> None:
+    """The device's spelling; whether CUDA is present is checked when models load."""
+    if not isinstance(value, str):
+        raise ConfigError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {value!r}")
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {value!r} (use 'cpu', 'cuda' or 'cuda:N')")
+
+
+def _resolve_path(value, base: Path | None) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"model paths must be strings, got {value!r}")
     path = Path(value)

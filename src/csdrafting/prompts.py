@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .jsonl import read_jsonl
+from .paths import DEFAULT_PROMPTS_FILE
 
-REPO_DIR = Path(__file__).resolve().parents[2]
-DEFAULT_PROMPTS_FILE = REPO_DIR / "benchmarks" / "prompts.jsonl"
+__all__ = ["DEFAULT_PROMPTS_FILE", "load_prompts"]
 
 
 def load_prompts(path: str | Path, num_prompts: int | None = None) -> list[dict]:

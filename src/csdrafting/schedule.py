@@ -1,13 +1,16 @@
 """Draft schedules: how many positions each drafter fills for each reviewer, step after step.
 
-``StaticSchedule`` is the configured K-matrix, unchanged. ``AdaptiveSchedule`` starts from it and
-follows the running acceptance (online adaptation):
+The schedule owns every length decision of a step, MaG first's included. ``StaticSchedule`` is
+the configured K-matrix, unchanged, and MaG-first drafts of a fixed length (row 0's total, at
+least ``MAG_FIRST_START``). ``AdaptiveSchedule`` starts from them and follows the running
+acceptance (online adaptation):
 
 * per (reviewer row, drafter column) entry: a decayed count of the drafter's tokens accepted and
   rejected gives a running acceptance rate; the entry is the configured length scaled by how the
   odds of acceptance compare with a prior (long drafts while a drafter is right, short while not);
 * an entry that falls to 0 switches that drafter off for that reviewer; it is retried with 1 after
   a back-off measured in reviews of that row, which doubles each time the retry fails;
+* a MaG-first draft is about twice what the previous one got accepted (4 to 32 tokens);
 * speculation as a whole is switched off (plain autoregressive steps) when its measured time per
   emitted token is worse than plain decoding's, and retried after a back-off that doubles too.
 
@@ -27,13 +30,23 @@ Segment = tuple[int, int, int]  # (column, first draft position, end position) o
 
 
 class StaticSchedule:
-    """The configured K-matrix for every step."""
+    """The configured K-matrix for every step, and a fixed length for MaG-first drafts."""
 
     adaptive = False
+    # a MaG-first draft is this long (or row 0's total, if longer). 24 measured on the pycode
+    # family (AMD EPYC, greedy, committed prompts, forwards priced at measured costs): as fast as
+    # the adaptive rule below for the shipped configurations, where 8 was 7-10% slower
+    MAG_FIRST_START = 24
 
-    def __init__(self, k_matrix: KMatrix) -> None:
+    def __init__(self, k_matrix: KMatrix, mag_first: int | None = None) -> None:
         self.k_matrix = k_matrix
         self._ends = [k_matrix.cumulative(r) for r in range(k_matrix.size)]
+        # MaG first: a MaG proposal continuing a suffix match of at least ``mag_first`` tokens
+        # goes to the target alone for that step (None: off)
+        self.mag_first = mag_first
+        row0_total = sum(k_matrix.rows[0]) if k_matrix.size else 0
+        self.mag_first_start = max(self.MAG_FIRST_START, row0_total)
+        self.mag_first_tokens = self.mag_first_start
 
     @property
     def size(self) -> int:
@@ -41,6 +54,16 @@ class StaticSchedule:
 
     def ends(self, reviewer: int) -> list[int]:
         return self._ends[reviewer]
+
+    def begin(self, carry_over: bool) -> None:
+        """A new generation starts. ``carry_over``: continue from what earlier generations
+        learned (greedy, unseeded sampling); else start afresh without the clock (seeded
+        sampling must be reproducible)."""
+        self.mag_first_tokens = self.mag_first_start
+        if carry_over:
+            self.resume()
+        else:
+            self.reset(use_timing=False)
 
     def reset(self, use_timing: bool) -> None:
         """Start afresh from the configured K-matrix."""
@@ -50,6 +73,13 @@ class StaticSchedule:
 
     def speculate(self) -> bool:
         return True
+
+    def mag_first_length(self) -> int:
+        """How many tokens a MaG-first draft may have this step."""
+        return self.mag_first_tokens
+
+    def after_mag_first(self, num_accepted: int) -> None:
+        """The target accepted ``num_accepted`` tokens of a MaG-first draft."""
 
     def after_review(self, reviewer: int, segments: list[Segment], num_accepted: int) -> None:
         pass
@@ -73,10 +103,20 @@ class AdaptiveSchedule(StaticSchedule):
     MAX_BACKOFF = 512
     JUDGE_AFTER = 8  # speculative steps before their speed is compared with plain decoding
     SLOWER = 1.05  # speculation is switched off when it costs this much more per token than plain
+    # a MaG-first draft starts at 8 tokens, then is about twice what the last one got accepted,
+    # within these bounds
+    MAG_FIRST_START = 8
+    MAG_FIRST_MIN_TOKENS = 4
+    MAG_FIRST_MAX_TOKENS = 32
 
-    def __init__(self, k_matrix: KMatrix) -> None:
-        super().__init__(k_matrix)
+    def __init__(self, k_matrix: KMatrix, mag_first: int | None = None) -> None:
+        super().__init__(k_matrix, mag_first)
         self.reset(use_timing=True)
+
+    def after_mag_first(self, num_accepted: int) -> None:
+        # the next gated draft follows past acceptance only, never the token being drafted
+        doubled = 2 * (num_accepted + 1)
+        self.mag_first_tokens = min(self.MAG_FIRST_MAX_TOKENS, max(self.MAG_FIRST_MIN_TOKENS, doubled))
 
     def resume(self) -> None:
         if not self.use_timing:

@@ -1,17 +1,17 @@
-"""Counters kept during a generation and the metrics derived from them."""
+"""Counters kept during a generation and the metrics derived from them (vLLM's vocabulary)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
 class ReviewCounters:
     """What one level saw as a reviewer: drafts checked, tokens accepted, by position and origin."""
 
-    reviews: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    num_reviews: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_origin: dict[str, int] = field(default_factory=dict)
@@ -22,9 +22,9 @@ class ReviewCounters:
 
     def record(self, origins: list[str], num_accepted: int) -> None:
         num_draft = len(origins)
-        self.reviews += 1
-        self.drafted += num_draft
-        self.accepted += num_accepted
+        self.num_reviews += 1
+        self.num_drafted += num_draft
+        self.num_accepted += num_accepted
         grow = num_draft - len(self.drafted_by_position)
         if grow > 0:
             self.drafted_by_position.extend([0] * grow)
@@ -43,44 +43,60 @@ class ReviewCounters:
                 self.accepted_by_origin[origin] = self.accepted_by_origin.get(origin, 0) + 1
                 accepted_here[i] += 1
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted / self.num_drafted if self.num_drafted else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens emitted per review, counting the recovered or bonus token (vLLM's meaning)."""
+        return (self.num_accepted + self.num_reviews) / self.num_reviews if self.num_reviews else None
+
     def as_dict(self) -> dict:
-        return {
-            "reviews": self.reviews,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-            # mean tokens emitted per review, counting the recovered / bonus token
-            "mean_acceptance_length": (self.accepted + self.reviews) / self.reviews if self.reviews else None,
-            "drafted_by_position": list(self.drafted_by_position),
-            "accepted_by_position": list(self.accepted_by_position),
-            "acceptance_by_position": [
-                a / d if d else None for a, d in zip(self.accepted_by_position, self.drafted_by_position)
-            ],
-            "drafted_by_origin": dict(self.drafted_by_origin),
-            "accepted_by_origin": dict(self.accepted_by_origin),
-            "drafted_by_origin_position": {k: list(v) for k, v in self.drafted_by_origin_position.items()},
-            "accepted_by_origin_position": {k: list(v) for k, v in self.accepted_by_origin_position.items()},
-        }
+        data = asdict(self)
+        data["acceptance_rate"] = self.acceptance_rate
+        data["mean_acceptance_length"] = self.mean_acceptance_length
+        data["acceptance_by_position"] = [
+            a / d if d else None for a, d in zip(self.accepted_by_position, self.drafted_by_position)
+        ]
+        return data
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    """One level's share of a generation. ``kind``: "target", "drafter" or "mag"."""
+
+    name: str
+    kind: str
+    num_emitted: int  # output tokens this level proposed first
+    num_forwards: int  # forward passes with logits (MaG: proposals)
+    num_tokens_run: int  # positions run through the model (0 for MaG)
+    num_params: int
+    runner: str
+    review: ReviewCounters | None = None  # for reviewers (the target and neural drafters)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["review"] = self.review.as_dict() if self.review is not None else None
+        return data
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Returned with every generation. ``levels`` holds one dict per level, target first:
-    name, kind, forward_calls (propose calls for MaG), tokens_run, emitted (output tokens this
-    level proposed first) and, for reviewers, ``review`` (a ``ReviewCounters`` dict)."""
+    """Returned with every generation; ``levels`` holds one ``LevelStats`` per level, target first."""
 
     num_prompt_tokens: int
     num_new_tokens: int
-    target_steps: int
+    num_target_steps: int
     prefill_seconds: float
     decode_seconds: float
     finish_reason: str
-    levels: list[dict]
+    levels: tuple[LevelStats, ...]
 
     @property
-    def mean_acceptance_length(self) -> float:
+    def tokens_per_target_step(self) -> float:
         """New tokens per target forward after the prefill (1.0 for plain decoding)."""
-        return self.num_new_tokens / self.target_steps if self.target_steps else 0.0
+        return self.num_new_tokens / self.num_target_steps if self.num_target_steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -90,19 +106,25 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float | None:
         """Fraction of draft tokens the target accepted."""
-        review = self.levels[0].get("review") if self.levels else None
-        return review["acceptance_rate"] if review else None
+        review = self.levels[0].review if self.levels else None
+        return review.acceptance_rate if review is not None else None
+
+    def level(self, name: str) -> LevelStats:
+        for entry in self.levels:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
 
     def as_dict(self) -> dict:
         return {
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_new_tokens": self.num_new_tokens,
-            "target_steps": self.target_steps,
-            "mean_acceptance_length": self.mean_acceptance_length,
+            "num_target_steps": self.num_target_steps,
+            "tokens_per_target_step": self.tokens_per_target_step,
             "acceptance_rate": self.acceptance_rate,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
             "finish_reason": self.finish_reason,
-            "levels": self.levels,
+            "levels": [entry.as_dict() for entry in self.levels],
         }

@@ -22,12 +22,12 @@ import time
 import torch
 
 from . import verify
-from .kmatrix import KMatrix
+from .levels.base import MAG as MAG_KIND
 from .levels.base import NeuralLevel
 from .levels.mag import MaG
 from .sampling import SamplingParams, warp
-from .schedule import AdaptiveSchedule, Segment, StaticSchedule
-from .stats import ReviewCounters
+from .schedule import Segment, StaticSchedule
+from .stats import LevelStats, ReviewCounters
 
 
 class Draft:
@@ -56,30 +56,24 @@ class Draft:
 
 class CascadeStep:
     """The draft-review-verify machinery over one set of levels. Holds no sequence of its own:
-    each call gets the committed token ids; the levels' caches memoise what they have run."""
+    each call gets the committed token ids; the levels' caches memoise what they have run.
+
+    ``levels``: target, neural drafters (largest first), then MaG if on. ``schedule`` decides
+    every draft length (the K-matrix's and MaG first's); ``lenience`` is how drafters review."""
 
     def __init__(
         self,
-        target: NeuralLevel,
-        drafters: list[NeuralLevel],
-        mag: MaG | None,
-        k_matrix: KMatrix,
+        levels: list[NeuralLevel | MaG],
+        schedule: StaticSchedule,
         lenience: float,
         eos_ids: frozenset[int],
-        adaptive: bool = False,
-        mag_first: int | None = None,
     ) -> None:
-        self.levels: list[NeuralLevel | MaG] = [target, *drafters] + ([mag] if mag is not None else [])
-        self.k_matrix = k_matrix
-        # MaG first: when MaG's proposal continues a suffix match of at least this many tokens,
-        # the target gets MaG's draft directly (the neural drafters are skipped for that step)
-        self.mag_first = mag_first if mag is not None else None
-        self.mag_first_start = max(8, sum(k_matrix.rows[0])) if k_matrix.size else 8
-        self.mag_first_tokens = self.mag_first_start
-        self.schedule = AdaptiveSchedule(k_matrix) if adaptive else StaticSchedule(k_matrix)
+        self.levels = levels
+        self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
-        self.names = [level.name for level in self.levels]
+        self.names = [level.name for level in levels]
+        self.mag_index = len(levels) - 1 if levels[-1].kind == MAG_KIND else None
         self.begin(SamplingParams(), None, stop_at_eos=False)
 
     def begin(self, params: SamplingParams, generator: torch.Generator | None, stop_at_eos: bool) -> None:
@@ -88,14 +82,9 @@ class CascadeStep:
         self.generator = generator
         self.stop_at_eos = stop_at_eos
         self.num_committed = 0
-        self.mag_first_tokens = self.mag_first_start
-        if params.greedy or params.seed is None:
-            # what the schedule learned carries over (a useless drafter stays off): it changes the
-            # speed of later generations, never their output
-            self.schedule.resume()
-        else:
-            # seeded sampling must be reproducible: start afresh and leave the clock out
-            self.schedule.reset(use_timing=False)
+        # what the schedule learned carries over (a useless drafter stays off): it changes the
+        # speed of later generations, never their output; seeded sampling must be reproducible
+        self.schedule.begin(carry_over=params.greedy or params.seed is None)
         for level in self.levels:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
@@ -105,7 +94,7 @@ class CascadeStep:
         """Cache the prompt (all but its last token, which the first step runs) in every level."""
         self.num_committed = len(prompt_ids)
         for level in self.levels:
-            if isinstance(level, MaG):
+            if level.kind == MAG_KIND:
                 level.observe(prompt_ids, len(prompt_ids))  # builds MaG's index
             else:
                 level.prefill(prompt_ids[:-1])
@@ -121,8 +110,7 @@ class CascadeStep:
         outcome = self._review(0, ids, draft, lenience=1.0)
         num_accepted = outcome.num_accepted
         if gated:
-            # the next gated draft is about twice what this one got accepted (from past steps only)
-            self.mag_first_tokens = min(32, max(4, 2 * (num_accepted + 1)))
+            self.schedule.after_mag_first(num_accepted)
         tokens = draft.tokens[:num_accepted] + [outcome.next_token]
         origins = draft.origins[:num_accepted] + [0]
         # the review read its result back to the host (.tolist()), so the clock is synchronised
@@ -132,14 +120,15 @@ class CascadeStep:
     def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
         """MaG's draft for the target when its match is long enough to trust, else None. The
         decision depends only on the committed tokens, so it cannot bias the verification."""
-        if self.mag_first is None or limit <= 0:
+        if self.schedule.mag_first is None or self.mag_index is None or limit <= 0:
             return None
-        mag = self.levels[-1]
-        tokens = mag.propose(ids, self.num_committed, min(self.mag_first_tokens, limit))
-        if mag.last_match_length < self.mag_first:
+        mag = self.levels[self.mag_index]
+        proposal = mag.propose(ids, self.num_committed, min(self.schedule.mag_first_length(), limit))
+        if proposal.match_length < self.schedule.mag_first:
             return None
+        num = len(proposal.tokens)
         draft = Draft()
-        draft.add(tokens, [len(self.levels) - 1] * len(tokens), [None] * len(tokens))
+        draft.add(proposal.tokens, [self.mag_index] * num, [None] * num)
         if self.stop_at_eos:
             self._cut_after_eos(draft)
         return draft
@@ -167,8 +156,8 @@ class CascadeStep:
     def _extend(self, level_index: int, context: list[int], draft: Draft, need: int, room: int) -> None:
         """Append at least one token (at most ``room``) from level ``level_index`` to ``draft``."""
         level = self.levels[level_index]
-        if isinstance(level, MaG):
-            tokens = level.propose(context, self.num_committed, need)
+        if level.kind == MAG_KIND:
+            tokens = level.propose(context, self.num_committed, need).tokens
             draft.add(tokens, [level_index] * need, [None] * need)
             return
         sub = self._fill(level_index, context, room - 1)  # room - 1: leave space for its own token
@@ -213,22 +202,22 @@ class CascadeStep:
                 return True
         return False
 
-    def level_stats(self, emitted: list[int]) -> list[dict]:
+    def level_stats(self, emitted: list[int]) -> tuple[LevelStats, ...]:
         """Per-level statistics; ``emitted[i]``: output tokens level i proposed first."""
         out = []
         for i, level in enumerate(self.levels):
-            kind = "target" if i == 0 else ("mag" if isinstance(level, MaG) else "drafter")
-            entry = {"name": level.name, "kind": kind, "emitted": emitted[i]}
-            if isinstance(level, MaG):
-                entry.update(forward_calls=level.propose_calls, tokens_run=0, num_params=0, runner="mag")
-            else:
-                entry.update(
-                    forward_calls=level.counters.forward_calls,
-                    tokens_run=level.counters.tokens_run,
+            kind = "target" if i == 0 else ("mag" if level.kind == MAG_KIND else "drafter")
+            counters = level.counters
+            out.append(
+                LevelStats(
+                    name=level.name,
+                    kind=kind,
+                    num_emitted=emitted[i],
+                    num_forwards=counters.num_forwards,
+                    num_tokens_run=counters.num_tokens_run,
                     num_params=level.num_params,
                     runner=level.runner_name,
+                    review=self.reviews[i] if kind != "mag" else None,
                 )
-            if kind != "mag":
-                entry["review"] = self.reviews[i].as_dict()
-            out.append(entry)
-        return out
+            )
+        return tuple(out)

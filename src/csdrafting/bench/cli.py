@@ -122,10 +122,13 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
     from ..cli import DEFAULT_DRAFTERS, DEFAULT_TARGET, config_from_args
     from ..config import CascadeConfig
 
-    config = config_from_args(args)
+    config = config_from_args(args, model_flags=not args.config)
     from_file = CascadeConfig.load(args.config) if args.config else None
-    target = str(config.target)
-    drafters = [str(d) for d in config.drafters]
+    target = str(args.target or config.target)
+    if args.target is not None or args.drafter is not None:
+        drafters = [str(d) for d in args.drafter or []]
+    else:
+        drafters = [str(d) for d in config.drafters]
     if from_file is not None:
         drafters += [str(d) for d in from_file.drafters]
     if args.drafter is None and Path(target).resolve() == DEFAULT_TARGET.resolve():
@@ -147,7 +150,7 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
                 "engine": "csd",
                 "drafters": [Path(d).name for d in method_drafters],
                 "mag": config.mag,
-                "k_matrix": config.k_matrix if config.k_matrix is not None else "auto",
+                "k_matrix": config.k_matrix,
                 "lenience": config.lenience,
                 "adaptive": config.adaptive,
                 "mag_first": config.mag_first,
@@ -193,7 +196,7 @@ def cmd_bench(args) -> int:
         device=cascade_config.device,
         dtype=cascade_config.dtype,
         bigram=cascade_config.bigram,
-        runner=args.runner,
+        runner=args.runner or "auto",
         trials=args.trials,
         warmup=args.warmup,
         seed=args.seed,
@@ -237,7 +240,7 @@ def cmd_profile(args) -> int:
         device=cascade_config.device,
         dtype=cascade_config.dtype,
         bigram=cascade_config.bigram,
-        runner=args.runner,
+        runner=args.runner or "auto",
         prompts_file=args.prompts,
         prompt_index=args.prompt_index,
         tokens=args.tokens,

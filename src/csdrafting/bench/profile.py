@@ -3,7 +3,7 @@
 Two measurements, for every neural level (target and drafters):
 
 1. **Per forward**, after caching a real prompt, at 1 and K new tokens: the raw transformers
-   forward (``model(..., cache=DynamicCache)``), our backend's forward (``level.backend.forward``:
+   forward (``model(..., cache=DynamicCache)``), our backend's forward (``level.runner.forward``:
    the lean runner for Llama weights) and the whole ``level.next_token_logits`` call (the backend
    plus the level's bookkeeping: common prefix, tensor building, cache memo). The difference of
    the last two is the runner's per-forward overhead.
@@ -106,8 +106,8 @@ def _per_forward_at(models, name: str, prompt_ids: list[int], num_new: int, repe
 
     level.reset()
     level.prefill(prompt_ids[:start])
-    new_ids = torch.tensor(prompt_ids[start:], dtype=torch.long, device=device)
-    backend_ms = _timed(lambda: level.backend.forward(new_ids, start, num_new), repeats, sync)
+    new_ids = list(prompt_ids[start:])
+    backend_ms = _timed(lambda: level.runner.forward(new_ids, start, num_new), repeats, sync)
     level.reset()
     level.prefill(prompt_ids[:start])
     level_ms = _timed(lambda: level.next_token_logits(prompt_ids, num_new), repeats, sync)
@@ -193,7 +193,7 @@ def in_generation(models, methods, prompt_ids: list[int], max_new_tokens: int) -
             for level in levels:
                 watch.pause_during(level, "prefill")
                 watch.wrap(level, "next_token_logits", f"{level.name}:level")
-                watch.wrap(level.backend, "forward", f"{level.name}:forward")
+                watch.wrap(level.runner, "forward", f"{level.name}:forward")
             if cascade.mag is not None:
                 watch.wrap(cascade.mag, "propose", "mag:propose")
             runner.generate(request)  # warm-up

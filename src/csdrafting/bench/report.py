@@ -106,7 +106,7 @@ class Group:
             "speedup": _median(speed),
             "speedup_min": min(speed) if speed else None,
             "speedup_max": max(speed) if speed else None,
-            "mean_acceptance_length": _median(r.get("mean_acceptance_length") for r in rows),
+            "tokens_per_target_step": _median(r.get("tokens_per_target_step") for r in rows),
             "acceptance_rate": _median(r.get("acceptance_rate") for r in rows),
             "swi": _median(r.get("swi") for r in rows),
             "matches": sum(1 for r in greedy if r["matches_baseline"]),
@@ -157,7 +157,7 @@ def table(group: Group) -> list[str]:
         match = f"{s['matches']}/{s['greedy_rows']}" if s["greedy_rows"] else "n/a"
         name = f"**{method}**" if method == group.baseline else method
         lines.append(
-            f"| {name} | {_fmt(s['tokens_per_second'], '.1f')} | {speed} | {_fmt(s['mean_acceptance_length'])} "
+            f"| {name} | {_fmt(s['tokens_per_second'], '.1f')} | {speed} | {_fmt(s['tokens_per_target_step'])} "
             f"| {_fmt(s['acceptance_rate'])} | {_fmt(s['swi'])} | {match} | {s['weights_mib']:.0f} "
             f"(+{s['runner_mib']:.0f}) "
             f"| {s['peak_mib']:.0f} (+{s['peak_increase_mib']:.0f}) |"

@@ -4,10 +4,11 @@ Models load once and every method shares them: the transformers peers call ``gen
 loaded modules, and each of our configurations is a ``Cascade`` over shared ``ModelLevel``s (a
 level is reset at the start of every generation, so sharing is safe when one runs at a time).
 
-Order: for each trial, prompt, generation length and mode, every method runs once, in an order
-rotated from prompt to prompt so no method always runs first. Before the timed loop each method
-runs one warm-up generation per decoding (greedy, sampling), which is not recorded. Timers read
-``time.perf_counter`` around the whole ``generate`` call, after a device synchronize on CUDA.
+Timing is ``csdrafting.timing``'s (shared with ``csd tune``): for each trial, prompt, generation
+length and mode (the cases), every method runs once, in an order rotated from case to case so no
+method always runs first; wall time around the whole call, after a device synchronize on CUDA;
+setup garbage frozen and a collection before every call, outside the timer. Before the timed loop
+each method runs one warm-up generation per decoding (greedy, sampling), not recorded.
 
 Each generation becomes one JSON line (see ``docs/bench.md`` for the schema). Greedy rows record
 whether their tokens equal the baseline's (transformers plain ``generate``) for the same prompt.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from .. import timing
 from ..errors import ConfigError
-from .suite import REPO_DIR, Method, Suite
+from ..paths import PACKAGE_DIR
+from .suite import Method, Suite
 
 SCHEMA = "csd-bench/1"
 COST_MODEL_LABEL = (
@@ -71,14 +73,14 @@ def environment(device: torch.device, dtype: str) -> dict:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = (
             subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
+                ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5
             ).stdout.strip()
             or None
         )
         if commit:
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=REPO_DIR,
+                cwd=PACKAGE_DIR,
                 capture_output=True,
                 text=True,
                 timeout=5,
@@ -174,12 +176,12 @@ class Models:
     run them, not on our layout."""
 
     def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
-        from ..cascade import check_same_tokenizer, load_model, load_tokenizer, resolve_device, resolve_dtype
         from ..levels.mag import BigramTable
+        from ..loading import DTYPES, check_same_tokenizer, load_model, load_tokenizer, resolve_device
 
         self.device = resolve_device(device)
         self.dtype_name = dtype
-        torch_dtype = resolve_dtype(dtype)
+        torch_dtype = DTYPES[dtype]
         self.paths = {Path(target).name: str(target)}
         for path in drafters:
             name = Path(path).name
@@ -217,33 +219,46 @@ class Models:
             self.bigram = BigramTable.load(bigram_path)
             self.bigram_path = str(bigram_path)
         # transformers peers: count forward calls per model with a pre-hook (microseconds per call)
-        self.forward_calls = dict.fromkeys(self.modules, 0)
+        self.num_forwards = dict.fromkeys(self.modules, 0)
         for name, module in self.modules.items():
             module.register_forward_pre_hook(self._counter(name))
 
     def _counter(self, name: str):
         def hook(module, args):
-            self.forward_calls[name] += 1
+            self.num_forwards[name] += 1
 
         return hook
 
     def level(self, name: str, runner: str | None = None):
-        """One shared ``ModelLevel`` per (model, runner), over our own copy of the model."""
-        from ..cascade import load_model
-        from ..levels.model import ModelLevel
+        """One shared neural level per (model, runner), over our own copy of the model."""
+        from ..levels.model import model_level
+        from ..loading import load_model
 
         runner = runner or self.runner
         key = (name, runner)
         if key not in self._levels:
             if name not in self._level_modules:
                 self._level_modules[name] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = ModelLevel(name, self._level_modules[name], runner)
+            self._levels[key] = model_level(name, self._level_modules[name], runner)
         return self._levels[key]
+
+    def levels(self, drafters: list[str], runner: str | None = None):
+        """``Levels`` over the shared levels of the target and ``drafters``, for one ``Cascade``."""
+        from ..loading import Levels
+
+        return Levels(
+            self.level(self.target_name, runner),
+            tuple(self.level(name, runner) for name in drafters),
+            self.tokenizer,
+            frozenset(self.eos_token_ids),
+            self.bigram,
+            (self.target_name, *drafters),
+        )
 
     def runner_bytes(self, name: str, runner: str | None = None) -> int:
         """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
         KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
-        backend = getattr(self.level(name, runner), "backend", None)
+        backend = getattr(self.level(name, runner), "runner", None)
         if backend is None:
             return 0
         shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name].parameters()}
@@ -290,11 +305,10 @@ class Request:
 class Outcome:
     token_ids: list[int]
     finish_reason: str
-    wall_seconds: float
     prefill_seconds: float | None
     decode_seconds: float | None
-    levels: list[dict]  # name, kind, forward_calls, num_params (+ our per-level statistics)
-    mean_acceptance_length: float | None
+    levels: list[dict]  # name, kind, num_forwards, num_params (+ our per-level statistics)
+    tokens_per_target_step: float | None
     acceptance_rate: float | None
     config: dict
     engine_stats: dict | None = None
@@ -363,7 +377,7 @@ class TransformersMethod:
             torch.manual_seed(request.seed)
         clock = _FirstTokenClock(models.synchronize)
         for name in self.level_names:
-            models.forward_calls[name] = 0
+            models.num_forwards[name] = 0
         models.synchronize()
         started = time.perf_counter()
         output = self.model.generate(input_ids, streamer=clock, **kwargs)
@@ -378,20 +392,19 @@ class TransformersMethod:
             {
                 "name": name,
                 "kind": "target" if i == 0 else "drafter",
-                "forward_calls": models.forward_calls[name],
+                "num_forwards": models.num_forwards[name],
                 "num_params": models.num_params[name],
             }
             for i, name in enumerate(self.level_names)
         ]
-        target_calls = levels[0]["forward_calls"]
+        target_calls = levels[0]["num_forwards"]
         return Outcome(
             token_ids=tokens,
             finish_reason=finish,
-            wall_seconds=wall,
             prefill_seconds=prefill,
             decode_seconds=wall - prefill if prefill is not None else None,
             levels=levels,
-            mean_acceptance_length=len(tokens) / target_calls if target_calls else None,
+            tokens_per_target_step=len(tokens) / target_calls if target_calls else None,
             acceptance_rate=None,
             config=self.config,
         )
@@ -402,30 +415,26 @@ class CascadeMethod:
 
     def __init__(self, method: Method, models: Models) -> None:
         from ..cascade import Cascade
+        from ..config import CascadeConfig
 
         spec = method.spec
         runner = spec.get("runner")
         self.level_names = [models.target_name, *spec["drafters"]]
-        self.cascade = Cascade(
-            models.level(models.target_name, runner),
-            [models.level(name, runner) for name in spec["drafters"]],
-            models.tokenizer,
+        config = CascadeConfig(
+            target=models.target_name,
+            drafters=tuple(spec["drafters"]),
             mag=spec["mag"],
             k_matrix=spec["k_matrix"],
             lenience=spec["lenience"],
-            bigram=models.bigram if spec["mag"] else None,
-            eos_token_ids=models.eos_token_ids,
             adaptive=spec.get("adaptive"),
             mag_first=spec.get("mag_first"),
         )
+        self.cascade = Cascade(models.levels(spec["drafters"], runner), config)
         self.models = models
         self.config = {"engine": "csd", **self.cascade.describe(), "dtype": models.dtype_name}
         self.config["bigram"] = models.bigram_path if spec["mag"] else None
 
     def generate(self, request: Request) -> Outcome:
-        models = self.models
-        models.synchronize()
-        started = time.perf_counter()
         result = self.cascade.generate(
             request.prompt_ids,
             max_new_tokens=request.max_new_tokens,
@@ -435,20 +444,17 @@ class CascadeMethod:
             seed=None if request.greedy else request.seed,
             ignore_eos=request.fixed_length,
         )
-        models.synchronize()
-        wall = time.perf_counter() - started
         stats = result.stats.as_dict()
         return Outcome(
             token_ids=list(result.token_ids),
             finish_reason=result.finish_reason,
-            wall_seconds=wall,
             prefill_seconds=stats["prefill_seconds"],
             decode_seconds=stats["decode_seconds"],
             levels=stats["levels"],
-            mean_acceptance_length=stats["mean_acceptance_length"],
+            tokens_per_target_step=stats["tokens_per_target_step"],
             acceptance_rate=stats["acceptance_rate"],
             config=self.config,
-            engine_stats={k: stats[k] for k in ("target_steps", "tokens_per_second", "finish_reason")},
+            engine_stats={k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason")},
         )
 
 
@@ -461,7 +467,7 @@ def make_runner(method: Method, models: Models):
 def cost_model(levels: list[dict], num_new_tokens: int, target_params: int) -> tuple[float | None, float | None]:
     """(cost in target forwards, standardized walltime improvement): the paper's cost model,
     with parameter counts as the relative cost of a forward. MaG costs nothing."""
-    cost = sum((lv.get("forward_calls") or 0) * (lv.get("num_params") or 0) for lv in levels) / target_params
+    cost = sum((lv.get("num_forwards") or 0) * (lv.get("num_params") or 0) for lv in levels) / target_params
     if cost <= 0 or num_new_tokens == 0:
         return (cost if cost > 0 else None), None
     return cost, num_new_tokens / cost
@@ -588,60 +594,54 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
             seed=seed,
         )
 
-    # setup garbage (model loading) is collected once and frozen, so the collection before each
-    # generation (outside the timer) is cheap and no method pays for another's garbage
-    gc.collect()
-    gc.freeze()
+    cases = [
+        (p, prompt, ids, length, m, mode)
+        for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids))
+        for length in suite.lengths
+        for m, mode in enumerate(suite.modes)
+    ]
+
+    def run(method: Method, case, trial: int):
+        p, prompt, ids, length, _, mode = case
+        bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
+        memory.start()
+        outcome = runners[method.name].generate(request(ids, length, mode, config.seed + 1000 * trial + p))
+        bar.update()
+        return outcome, memory.stop()
+
+    def warm(method: Method, decoding: str):
+        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
+        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
+        bar.update()
+
     try:
-        with _quiet_transformers(), open(config.output, "w", encoding="utf-8") as sink:
-            # warm-up: one generation per method and decoding, not recorded
-            for decoding in decodings:
+        with _quiet_transformers(), timing.frozen_setup_garbage(), open(config.output, "w", encoding="utf-8") as sink:
+            for decoding in decodings:  # warm-up: one generation per method and decoding, not recorded
                 for _ in range(config.warmup):
-                    for method in methods:
-                        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
-                        gc.collect()
-                        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
-                        bar.update()
-            for trial in range(config.trials):
-                for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids)):
-                    seed = config.seed + 1000 * trial + p
-                    for length in suite.lengths:
-                        for m, mode in enumerate(suite.modes):
-                            shift = (p + trial + m) % len(methods)
-                            order = methods[shift:] + methods[:shift]  # rotated: no method always runs first
-                            req = request(ids, length, mode, seed)
-                            outcomes = {}
-                            for position, method in enumerate(order):
-                                bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
-                                gc.collect()
-                                memory.start()
-                                outcome = runners[method.name].generate(req)
-                                outcomes[method.name] = (outcome, memory.stop(), position)
-                                bar.update()
-                            baseline_tokens = outcomes[suite.baseline][0].token_ids
-                            for method in methods:  # rows in suite order
-                                outcome, mem, position = outcomes[method.name]
-                                row = _row(
-                                    common,
-                                    method,
-                                    prompt,
-                                    p,
-                                    trial,
-                                    mode,
-                                    req,
-                                    outcome,
-                                    mem,
-                                    baseline_tokens,
-                                    models,
-                                    target_params,
-                                    config,
-                                )
-                                row["run_position"] = position
-                                sink.write(json.dumps(row) + "\n")
-                            sink.flush()
+                    timing.warm_up(methods, lambda method, d=decoding: warm(method, d))
+            group = []  # one case's timed calls: rows are written when every method has run
+            timed_calls = timing.interleaved(
+                methods, cases, config.trials, run, models.synchronize, order_offset=lambda i, case: case[4]
+            )
+            for timed in timed_calls:
+                group.append(timed)
+                if len(group) < len(methods):
+                    continue
+                by_method = {t.method.name: t for t in group}
+                p, prompt, ids, length, _, mode = timed.case
+                req = request(ids, length, mode, config.seed + 1000 * timed.trial + p)
+                baseline_tokens = by_method[suite.baseline].result[0].token_ids
+                for method in methods:  # rows in suite order
+                    t = by_method[method.name]
+                    outcome, mem = t.result
+                    row = _row(common, method, prompt, p, t.trial, mode, req, outcome, t.seconds, mem,
+                               baseline_tokens, models, target_params, config)  # fmt: skip
+                    row["run_position"] = t.position
+                    sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                group = []
     finally:
         bar.close()
-        gc.unfreeze()
     elapsed = time.perf_counter() - clock_start
     log(f"csd bench: {num_rows} rows in {elapsed:.0f} s -> {config.output}")
     return config.output
@@ -654,7 +654,22 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tokens, models, target_params, config):
+def _row(
+    common,
+    method,
+    prompt,
+    p,
+    trial,
+    mode,
+    req,
+    outcome,
+    wall_seconds,
+    mem,
+    baseline_tokens,
+    models,
+    target_params,
+    config,
+):
     decoding, stop = mode.split("-")
     num_new = len(outcome.token_ids)
     cost, swi = cost_model(outcome.levels, num_new, target_params)
@@ -690,14 +705,14 @@ def _row(common, method, prompt, p, trial, mode, req, outcome, mem, baseline_tok
         },
         "num_new_tokens": num_new,
         "finish_reason": outcome.finish_reason,
-        "wall_seconds": outcome.wall_seconds,
-        "tokens_per_second": num_new / outcome.wall_seconds if outcome.wall_seconds > 0 else None,
+        "wall_seconds": wall_seconds,
+        "tokens_per_second": num_new / wall_seconds if wall_seconds > 0 else None,
         "prefill_seconds": outcome.prefill_seconds,
         "decode_seconds": outcome.decode_seconds,
         "decode_tokens_per_second": (num_new / outcome.decode_seconds if outcome.decode_seconds else None),
-        "mean_acceptance_length": outcome.mean_acceptance_length,
+        "tokens_per_target_step": outcome.tokens_per_target_step,
         "acceptance_rate": outcome.acceptance_rate,
-        "forward_calls": {lv["name"]: lv.get("forward_calls") for lv in outcome.levels},
+        "num_forwards": {lv["name"]: lv.get("num_forwards") for lv in outcome.levels},
         "levels": outcome.levels,
         "cost_target_forwards": cost,
         "swi": swi,

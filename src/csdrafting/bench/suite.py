@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..prompts import REPO_DIR
-
-DEFAULT_SUITE_FILE = REPO_DIR / "benchmarks" / "suite.json"
+from ..paths import DEFAULT_SUITE_FILE
 
 MODES = ("greedy-fixed", "greedy-natural", "sampling-fixed", "sampling-natural")
 ENGINES = ("transformers", "csd")

@@ -1,22 +1,56 @@
-"""What the cascade needs from a neural level. ``ModelLevel`` (transformers models) is the one
-the library builds; tests and custom backends can pass any object of this shape to ``Cascade``."""
+"""What the cascade needs from its levels.
+
+Two kinds of level draft: a **neural** level (the target or a drafter) returns next-token logits
+over a sequence, and **MaG** proposes tokens directly. Every neural level the library builds is
+a ``PrefixMemoLevel`` (``memo.py``) over a ``Runner`` (a backend's forward pass); tests and custom
+backends can pass any object of the ``NeuralLevel`` shape to ``Levels``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
+NEURAL = "neural"
+MAG = "mag"
+
+
+@dataclass
+class LevelCounters:
+    """Work one level did in a generation."""
+
+    num_forwards: int = 0  # forward passes that produced logits (MaG: proposals)
+    num_tokens_run: int = 0  # positions pushed through the model (catch-up + draft + prefill)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A backend's forward pass over one sequence with a KV cache indexed by position."""
+
+    runner_name: str
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int
+    vocab_size: int
+    num_params: int
+
+    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """Run ``token_ids`` at positions ``start..``, forgetting cached positions ``>= start``;
+        return logits (num_logits, V) for the last ``num_logits`` of them."""
+
 
 @runtime_checkable
 class NeuralLevel(Protocol):
+    kind: str  # NEURAL
     name: str
     vocab_size: int
     max_positions: int
     num_params: int
     runner_name: str
     device: torch.device
-    counters: object  # has forward_calls and tokens_run
+    counters: LevelCounters
 
     def reset(self) -> None:
         """Forget the sequence: a new generation starts."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def supports(config) -> bool:
     """Whether a transformers config describes weights this runner computes exactly."""
@@ -32,10 +34,17 @@ def supports(config) -> bool:
 class LlamaRunner:
     """Forward passes of one Llama model over one sequence, with a KV cache indexed by position."""
 
+    runner_name = "lean"
+
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
         if not supports(config):
-            raise ValueError("LlamaRunner needs a plain Llama config (default RoPE, no biases, SiLU)")
+            raise ConfigError(
+                "the lean runner computes plain Llama models only (default RoPE, no biases, SiLU); "
+                "use runner 'auto' or 'transformers' for this model"
+            )
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.vocab_size = int(config.vocab_size)
         weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
         self.device = weights["model.embed_tokens.weight"].device
         self.dtype = weights["model.embed_tokens.weight"].dtype
@@ -111,10 +120,11 @@ class LlamaRunner:
         return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start: int, num_logits: int) -> torch.Tensor:
-        """Run tokens ``input_ids`` (T,) at positions start..start+T-1; return logits (num_logits, V)
+    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """Run ``token_ids`` (T) at positions start..start+T-1; return logits (num_logits, V)
         for the last ``num_logits`` of them. KV entries at positions >= start are overwritten.
         """
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # (T,)
         num_new = input_ids.shape[0]
         end = start + num_new
         self._reserve(end)

@@ -17,11 +17,22 @@ Its proposals are deterministic: in sampling mode they are point masses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
+from .base import MAG, LevelCounters
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """MaG's draft: the tokens, and how long a suffix of the context its first token continues
+    (0: no earlier occurrence, the bigram table or a repeat filled it in)."""
+
+    tokens: list[int]
+    match_length: int
 
 
 class BigramTable:
@@ -84,7 +95,10 @@ class BigramTable:
 class MaG:
     """Max-Gram drafter over prompt + output, with a bigram fallback."""
 
+    kind = MAG
     name = "mag"
+    runner_name = "mag"
+    num_params = 0
 
     def __init__(self, bigram: BigramTable | None = None, max_ngram: int = 12) -> None:
         if max_ngram < 1:
@@ -96,8 +110,7 @@ class MaG:
     def reset(self) -> None:
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> latest end position with a successor
         self._tokens: list[int] = []  # the committed tokens indexed so far
-        self.propose_calls = 0
-        self.last_match_length = 0  # how long a suffix the last proposal's first token matched
+        self.counters = LevelCounters()  # num_forwards counts proposals
 
     def observe(self, ids: list[int], num_committed: int) -> None:
         """Index every n-gram that ends before the last committed token (so it has a successor)."""
@@ -112,15 +125,15 @@ class MaG:
             for n in range(1, min(self.max_ngram, end + 1) + 1):
                 index[tuple(tokens[end - n + 1 : end + 1])] = end
 
-    def propose(self, ids: list[int], num_committed: int, num_tokens: int) -> list[int]:
+    def propose(self, ids: list[int], num_committed: int, num_tokens: int) -> Proposal:
         """``num_tokens`` tokens to follow ``ids``, of which the first ``num_committed`` are the
         prompt and accepted output (indexed), the rest a draft in progress (not indexed)."""
-        self.propose_calls += 1
+        self.counters.num_forwards += 1
         self.observe(ids, num_committed)
         index = self._index
         context = ids  # continuations are read from here; proposals extend a virtual copy
         proposal: list[int] = []
-        self.last_match_length = -1  # suffix length matched for the first proposed token
+        first_match_length = -1  # suffix length matched for the first proposed token
         while len(proposal) < num_tokens:
             tail = (context[-self.max_ngram :] + proposal)[-self.max_ngram :]
             match_end, match_length = -1, 0
@@ -129,8 +142,8 @@ class MaG:
                 if end is None:
                     break
                 match_end, match_length = end, n
-            if self.last_match_length < 0:
-                self.last_match_length = match_length
+            if first_match_length < 0:
+                first_match_length = match_length
             if match_end >= 0:
                 follow = context[match_end + 1 : match_end + 1 + num_tokens - len(proposal)]
                 proposal.extend(follow)
@@ -138,4 +151,4 @@ class MaG:
                 proposal.append(self.bigram(tail[-1]))
             else:
                 proposal.append(tail[-1])  # no statistics at all: repeat (any guess is lossless)
-        return proposal
+        return Proposal(proposal, max(first_match_length, 0))

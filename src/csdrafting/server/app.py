@@ -1,12 +1,14 @@
 """The FastAPI application: ``create_app(cascade, model_name, ...)``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
-server-sent events), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``.
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``,
+``GET /metrics``, and the OpenAPI schema at ``/docs`` (``/openapi.json``).
 
-A generation request is read (at most ``max_body_bytes``), validated (``protocol.py``) and only
-then queued (``scheduler.py``), so every client mistake is a 4xx before any model work and a
-streamed response never starts with an error. Every error, including 404/405 and unexpected
-failures, uses OpenAI's error shape.
+A generation request passes ``guard.RequestGuard`` (Host, content type, body size and time, strict
+JSON), FastAPI's validation against ``schema.py``'s models, and the checks that need the model
+(``protocol.py``); only then is it queued (``scheduler.py``), so every client mistake is a 4xx
+before any model work and a streamed response never starts with an error. Every error the app
+sends, including 404/405 and unexpected failures, uses OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -16,34 +18,69 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .guard import LOOPBACK_HOSTS, PARSED_BODY, RequestGuard
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     ApiError,
     GenerationRequest,
+    chat_request,
     chunk_body,
-    parse_chat_request,
-    parse_completion_request,
-    parse_json_body,
+    completion_request,
     response_body,
     usage_chunk_body,
+    validation_error,
 )
 from .scheduler import GenerationQueue, Job
+from .schema import ChatCompletionRequest, CompletionRequest, ErrorResponse
 
 log = logging.getLogger("csdrafting.server")
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_TIMEOUT = 300.0  # seconds, queue wait included
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds from a request's arrival to the end of its body
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-_DRAIN_FACTOR = 8
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/docs", "/openapi.json")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERROR_RESPONSES = {  # documented in /docs for the generation endpoints
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Invalid request (a field, the context length, or the Host header)"),
+        (404, "Unknown model"),
+        (408, "The body did not arrive within --body-timeout"),
+        (413, "Body over the size limit"),
+        (415, "Body not sent as application/json"),
+        (503, "Queue full (Retry-After) or shutting down"),
+        (504, "Not finished within --timeout"),
+    ]
+}
+
+
+class _ParsedBodyRoute(APIRoute):
+    """A route whose JSON body the guard has already parsed (strictly): FastAPI validates that
+    object rather than parsing the bytes again with the lenient ``json.loads``."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(_ParsedBodyRequest(request.scope, request.receive))
+
+        return route_handler
+
+
+class _ParsedBodyRequest(Request):
+    async def json(self):
+        return self.scope[PARSED_BODY]
 
 
 def create_app(
@@ -52,6 +89,8 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     request_timeout: float = DEFAULT_TIMEOUT,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``cascade`` under the name ``model_name``.
 
@@ -60,6 +99,10 @@ def create_app(
         request past it is stopped at its next cascade step and answered 504 (or, when streaming,
         an error event).
     max_body_bytes: larger request bodies get 413.
+    body_timeout: seconds from a request's arrival to the end of its body; then 408.
+    allowed_hosts: the Host names answered (any port); others get 400. The default names this
+        machine's loopback addresses, right for a server bound to one of them; None answers any
+        Host (for a server on another address, behind a proxy that checks Host itself).
     """
     if not isinstance(model_name, str) or not model_name:
         raise ValueError("model_name must be a non-empty string")
@@ -67,9 +110,11 @@ def create_app(
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0, got {request_timeout}")
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be > 0, got {body_timeout}")
     metrics = ServerMetrics(model_name)
     queues = {model_name: GenerationQueue(cascade, max_queue, metrics)}  # one queue per served model
-    created = int(time.time())
+    metrics.watch_queue(lambda: (queues[model_name].depth, queues[model_name].running, max_queue))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,16 +122,36 @@ def create_app(
         for queue in queues.values():
             await run_in_threadpool(queue.close)
 
-    app = FastAPI(title="csd serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="csd serve",
+        summary="Lossless cascade speculative decoding behind the OpenAI API",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.router.route_class = _ParsedBodyRoute
     app.state.metrics = metrics
     app.state.queues = queues
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(
+        RequestGuard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes, body_timeout=body_timeout
+    )
+    app.add_middleware(_CountRequests, metrics=metrics)  # outside the guard: its refusals count too
+    _add_error_handlers(app)
+    _add_information_routes(app, cascade, queues, metrics)
+    _add_generation_routes(app, cascade, queues, request_timeout)
+    app.openapi = _openapi_without_422(app)
+    return app
 
-    # -- errors -----------------------------------------------------------------------------------
 
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(exc.errors()))
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -105,7 +170,9 @@ def create_app(
         body = ApiError(500, f"internal server error: {type(exc).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    # -- information ------------------------------------------------------------------------------
+
+def _add_information_routes(app: FastAPI, cascade, queues: dict, metrics: ServerMetrics) -> None:
+    created = int(time.time())
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "csdrafting", "csd": cascade.describe()}
@@ -131,52 +198,45 @@ def create_app(
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        queue = queues[model_name]
-        return Response(metrics.render(queue.depth, queue.running, queue.max_queue), media_type=CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    # -- generation -------------------------------------------------------------------------------
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await generate(request, parse_completion_request, "cmpl")
+def _add_generation_routes(app: FastAPI, cascade, queues: dict, request_timeout: float) -> None:
+    @app.post("/v1/completions", responses=_ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await generate(request, completion_request, body, "cmpl")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, parse_chat_request, "chatcmpl")
+    @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(request, chat_request, body, "chatcmpl")
 
-    async def generate(request: Request, parse, id_prefix: str) -> Response:
-        body = parse_json_body(await _read_body(request, max_body_bytes))
+    async def generate(request: Request, to_generation_request, body, id_prefix: str) -> Response:
         # tokenizing (and a chat template) can take a moment for long prompts: off the event loop
-        gen_request = await run_in_threadpool(parse, body, cascade, set(queues))
-        job = queues[gen_request.model].submit(gen_request, request_timeout)
+        gen_request = await run_in_threadpool(to_generation_request, body, cascade, set(queues))
+        queue = queues[gen_request.model]
+        job = queue.submit(gen_request, request_timeout)
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         if gen_request.stream:
-            events = _stream_events(queues[gen_request.model], job, gen_request, request_id, int(time.time()))
+            events = _stream_events(queue, job, gen_request, request_id, int(time.time()))
             return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-        return await _answer(request, queues[gen_request.model], job, gen_request, request_id)
-
-    return app
+        return await _answer(request, queue, job, gen_request, request_id)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 when it exceeds ``limit`` bytes. A body somewhat over the limit is read
-    and dropped before answering, so the client (still sending) gets the 413 rather than a reset
-    connection; one declared or found to be over ``_DRAIN_FACTOR`` times the limit is not read."""
-    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    drain_limit = _DRAIN_FACTOR * limit
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > drain_limit:
-        raise too_large
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > drain_limit:
-            raise too_large
-        if size <= limit:
-            parts.append(part)
-    if size > limit:
-        raise too_large
-    return b"".join(parts)
+def _openapi_without_422(app: FastAPI):
+    """``app.openapi`` without FastAPI's stock 422 responses: validation errors here are 400s in
+    OpenAI's shape (listed per endpoint)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)  # FastAPI's own, cached on the app
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    return openapi
 
 
 async def _collect(job: Job) -> tuple[str, object]:
@@ -264,7 +324,7 @@ class _CountRequests:
         path = scope.get("path", "")
         endpoint = path if path in _ENDPOINTS else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
         method = scope.get("method", "") if scope.get("method") in ("GET", "POST", "HEAD") else "other"
-        status = 500
+        status = None
 
         async def counting_send(message) -> None:
             nonlocal status
@@ -274,5 +334,9 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            status = status or 500  # answered by Starlette's outermost error handler
+            raise
         finally:
-            self.metrics.count_http(method, endpoint, status)
+            # no answer at all: the client left first (nginx's "client closed request")
+            self.metrics.count_http(method, endpoint, status or 499)

@@ -4,7 +4,6 @@ fastapi and uvicorn are imported only inside ``cmd_serve``)."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 import sys
 
@@ -41,6 +40,21 @@ def add_parser(subparsers) -> None:
         "--timeout", type=float, default=300.0, help="seconds a request may take, queue wait included (default: 300)"
     )
     group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send its request body (then 408), and its request line and "
+        "headers (then the connection is closed) (default: 30)",
+    )
+    group.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; '*': any); "
+        "the default refuses other names on a loopback address, against DNS rebinding",
+    )
+    group.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: info)"
     )
     serve.set_defaults(func=cmd_serve)
@@ -63,15 +77,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
@@ -79,26 +84,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not args.body_timeout > 0:
+        raise ConfigError(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
     if args.model_name is not None and not args.model_name.strip():
         raise ConfigError("--model-name must not be empty")
     try:
         import uvicorn
 
         from .app import create_app
+        from .guard import allowed_hosts, is_loopback
+        from .transport import uvicorn_config
     except ModuleNotFoundError as exc:
         raise ConfigError(
-            f"csd serve needs fastapi and uvicorn ({exc.name} is not installed): pip install fastapi uvicorn"
+            f"csd serve needs fastapi, uvicorn and prometheus_client ({exc.name} is not installed): "
+            "pip install 'csdrafting[serve]'"
         ) from None
 
     sock = bind_socket(args.host, args.port)  # before loading models: a taken port fails fast
     try:
         cascade = cascade_from_args(args)
         model_name = args.model_name or cascade.describe()["target"]
-        app = create_app(cascade, model_name, max_queue=args.max_queue, request_timeout=args.timeout)
+        app = create_app(
+            cascade,
+            model_name,
+            max_queue=args.max_queue,
+            request_timeout=args.timeout,
+            body_timeout=args.body_timeout,
+            allowed_hosts=allowed_hosts(args.host, args.allowed_host),
+        )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"csd serve: model {model_name!r} at http://{shown}:{port}/v1", file=sys.stderr, flush=True)
-        if not _is_loopback(args.host):
+        if not is_loopback(args.host):
             print(
                 f"warning: listening on {args.host}, reachable from other machines; csd serve has no authentication",
                 file=sys.stderr,
@@ -111,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 for queue in app.state.queues.values():  # end running streams now, not after the grace period
                     queue.close(wait=0)
 
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn_config(app, log_level=args.log_level, head_timeout=args.body_timeout)
         Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -1,4 +1,9 @@
-"""Server counters and their Prometheus text exposition (format 0.0.4, written by hand).
+"""Server counters, exposed through ``prometheus_client``.
+
+``ServerMetrics`` keeps the counters under one lock (the event loop counts HTTP requests, the
+worker thread generations) and is a ``prometheus_client`` collector: each scrape reads one
+consistent snapshot, and ``render()`` is ``prometheus_client.generate_latest`` over the app's own
+registry (never the process-wide default, so several apps can live in one process).
 
 Counters only grow; rates (tokens/s over a window) are the scraper's job. Two derived gauges are
 given for people reading ``/metrics`` by eye: ``csd_tokens_per_second`` (new tokens over decode
@@ -10,27 +15,25 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from ..stats import GenerationStats
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+# queued requests by outcome; "rejected": refused at the queue (full, shutting down) or by the library's checks
 OUTCOMES = ("completed", "cancelled", "timeout", "rejected", "error")
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(**labels) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
 class ServerMetrics:
-    """Thread-safe counters: the event loop counts HTTP requests, the worker thread generations."""
+    """Thread-safe counters of one served model, and their Prometheus collector."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self._lock = threading.Lock()
+        self._queue_state: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
         self.http_requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (method, endpoint, status)
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.queue_full = 0
@@ -48,14 +51,24 @@ class ServerMetrics:
         self.level_drafted: dict[str, int] = defaultdict(int)
         self.level_accepted: dict[str, int] = defaultdict(int)
         self.level_order: list[str] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def watch_queue(self, queue_state: Callable[[], tuple[int, int, int]]) -> None:
+        """Where scrapes read (queue depth, running requests, queue capacity)."""
+        self._queue_state = queue_state
+
+    # -- counting ---------------------------------------------------------------------------------
 
     def count_http(self, method: str, endpoint: str, status: int) -> None:
         with self._lock:
             self.http_requests[(method, endpoint, status)] += 1
 
     def count_queue_full(self) -> None:
+        """A request refused because the queue is full: a rejected outcome too."""
         with self._lock:
             self.queue_full += 1
+            self.outcomes["rejected"] += 1
 
     def record_outcome(self, outcome: str, queue_seconds: float | None) -> None:
         with self._lock:
@@ -68,91 +81,111 @@ class ServerMetrics:
         with self._lock:
             self.prompt_tokens += stats.num_prompt_tokens
             self.generation_tokens += stats.num_new_tokens
-            self.target_steps += stats.target_steps
+            self.target_steps += stats.num_target_steps
             self.prefill_seconds += stats.prefill_seconds
             self.decode_seconds += stats.decode_seconds
             self.last_tokens_per_second = stats.tokens_per_second
             self.generation_seconds += seconds
             for level in stats.levels:
-                name = level["name"]
+                name = level.name
                 if name not in self.level_order:
                     self.level_order.append(name)
-                self.level_emitted[name] += level.get("emitted", 0)
-                review = level.get("review")
-                if review:
-                    self.level_reviews[name] += review["reviews"]
-                    self.level_drafted[name] += review["drafted"]
-                    self.level_accepted[name] += review["accepted"]
+                self.level_emitted[name] += level.num_emitted
+                review = level.review
+                if review is not None:
+                    self.level_reviews[name] += review.num_reviews
+                    self.level_drafted[name] += review.num_drafted
+                    self.level_accepted[name] += review.num_accepted
 
     def mean_generation_seconds(self) -> float | None:
         with self._lock:
             done = self.outcomes["completed"]
             return self.generation_seconds / done if done else None
 
-    def render(self, queue_depth: int, running: int, max_queue: int) -> str:
+    # -- exposition -------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of this model's metrics."""
+        return generate_latest(self.registry)
+
+    def collect(self) -> list[Metric]:
+        """The prometheus_client collector protocol: every metric family, from one snapshot."""
+        depth, running, capacity = self._queue_state()
         with self._lock:
-            tokens_per_second = self.generation_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-            per_step = self.generation_tokens / self.target_steps if self.target_steps else 0.0
-            model_samples = [  # (name, type, help, value), each labelled with the model
-                ("csd_queue_full_total", "counter", "Requests refused with 503: queue full.", self.queue_full),
-                ("csd_queue_depth", "gauge", "Requests waiting in the queue.", queue_depth),
-                ("csd_requests_running", "gauge", "Requests generating now (at most 1 per model).", running),
-                ("csd_queue_capacity", "gauge", "Most requests allowed to wait (--max-queue).", max_queue),
-                ("csd_prompt_tokens_total", "counter", "Prompt tokens of completed generations.", self.prompt_tokens),
-                ("csd_generation_tokens_total", "counter", "New tokens of completed generations.", self.generation_tokens),
-                ("csd_target_steps_total", "counter", "Target steps of completed generations.", self.target_steps),
-                ("csd_prefill_seconds_total", "counter", "Seconds spent in prefill.", self.prefill_seconds),
-                ("csd_decode_seconds_total", "counter", "Seconds spent decoding (after prefill).", self.decode_seconds),
-                ("csd_tokens_per_second", "gauge", "New tokens per decode second, so far.", tokens_per_second),
-                ("csd_last_tokens_per_second", "gauge", "New tokens per decode second, last generation.", self.last_tokens_per_second),
-                ("csd_tokens_per_target_step", "gauge", "New tokens per target step (1.0: plain decoding).", per_step),
-            ]  # fmt: skip
-            reviewers = [name for name in self.level_order if self.level_reviews.get(name)]
-            accepted, drafted, reviews = self.level_accepted, self.level_drafted, self.level_reviews
-            level_samples = [  # (name, type, help, {level: value})
-                ("csd_level_emitted_tokens_total", "counter", "Output tokens each level proposed first.",
-                 {name: self.level_emitted[name] for name in self.level_order}),
-                ("csd_level_reviews_total", "counter", "Drafts each level reviewed (the target: verified).",
-                 {name: reviews[name] for name in reviewers}),
-                ("csd_level_drafted_tokens_total", "counter", "Draft tokens each level reviewed.",
-                 {name: drafted[name] for name in reviewers}),
-                ("csd_level_accepted_tokens_total", "counter", "Draft tokens each level accepted.",
-                 {name: accepted[name] for name in reviewers}),
-                ("csd_level_acceptance_rate", "gauge", "Accepted / drafted tokens of each reviewing level, so far.",
-                 {name: accepted[name] / drafted[name] if drafted[name] else 0.0 for name in reviewers}),
-                ("csd_level_mean_acceptance_length", "gauge",
-                 "Tokens per review of each reviewing level, counting the recovered or bonus token, so far.",
-                 {name: (accepted[name] + reviews[name]) / reviews[name] for name in reviewers}),
-            ]  # fmt: skip
-            lines = _family(
-                "csd_http_requests_total", "counter", "HTTP requests by method, endpoint and status code.",
-                [({"method": m, "endpoint": e, "status": s}, n) for (m, e, s), n in sorted(self.http_requests.items())],
-            )  # fmt: skip
-            lines += _family(
-                "csd_requests_total", "counter",
-                "Generation requests that were queued, by outcome (cancelled: the client disconnected).",
-                [({"model": self.model_name, "outcome": o}, n) for o, n in self.outcomes.items()],
-            )  # fmt: skip
-            for name, kind, help_text, value in model_samples:
-                lines += _family(name, kind, help_text, [({"model": self.model_name}, value)])
-            lines += [
-                "# HELP csd_queue_wait_seconds Seconds requests waited in the queue before generating.",
-                "# TYPE csd_queue_wait_seconds summary",
-                f"csd_queue_wait_seconds_sum{_labels(model=self.model_name)} {_number(self.queue_wait_seconds)}",
-                f"csd_queue_wait_seconds_count{_labels(model=self.model_name)} {self.queue_wait_count}",
+            return [
+                self._http_family(),
+                self._outcome_family(),
+                *self._model_families(depth, running, capacity),
+                *self._level_families(),
             ]
-            for name, kind, help_text, values in level_samples:
-                samples = [({"model": self.model_name, "level": level}, v) for level, v in values.items()]
-                lines += _family(name, kind, help_text, samples)
-        return "\n".join(lines) + "\n"
 
+    def _http_family(self) -> Metric:
+        labels = ["method", "endpoint", "status"]
+        family = CounterMetricFamily(
+            "csd_http_requests", "HTTP requests by method, endpoint and status code.", labels=labels
+        )
+        for (method, endpoint, status), count in sorted(self.http_requests.items()):
+            family.add_metric([method, endpoint, str(status)], count)
+        return family
 
-def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    return lines + [f"{name}{_labels(**labels)} {_number(value)}" for labels, value in samples]
+    def _outcome_family(self) -> Metric:
+        family = CounterMetricFamily(
+            "csd_requests",
+            "Generation requests by outcome (cancelled: the client disconnected; rejected: queue full, "
+            "shutting down, or refused by the library).",
+            labels=["model", "outcome"],
+        )
+        for outcome, count in self.outcomes.items():
+            family.add_metric([self.model_name, outcome], count)
+        return family
 
+    def _model_families(self, depth: int, running: int, capacity: int) -> Iterator[Metric]:
+        tokens_per_second = self.generation_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        per_step = self.generation_tokens / self.target_steps if self.target_steps else 0.0
+        samples = [  # (family type, name, help, value), each labelled with the model
+            (CounterMetricFamily, "csd_queue_full", "Requests refused with 503: queue full.", self.queue_full),
+            (GaugeMetricFamily, "csd_queue_depth", "Requests waiting in the queue.", depth),
+            (GaugeMetricFamily, "csd_requests_running", "Requests generating now (at most 1 per model).", running),
+            (GaugeMetricFamily, "csd_queue_capacity", "Most requests allowed to wait (--max-queue).", capacity),
+            (CounterMetricFamily, "csd_prompt_tokens", "Prompt tokens of completed generations.", self.prompt_tokens),
+            (CounterMetricFamily, "csd_generation_tokens", "New tokens of completed generations.", self.generation_tokens),
+            (CounterMetricFamily, "csd_target_steps", "Target steps of completed generations.", self.target_steps),
+            (CounterMetricFamily, "csd_prefill_seconds", "Seconds spent in prefill.", self.prefill_seconds),
+            (CounterMetricFamily, "csd_decode_seconds", "Seconds spent decoding (after prefill).", self.decode_seconds),
+            (GaugeMetricFamily, "csd_tokens_per_second", "New tokens per decode second, so far.", tokens_per_second),
+            (GaugeMetricFamily, "csd_last_tokens_per_second", "New tokens per decode second, last generation.", self.last_tokens_per_second),
+            (GaugeMetricFamily, "csd_tokens_per_target_step", "New tokens per target step (1.0: plain decoding).", per_step),
+        ]  # fmt: skip
+        for kind, name, help_text, value in samples:
+            family = kind(name, help_text, labels=["model"])
+            family.add_metric([self.model_name], value)
+            yield family
+        wait = SummaryMetricFamily(
+            "csd_queue_wait_seconds", "Seconds requests waited in the queue before generating.", labels=["model"]
+        )
+        wait.add_metric([self.model_name], self.queue_wait_count, self.queue_wait_seconds)
+        yield wait
 
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
+    def _level_families(self) -> Iterator[Metric]:
+        reviewers = [name for name in self.level_order if self.level_reviews.get(name)]
+        accepted, drafted, reviews = self.level_accepted, self.level_drafted, self.level_reviews
+        families = [  # (family type, name, help, {level: value})
+            (CounterMetricFamily, "csd_level_emitted_tokens", "Output tokens each level proposed first.",
+             {name: self.level_emitted[name] for name in self.level_order}),
+            (CounterMetricFamily, "csd_level_reviews", "Drafts each level reviewed (the target: verified).",
+             {name: reviews[name] for name in reviewers}),
+            (CounterMetricFamily, "csd_level_drafted_tokens", "Draft tokens each level reviewed.",
+             {name: drafted[name] for name in reviewers}),
+            (CounterMetricFamily, "csd_level_accepted_tokens", "Draft tokens each level accepted.",
+             {name: accepted[name] for name in reviewers}),
+            (GaugeMetricFamily, "csd_level_acceptance_rate", "Accepted / drafted tokens of each reviewing level, so far.",
+             {name: accepted[name] / drafted[name] if drafted[name] else 0.0 for name in reviewers}),
+            (GaugeMetricFamily, "csd_level_mean_acceptance_length",
+             "Tokens per review of each reviewing level, counting the recovered or bonus token, so far.",
+             {name: (accepted[name] + reviews[name]) / reviews[name] for name in reviewers}),
+        ]  # fmt: skip
+        for kind, name, help_text, values in families:
+            family = kind(name, help_text, labels=["model", "level"])
+            for level, value in values.items():
+                family.add_metric([self.model_name, level], value)
+            yield family

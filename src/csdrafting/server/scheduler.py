@@ -69,7 +69,7 @@ class Job:
             raise timeout_error(self.timeout)
         try:
             return await asyncio.wait_for(self._events.get(), remaining)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
             raise timeout_error(self.timeout) from None
 
 
@@ -100,6 +100,7 @@ class GenerationQueue:
         job = Job(request, timeout, asyncio.get_running_loop())
         with self._cv:
             if self._closed:
+                self.metrics.record_outcome("rejected", None)
                 raise shutting_down_error()
             busy = self._running is not None or self._waiting
             if busy and len(self._waiting) >= self.max_queue:

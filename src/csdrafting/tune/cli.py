@@ -92,10 +92,10 @@ def cmd_tune(args) -> int:
     config = config_from_args(args)
     if args.config is None and args.target is None and args.drafter is None:
         # no family named: tune the whole embedded family, not just the levels its default uses
-        config = replace(config, drafters=[str(p) for p in DEFAULT_DRAFTERS], k_matrix=None, mag_first=None)
+        config = replace(config, drafters=tuple(str(p) for p in DEFAULT_DRAFTERS), k_matrix="auto", mag_first=None)
     if args.k_matrix is not None:
         _log("--k-matrix is ignored: tuning chooses the K-matrix")
-    cascade = Cascade.from_config(config, runner=args.runner)
+    cascade = Cascade.from_config(config)
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
     prompts_ids = [cascade.encode(p["text"]) for p in prompts]
     for ids in prompts_ids:

@@ -1,10 +1,10 @@
 """Measured speed of several configurations of one family, side by side, in one process.
 
-Every method is a ``Cascade`` over the same loaded levels (a level is reset at the start of every
-generation, so sharing is safe when one generation runs at a time). Each method first runs one
-untimed warm-up generation. Then, for every trial and prompt, every method generates once, in an
-order rotated from prompt to prompt; the timer is the generation's decode time (prefill
-excluded), read after a device synchronisation. A method's speed in a trial is its tokens over
+Every method is a ``Cascade`` over the same loaded levels (``Cascade.with_config``; a level is
+reset at the start of every generation, so sharing is safe when one generation runs at a time).
+Timing is ``csdrafting.timing``'s, the same as ``csd bench``'s: one untimed warm-up generation
+per method, then for every trial and prompt every method generates once, in an order rotated
+from prompt to prompt; the timer is wall time around the whole generation. A method's speed in a trial is its tokens over
 its decode seconds summed over the prompts; its speedup in a trial is plain decoding's seconds
 over its own in that trial, and the reported figures are medians over trials. Greedy rows are
 checked token for token against plain decoding's output on the same prompt.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from .. import timing
 from ..sampling import SamplingParams
 
 
@@ -37,7 +38,7 @@ class Measured:
     method: Method
     seconds: list[float] = field(default_factory=list)  # per trial, summed over prompts
     tokens: list[int] = field(default_factory=list)
-    target_steps: list[int] = field(default_factory=list)
+    num_target_steps: list[int] = field(default_factory=list)
     mismatches: int = 0
 
     @property
@@ -46,28 +47,30 @@ class Measured:
 
     @property
     def tokens_per_step(self) -> float:
-        return sum(self.tokens) / max(sum(self.target_steps), 1)
+        return sum(self.tokens) / max(sum(self.num_target_steps), 1)
 
 
-def build(cascade, method: Method):
-    """A ``Cascade`` for ``method`` over ``cascade``'s loaded levels."""
-    from ..cascade import Cascade
+def method_config(config, method: Method):
+    """``method`` as a ``CascadeConfig`` over the levels ``config`` names (levels are 1-based
+    indices into its drafters, MaG last)."""
+    from dataclasses import replace
 
-    num_neural = len(cascade.drafters)
-    drafters = [cascade.drafters[v - 1] for v in method.levels if v <= num_neural]
-    with_mag = cascade.mag is not None and (num_neural + 1) in method.levels
-    return Cascade(
-        cascade.target,
-        drafters,
-        cascade.tokenizer,
+    num_neural = len(config.drafters)
+    with_mag = config.mag and (num_neural + 1) in method.levels
+    return replace(
+        config,
+        drafters=tuple(config.drafters[v - 1] for v in method.levels if v <= num_neural),
         mag=with_mag,
-        k_matrix=[list(row) for row in method.k_matrix],
+        k_matrix=method.k_matrix,
         lenience=method.lenience,
-        bigram=cascade.mag.bigram if with_mag else None,
-        eos_token_ids=cascade.eos_token_ids,
         adaptive=method.adaptive,
         mag_first=method.mag_first if with_mag else None,
     )
+
+
+def build(cascade, method: Method):
+    """A ``Cascade`` for ``method`` over ``cascade``'s loaded levels (no reload)."""
+    return cascade.with_config(method_config(cascade.config, method))
 
 
 def compare(
@@ -79,44 +82,45 @@ def compare(
     params: SamplingParams | None = None,
     log=None,
 ) -> dict[str, Measured]:
-    """Measure every method (the first must be plain decoding: the baseline) on every prompt."""
+    """Measure every method (the first must be plain decoding: the baseline) on every prompt,
+    with ``csdrafting.timing``'s harness (interleaved, warmed up, wall time)."""
     params = params or SamplingParams()
     log = log or (lambda message: None)
-    built = [(m, build(cascade, m)) for m in methods]
-    results = {m.name: Measured(m) for m in methods}
-    for _, runner in built:  # warm-up, not recorded
-        runner.generate(prompts_ids[0], min(16, max_new_tokens), params.temperature, seed=0, ignore_eos=True)
-    for trial in range(trials):
-        for m in results.values():
-            m.seconds.append(0.0)
-            m.tokens.append(0)
-            m.target_steps.append(0)
-        for p, ids in enumerate(prompts_ids):
-            shift = (p + trial) % len(built)
-            order = built[shift:] + built[:shift]
-            reference = None
-            outputs = {}
-            for method, runner in order:
-                seed = None if params.greedy else (params.seed or 0) + 1000 * trial + p
-                result = runner.generate(
-                    ids, max_new_tokens, params.temperature, params.top_k, params.top_p, seed=seed, ignore_eos=True
-                )
-                entry = results[method.name]
-                entry.seconds[-1] += result.stats.decode_seconds
-                entry.tokens[-1] += result.stats.num_new_tokens
-                entry.target_steps[-1] += result.stats.target_steps
-                outputs[method.name] = result.token_ids
-                if method is methods[0]:
-                    reference = result.token_ids
-            if params.greedy:
-                for name, tokens in outputs.items():
-                    if tokens != reference:
-                        results[name].mismatches += 1
-        plain = results[methods[0].name]
-        log(
-            f"trial {trial + 1}/{trials}: "
-            + ", ".join(f"{m.method.name} {plain.seconds[-1] / m.seconds[-1]:.2f}x" for m in results.values())
+    built = {m.name: build(cascade, m) for m in methods}
+    results = {m.name: Measured(m, [0.0] * trials, [0] * trials, [0] * trials) for m in methods}
+
+    def run(method: Method, case: tuple[int, list[int]], trial: int):
+        p, ids = case
+        seed = None if params.greedy else (params.seed or 0) + 1000 * trial + p
+        return built[method.name].generate(
+            ids, max_new_tokens, params.temperature, params.top_k, params.top_p, seed=seed, ignore_eos=True
         )
+
+    warm_length = min(16, max_new_tokens)
+    timing.warm_up(methods, lambda m: built[m.name].generate(prompts_ids[0], warm_length, seed=0, ignore_eos=True))
+    outputs: dict[tuple[int, int], dict[str, list[int]]] = {}
+    with timing.frozen_setup_garbage():
+        cases = list(enumerate(prompts_ids))
+        for timed in timing.interleaved(methods, cases, trials, run, cascade.synchronize):
+            entry, result = results[timed.method.name], timed.result
+            entry.seconds[timed.trial] += timed.seconds
+            entry.tokens[timed.trial] += result.stats.num_new_tokens
+            entry.num_target_steps[timed.trial] += result.stats.num_target_steps
+            outputs.setdefault((timed.trial, timed.case_index), {})[timed.method.name] = result.token_ids
+            if timed.case_index == len(cases) - 1 and len(outputs[timed.trial, timed.case_index]) == len(methods):
+                plain = results[methods[0].name]
+                log(
+                    f"trial {timed.trial + 1}/{trials}: "
+                    + ", ".join(
+                        f"{m.method.name} {plain.seconds[timed.trial] / m.seconds[timed.trial]:.2f}x"
+                        for m in results.values()
+                    )
+                )
+    if params.greedy:
+        for by_method in outputs.values():
+            reference = by_method[methods[0].name]
+            for name, tokens in by_method.items():
+                results[name].mismatches += tokens != reference
     return results
 
 

@@ -104,17 +104,10 @@ class Trajectory:
 
 def plain_cascade(cascade):
     """A cascade over the same target level with no drafting: plain decoding on our runner."""
-    from ..cascade import Cascade
+    from dataclasses import replace
 
-    return Cascade(
-        cascade.target,
-        [],
-        cascade.tokenizer,
-        mag=False,
-        k_matrix=[],
-        eos_token_ids=cascade.eos_token_ids,
-        adaptive=False,
-    )
+    plain = replace(cascade.config, drafters=(), mag=False, k_matrix=(), adaptive=False, mag_first=None)
+    return cascade.with_config(plain)
 
 
 def trajectories(
@@ -153,7 +146,7 @@ def mag_proposals(mag: MaG, trajectory: Trajectory, run: int) -> np.ndarray:
     out = np.full((num, run), -1, dtype=np.int64)
     for i in range(num):
         committed = start + i
-        proposal = mag.propose(ids[:committed], committed, min(run, num - i))
+        proposal = mag.propose(ids[:committed], committed, min(run, num - i)).tokens
         out[i, : len(proposal)] = proposal
     mag.reset()
     return out

@@ -70,7 +70,7 @@ decoding ``(cost_0(1) + o) N_step / T_step``. With one drafter of constant cost 
 target's cost 1 whatever ``T``), MaG off, a constant rate ``alpha`` and ``K = [[k]]``, this is
 the paper's ``(1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))``.
 
-``simulate.py`` runs the same algorithm as a Monte Carlo simulation with independent Bernoulli
+``tests/simulate.py`` runs the same algorithm as a Monte Carlo simulation with independent Bernoulli
 acceptances at these rates (KV caches tracked token by token); ``tests/test_planner.py`` checks
 the model against it.
 

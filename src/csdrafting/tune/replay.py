@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..levels.model import common_prefix_length
+from ..config import CascadeConfig
+from ..levels.memo import PrefixMemoLevel
+from ..loading import Levels
 
 TOP_K = 8  # logits kept per position: enough for lenient reviews (within a factor l of the top)
 FLOOR = -1e4  # logit of every token outside the kept top-k
@@ -56,27 +58,19 @@ class Trace:
         )
 
 
-@dataclass
-class _Counters:
-    forward_calls: int = 0
-    tokens_run: int = 0
-
-
-class ReplayLevel:
-    """A ``NeuralLevel`` that answers from a trace instead of running a model."""
+class ReplayRunner:
+    """A ``Runner`` that answers from a trace's recorded top logits instead of running a model."""
 
     runner_name = "replay"
     num_params = 0
     device = torch.device("cpu")
+    dtype = torch.float32
 
-    def __init__(self, name: str, vocab_size: int, max_positions: int) -> None:
-        self.name = name
+    def __init__(self, vocab_size: int, max_positions: int) -> None:
         self.vocab_size = vocab_size
         self.max_positions = max_positions
-        self.counters = _Counters()
         self.calls: list[int] = []  # tokens run by every forward, in order
         self.seconds = 0.0  # spent answering (subtracted from the replay's wall time)
-        self._ids: list[int] = []
         self._top_ids: torch.Tensor | None = None
         self._top_logits: torch.Tensor | None = None
         self._offset = 0
@@ -84,29 +78,20 @@ class ReplayLevel:
     def use(self, top_ids: torch.Tensor, top_logits: torch.Tensor, prompt_length: int) -> None:
         self._top_ids, self._top_logits = top_ids, top_logits
         self._offset = prompt_length - 1  # sequence position whose prediction is row 0
-
-    def reset(self) -> None:
-        self._ids = []
-        self.counters = _Counters()
         self.calls = []
         self.seconds = 0.0
 
-    def prefill(self, ids: list[int]) -> None:
-        self._ids = list(ids)
-
-    def next_token_logits(self, ids: list[int], num_positions: int) -> torch.Tensor:
+    def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
+        if num_logits == 0:
+            return torch.empty(0, self.vocab_size)  # the prefill: nothing to answer
         started = time.perf_counter()
-        start = min(common_prefix_length(self._ids, ids), len(ids) - num_positions)
-        self._ids = list(ids)
-        self.counters.forward_calls += 1
-        self.counters.tokens_run += len(ids) - start
-        self.calls.append(len(ids) - start)
-        first = len(ids) - num_positions - self._offset
-        rows = torch.arange(first, first + num_positions).clamp(0, self._top_ids.shape[0] - 1)
-        logits = torch.full((num_positions, self.vocab_size), FLOOR)
+        self.calls.append(len(token_ids))
+        first = start + len(token_ids) - num_logits - self._offset
+        rows = torch.arange(first, first + num_logits).clamp(0, self._top_ids.shape[0] - 1)
+        logits = torch.full((num_logits, self.vocab_size), FLOOR)
         logits.scatter_(1, self._top_ids[rows], self._top_logits[rows])
         self.seconds += time.perf_counter() - started
-        return logits  # (num_positions, V)
+        return logits  # (num_logits, V)
 
 
 def make_trace(prompt_ids: list[int], output_ids: list[int], logits: list[torch.Tensor]) -> Trace:
@@ -172,7 +157,9 @@ class Replayer:
         self.mag_bigram = mag_bigram
         self.mag = mag
         max_positions = max(len(t.prompt_ids) + len(t.output_ids) for t in traces) + 64
-        self.levels = [ReplayLevel(name, vocab_size, max_positions) for name in names]
+        self.runners = [ReplayRunner(vocab_size, max_positions) for _ in names]
+        levels = [PrefixMemoLevel(name, runner) for name, runner in zip(names, self.runners)]
+        self.levels = Levels(levels[0], tuple(levels[1:]), None, frozenset(), mag_bigram, tuple(names))
 
     def predict(self, rows, lenience: float, costs, mag_first: int | None = None):
         """The replay as a planner ``Prediction`` (seconds from the cost model)."""
@@ -208,7 +195,6 @@ class Replayer:
 
     def _run(self, rows, lenience: float, mag_first: int | None) -> ReplayResult:
         from ..cascade import Cascade
-        from ..levels.mag import MaG
         from .planner import reduce
 
         num_drafting = len(self.names) - 1 + int(self.mag)
@@ -219,37 +205,34 @@ class Replayer:
             used, reduced = reduce(rows, keep=(mag_level,) if mag_first is not None else ())
         else:
             used, reduced = [], []
-        drafters = [self.levels[v] for v in used if v != mag_level]
         with_mag = mag_level in used
-        cascade = Cascade(
-            self.levels[0],
-            drafters,
-            None,
-            mag=MaG(self.mag_bigram) if with_mag else False,
+        config = CascadeConfig(
+            target=self.names[0],
+            drafters=tuple(self.names[v] for v in used if v != mag_level),
+            mag=with_mag,
             k_matrix=reduced,
             lenience=lenience,
-            eos_token_ids=[],
             adaptive=False,
             mag_first=mag_first,
         )
+        cascade = Cascade(self.levels, config)
         num_tokens = num_steps = mag_calls = 0
         answer_seconds = 0.0
-        calls = [[] for _ in self.levels]
+        calls = [[] for _ in self.runners]
         matches = True
         started = time.perf_counter()
         for trace in self.traces:
-            for i, level in enumerate(self.levels):
-                level.reset()
-                level.use(trace.top_ids[i], trace.top_logits[i], len(trace.prompt_ids))
+            for i, runner in enumerate(self.runners):
+                runner.use(trace.top_ids[i], trace.top_logits[i], len(trace.prompt_ids))
             result = cascade.generate(trace.prompt_ids, len(trace.output_ids), ignore_eos=True)
             matches &= result.token_ids == trace.output_ids
             num_tokens += result.stats.num_new_tokens
-            num_steps += result.stats.target_steps
-            for level, sink in zip(self.levels, calls):
-                sink.extend(level.calls)
-                answer_seconds += level.seconds
+            num_steps += result.stats.num_target_steps
+            for runner, sink in zip(self.runners, calls):
+                sink.extend(runner.calls)
+                answer_seconds += runner.seconds
             if with_mag:
-                mag_calls += result.stats.levels[-1]["forward_calls"]
+                mag_calls += result.stats.levels[-1].num_forwards
         wall = time.perf_counter() - started
         return ReplayResult(
             num_tokens, num_steps, tuple(tuple(c) for c in calls), mag_calls, matches, wall, answer_seconds

@@ -15,8 +15,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from ..levels.model import common_prefix_length
-from .planner import MAX_RATE, Acceptance, CostModel, nominal_share
+from csdrafting.levels.memo import common_prefix_length
+from csdrafting.tune.planner import MAX_RATE, Acceptance, CostModel, nominal_share
 
 
 @dataclass(frozen=True)

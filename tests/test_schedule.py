@@ -1,0 +1,132 @@
+"""Draft schedules on their own: the static schedule keeps every length, the adaptive one backs
+off a drafter that keeps failing (doubling), retries it, and switches speculation off and on by
+measured time, fed here by hand (a fake clock: ``after_step`` gets the seconds)."""
+
+from __future__ import annotations
+
+from csdrafting.kmatrix import KMatrix
+from csdrafting.schedule import AdaptiveSchedule, StaticSchedule
+
+ONE_DRAFTER = KMatrix(((4,),))
+
+
+def adaptive(k_matrix: KMatrix = ONE_DRAFTER, mag_first: int | None = None) -> AdaptiveSchedule:
+    schedule = AdaptiveSchedule(k_matrix, mag_first)
+    schedule.reset(use_timing=False)  # length tests: no clock-driven plain steps at the start
+    return schedule
+
+
+def reject_until_off(schedule: AdaptiveSchedule) -> int:
+    """Reject the drafter's first token until its entry falls to 0; returns how many reviews."""
+    for reviews in range(1, 100):
+        length = schedule.rows[0][0]
+        schedule.after_review(0, [(0, 0, length)], num_accepted=0)
+        if schedule.rows[0][0] == 0:
+            return reviews
+    raise AssertionError("the entry never switched off")
+
+
+def reviews_until_back(schedule: AdaptiveSchedule) -> int:
+    """Reviews of the row (with nothing from the switched-off drafter) until it is retried."""
+    for reviews in range(1, 2000):
+        schedule.after_review(0, [], num_accepted=0)
+        if schedule.rows[0][0] > 0:
+            assert schedule.rows[0][0] == 1  # retried with a single token
+            return reviews
+    raise AssertionError("the entry never came back")
+
+
+def test_static_schedule_keeps_every_length():
+    schedule = StaticSchedule(KMatrix(((2, 3), (0, 1))), mag_first=4)
+    for _ in range(5):
+        schedule.after_review(0, [(0, 0, 2), (1, 2, 5)], num_accepted=0)
+        schedule.after_mag_first(num_accepted=20)
+        schedule.after_step(1.0, 1, speculative=True)
+    assert schedule.current() == [[2, 3], [0, 1]] and schedule.ends(0) == [2, 5]
+    assert schedule.mag_first_length() == StaticSchedule.MAG_FIRST_START == 24  # adaptive=False: fixed
+    assert schedule.speculate()
+
+
+def test_adaptive_lengths_follow_acceptance():
+    schedule = adaptive()
+    for _ in range(10):
+        length = schedule.rows[0][0]
+        schedule.after_review(0, [(0, 0, length)], num_accepted=length)
+    assert schedule.rows[0][0] > 4  # always right: longer drafts
+    assert schedule.rows[0][0] <= max(8, AdaptiveSchedule.MAX_GROWTH * 4)  # within its cap
+
+
+def test_backoff_doubles_after_each_failed_retry_and_resets_after_a_success():
+    schedule = adaptive()
+    reject_until_off(schedule)
+    first = reviews_until_back(schedule)
+    assert first + 1 == AdaptiveSchedule.FIRST_BACKOFF
+    schedule.after_review(0, [(0, 0, 1)], num_accepted=0)  # the retry fails
+    assert schedule.rows[0][0] == 0
+    second = reviews_until_back(schedule)
+    assert second + 1 == 2 * (first + 1)
+    schedule.after_review(0, [(0, 0, 1)], num_accepted=0)  # fails again: doubles again
+    third = reviews_until_back(schedule)
+    assert third + 1 == 4 * (first + 1)
+    for _ in range(6):  # the retried drafter is right from now on
+        length = schedule.rows[0][0]
+        schedule.after_review(0, [(0, 0, length)], num_accepted=length)
+    assert schedule.backoff[0][0] == AdaptiveSchedule.FIRST_BACKOFF
+
+
+def test_backoff_is_capped():
+    schedule = adaptive()
+    reject_until_off(schedule)
+    for _ in range(12):
+        reviews_until_back(schedule)
+        schedule.after_review(0, [(0, 0, 1)], num_accepted=0)
+    assert reviews_until_back(schedule) + 1 == AdaptiveSchedule.MAX_BACKOFF
+
+
+def test_mag_first_length_follows_acceptance_within_bounds():
+    schedule = adaptive(KMatrix(((1,),)), mag_first=3)
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
+    schedule.after_mag_first(num_accepted=5)
+    assert schedule.mag_first_length() == 12  # about twice what was accepted
+    schedule.after_mag_first(num_accepted=100)
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MAX_TOKENS
+    schedule.after_mag_first(num_accepted=0)
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
+    schedule.begin(carry_over=True)  # a new generation starts from the initial length
+    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
+
+
+def run_steps(schedule: AdaptiveSchedule, num_steps: int, spec_seconds_per_token: float) -> list[bool]:
+    """Steps with a fake clock: plain steps cost 10 ms a token, speculative ones as given (2 tokens)."""
+    decisions = []
+    for _ in range(num_steps):
+        speculative = schedule.speculate()
+        decisions.append(speculative)
+        if speculative:
+            schedule.after_step(2 * spec_seconds_per_token, 2, speculative=True)
+        else:
+            schedule.after_step(0.010, 1, speculative=False)
+    return decisions
+
+
+def test_time_switch_turns_slow_speculation_off_and_retries_with_doubling_backoff():
+    schedule = AdaptiveSchedule(ONE_DRAFTER)  # use_timing=True: it starts with plain steps to measure
+    decisions = run_steps(schedule, 2, 0.020)
+    assert decisions == [False, False]
+    decisions = run_steps(schedule, AdaptiveSchedule.JUDGE_AFTER, 0.020)  # twice plain's cost per token
+    assert all(decisions) and not schedule.speculate()  # judged slower: plain decoding for a while
+    off = run_steps(schedule, 200, 0.020)
+    first_pause = off.index(True)
+    assert first_pause == AdaptiveSchedule.FIRST_BACKOFF * 4
+    later = off[first_pause:]
+    second_pause = later[AdaptiveSchedule.JUDGE_AFTER :].index(True)
+    assert second_pause == 2 * first_pause  # the retry failed: twice as long off
+
+
+def test_time_switch_keeps_fast_speculation_and_never_runs_for_seeded_sampling():
+    schedule = AdaptiveSchedule(ONE_DRAFTER)
+    decisions = run_steps(schedule, 100, 0.004)  # faster than plain per token
+    assert decisions[:2] == [False, False] and all(decisions[2:])
+    seeded = AdaptiveSchedule(ONE_DRAFTER)
+    seeded.begin(carry_over=False)  # seeded sampling: reproducible, no clock
+    assert all(run_steps(seeded, 100, 0.050))
