@@ -3,12 +3,18 @@
 The tests run tiny tensors: with more than one intra-op thread on a shared 2-core machine every
 small op pays for thread synchronisation (softmax on a (5, 7) tensor went from ~10 us to ~1 ms),
 so the suite runs single-threaded. Results do not depend on it (float64, fixed seeds).
+
+The lean runner's matmul kernel is forced (``CSD_KERNEL``, default ``linear`` here) so that no
+test times kernels or writes the user's cache; ``CSD_KERNEL=transposed pytest`` runs the whole
+suite on another kernel, and the identity tests run every kernel themselves (test_kernels.py).
 """
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+os.environ.setdefault("CSD_KERNEL", "linear")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tiny import ...`

@@ -200,7 +200,7 @@ class Models:
         }
         self.runner = runner
         self._torch_dtype = torch_dtype
-        self._level_modules: dict[str, torch.nn.Module] = {}  # our copies, see the class docstring
+        self._level_modules: dict[tuple[str, str], torch.nn.Module] = {}  # our copies, see the class docstring
         self._levels: dict[tuple[str, str], object] = {}
         target_module = self.modules[self.target_name]
         eos = getattr(target_module.generation_config, "eos_token_id", None)
@@ -237,9 +237,9 @@ class Models:
         runner = runner or self.runner
         key = (name, runner)
         if key not in self._levels:
-            if name not in self._level_modules:
-                self._level_modules[name] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = model_level(name, self._level_modules[name], runner)
+            # one copy per level: the lean runner may take its module's weights over (packed)
+            self._level_modules[key] = load_model(self.paths[name], self.device, self._torch_dtype)
+            self._levels[key] = model_level(name, self._level_modules[key], runner, own_weights=True)
         return self._levels[key]
 
     def levels(self, drafters: list[str], runner: str | None = None):
@@ -258,16 +258,19 @@ class Models:
     def runner_bytes(self, name: str, runner: str | None = None) -> int:
         """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
         KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
+        runner = runner or self.runner
         backend = getattr(self.level(name, runner), "runner", None)
         if backend is None:
             return 0
-        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name].parameters()}
+        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name, runner].parameters()}
         seen: set[int] = set()
         total = 0
         stack = list(vars(backend).values())
         while stack:
             item = stack.pop()
             if isinstance(item, torch.Tensor):
+                if item.is_mkldnn:
+                    continue  # packed weights: held in place of the module's (released) parameters
                 ptr = item.untyped_storage().data_ptr()
                 if ptr not in shared and ptr not in seen:
                     seen.add(ptr)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import kernels
 
 
 def supports(config) -> bool:
@@ -36,7 +37,12 @@ class LlamaRunner:
 
     runner_name = "lean"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, kernel: str | None = None, own_weights: bool = False) -> None:
+        """``kernel``: ``auto`` (time the candidates, ``kernels.py``) or one kernel for every
+        matmul; default ``$CSD_KERNEL`` or ``auto``. ``own_weights``: the runner may take the
+        module's weights into a layout transformers cannot read (oneDNN's packed blocks); the
+        module then no longer runs. Without it every weight stays a view of the module's
+        parameters (both hold the same memory) and the module keeps working."""
         config = model.config
         if not supports(config):
             raise ConfigError(
@@ -45,36 +51,71 @@ class LlamaRunner:
             )
         self.num_params = sum(p.numel() for p in model.parameters())
         self.vocab_size = int(config.vocab_size)
-        weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-        self.device = weights["model.embed_tokens.weight"].device
-        self.dtype = weights["model.embed_tokens.weight"].dtype
+        embed = model.get_parameter("model.embed_tokens.weight")
+        self.device = embed.device
+        self.dtype = embed.dtype
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
-        self.embed = weights["model.embed_tokens.weight"]  # (V, E)
-        self.lm_head = weights.get("lm_head.weight", self.embed)  # (V, E); tied when absent
-        self.final_norm = weights["model.norm.weight"]
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.intermediate = config.intermediate_size
+        hidden = config.hidden_size
+        head = model.get_parameter("lm_head.weight")
+        tied = head is embed or head.data_ptr() == embed.data_ptr()
+        shapes = {  # (out, in) of every matmul: the projections of one layer, then the output layer
+            "qkv": (self.q_size + 2 * self.kv_size, hidden),
+            "o": (hidden, self.q_size),
+            "gate_up": (2 * self.intermediate, hidden),
+            "down": (hidden, self.intermediate),
+            "head": (self.vocab_size, hidden),
+        }
+        # the tied table must also serve the token lookup, which a packed layout cannot
+        packable = [name for name in shapes if own_weights and not (name == "head" and tied)]
+        self.shapes = shapes
+        self.choices = kernels.plan(shapes, self.device, self.dtype, kernel, packable)
+        self.kernel_request = kernels.requested_kernel(kernel)
+        moved = any(c.layout == "packed" for c in self.choices.values())
+        layout = {name: choice.layout for name, choice in self.choices.items()}
         self.layers = []
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}."
-            w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            attn, mlp = prefix + "self_attn.", prefix + "mlp."
             self.layers.append(
                 (
-                    w["input_layernorm.weight"],
-                    _fuse(
-                        model, prefix, ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
+                    model.get_parameter(prefix + "input_layernorm.weight").detach(),
+                    _store(
+                        model, [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"], layout["qkv"]
                     ),
-                    w["self_attn.o_proj.weight"],
-                    w["post_attention_layernorm.weight"],
-                    _fuse(model, prefix, ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
-                    w["mlp.down_proj.weight"],
+                    _store(model, [attn + "o_proj.weight"], layout["o"]),
+                    model.get_parameter(prefix + "post_attention_layernorm.weight").detach(),
+                    _store(model, [mlp + "gate_proj.weight", mlp + "up_proj.weight"], layout["gate_up"]),
+                    _store(model, [mlp + "down_proj.weight"], layout["down"]),
                 )
             )
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.intermediate = self.layers[0][5].shape[1]
+        self.final_norm = model.get_parameter("model.norm.weight").detach()
+        if tied:  # one table: the head's layout, read by rows for the lookup
+            self.lm_head = _store(model, ["model.embed_tokens.weight"], layout["head"])
+            self.embed = self.lm_head if layout["head"] == "plain" else self.lm_head.t()  # (V, E)
+        else:
+            self.embed = embed.detach()  # (V, E)
+            self.lm_head = _store(model, ["lm_head.weight"], layout["head"])
+        if moved:
+            model.register_forward_pre_hook(_weights_moved)
+        # per bucket of token counts: the layer's four matmuls (the two before a residual add
+        # fused with it) and the output layer's, each the kernel chosen for that bucket
+        self._layer_kernels = [
+            (
+                self.choices["qkv"].kernel(b).matmul,
+                self.choices["o"].kernel(b).matmul_add,
+                self.choices["gate_up"].kernel(b).matmul,
+                self.choices["down"].kernel(b).matmul_add,
+            )
+            for b in range(len(kernels.BUCKETS))
+        ]
+        self._head_kernels = [self.choices["head"].kernel(b).matmul for b in range(len(kernels.BUCKETS))]
         # RoPE tables as transformers computes them: float32 frequencies, cast to the model dtype
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -128,7 +169,7 @@ class LlamaRunner:
         num_new = input_ids.shape[0]
         end = start + num_new
         self._reserve(end)
-        x = self.embed[input_ids]  # (T, E)
+        x = F.embedding(input_ids, self.embed)  # (T, E)
         cos = self.cos[start:end].unsqueeze(0)  # (1, T, D)
         signed_sin = self.signed_sin[start:end].unsqueeze(0)
         # One query attends to every cached key; a whole prompt is plain causal attention. Other
@@ -140,9 +181,9 @@ class LlamaRunner:
             hidden = torch.arange(end, device=self.device).unsqueeze(0) > query_pos  # (T, S)
             mask = torch.zeros(hidden.shape, device=self.device, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
         gqa = self.num_kv_heads != self.num_heads
+        mm_qkv, mm_o_add, mm_gate_up, mm_down_add = self._layer_kernels[kernels.bucket_index(num_new)]
         for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
-            h = self._rms_norm(x, norm1)
-            qkv = F.linear(h, w_qkv)  # (T, (H + 2 Hkv) D)
+            qkv = mm_qkv(self._rms_norm(x, norm1), w_qkv)  # (T, (H + 2 Hkv) D)
             # queries and keys rotate together: one RoPE instead of two
             qk = qkv[:, : self.q_size + self.kv_size].view(num_new, self.num_heads + self.num_kv_heads, self.head_dim)
             qk = self._rotate(qk.transpose(0, 1), cos, signed_sin)  # (H + Hkv, T, D)
@@ -158,22 +199,54 @@ class LlamaRunner:
                 is_causal=causal,
                 enable_gqa=gqa,
             )  # (1, H, T, D)
-            x = x + F.linear(attn[0].transpose(0, 1).reshape(num_new, self.q_size), w_o)
-            gate, up = F.linear(self._rms_norm(x, norm2), w_gate_up).split(self.intermediate, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            x = mm_o_add(attn[0].transpose(0, 1).reshape(num_new, self.q_size), w_o, x)  # x + attn W_o^T
+            gate, up = mm_gate_up(self._rms_norm(x, norm2), w_gate_up).split(self.intermediate, dim=-1)
+            x = mm_down_add(F.silu(gate) * up, w_down, x)  # (T, E)
         if num_logits == 0:
-            return x.new_empty((0, self.lm_head.shape[0]))
-        return F.linear(self._rms_norm(x[num_new - num_logits :], self.final_norm), self.lm_head)  # (N, V)
+            return x.new_empty((0, self.vocab_size))
+        mm_head = self._head_kernels[kernels.bucket_index(num_logits)]
+        return mm_head(self._rms_norm(x[num_new - num_logits :], self.final_norm), self.lm_head)  # (N, V)
+
+    def kernel_report(self) -> list[dict]:
+        """Per weight: its shape, the layout it is stored in, the kernel each bucket of token
+        counts runs, and the times that choice was made from (ms; none when forced)."""
+        return [
+            {
+                "weight": name,
+                "shape": list(shape),
+                "layout": choice.layout,
+                "kernels": dict(zip(kernels.BUCKETS, choice.kernels)),
+                "forced": choice.forced,
+                "expected_ms": choice.expected_ms(),
+                "times_ms": choice.times_ms,
+            }
+            for name, choice, shape in ((name, self.choices[name], self.shapes[name]) for name in self.choices)
+        ]
 
 
-def _fuse(model: torch.nn.Module, prefix: str, names: list[str]) -> torch.Tensor:
-    """Concatenate projection weights into one matrix (one matmul instead of several) and make the
-    transformers model's parameters views into it, so the weights are held in memory once."""
-    params = [model.get_parameter(prefix + name) for name in names]
-    fused = torch.cat([p.detach() for p in params])
+def _store(model: torch.nn.Module, names: list[str], layout: str) -> torch.Tensor:
+    """The weights ``names`` as one matrix (projections concatenated: one matmul instead of
+    several) in ``layout``, held once: the module's parameters become views into it (a
+    transposed copy's ``.t()`` still reads as (out, in)); a packed matrix cannot be viewed, so
+    their storage is released instead (``own_weights``)."""
+    params = [model.get_parameter(name) for name in names]
+    plain = torch.cat([p.detach() for p in params]) if len(params) > 1 else params[0].detach()  # (out, in)
+    stored = kernels.to_layout(plain, layout)
     offset = 0
     for param in params:
         rows = param.shape[0]
-        param.data = fused[offset : offset + rows]
+        if layout == "plain":
+            param.data = stored[offset : offset + rows]
+        elif layout == "transposed":
+            param.data = stored[:, offset : offset + rows].t()
+        else:
+            param.data = param.data.new_empty(0)
         offset += rows
-    return fused
+    return stored
+
+
+def _weights_moved(module, args):
+    raise RuntimeError(
+        "this model's weights were packed into csdrafting's lean runner (own_weights=True) and "
+        "it cannot run by itself any more; load another copy to run it with transformers"
+    )
