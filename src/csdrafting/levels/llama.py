@@ -143,6 +143,9 @@ class LlamaRunner:
             k_cache[:, :, : self.capacity] = self.k_cache
             v_cache[:, :, : self.capacity] = self.v_cache
         self.k_cache, self.v_cache, self.capacity = k_cache, v_cache, capacity
+        # each layer's slice as SDPA reads it, made once here instead of in every forward
+        self.k_layers = [layer.unsqueeze(0) for layer in k_cache]  # L x (1, Hkv, capacity, D)
+        self.v_layers = [layer.unsqueeze(0) for layer in v_cache]
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -156,9 +159,9 @@ class LlamaRunner:
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """RoPE as transformers computes it, x * cos + rotate_half(x) * sin, with the sign of
-        rotate_half's negated half folded into the sin table (exact: a sign flip does not round)."""
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
+        rotate_half's negated half folded into the sin table (exact: a sign flip does not round),
+        so rotate_half is a roll by half the head dim (one op, the same bits)."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], start: int, num_logits: int) -> torch.Tensor:
@@ -170,8 +173,8 @@ class LlamaRunner:
         end = start + num_new
         self._reserve(end)
         x = F.embedding(input_ids, self.embed)  # (T, E)
-        cos = self.cos[start:end].unsqueeze(0)  # (1, T, D)
-        signed_sin = self.signed_sin[start:end].unsqueeze(0)
+        cos = self.cos[start:end]  # (T, D): broadcasts over (1, H, T, D)
+        signed_sin = self.signed_sin[start:end]
         # One query attends to every cached key; a whole prompt is plain causal attention. Other
         # multi-token forwards need a mask: additive (0 / -inf), built once here, because SDPA
         # would otherwise convert a boolean mask in every layer (same bits either way).
@@ -182,24 +185,25 @@ class LlamaRunner:
             mask = torch.zeros(hidden.shape, device=self.device, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
         gqa = self.num_kv_heads != self.num_heads
         mm_qkv, mm_o_add, mm_gate_up, mm_down_add = self._layer_kernels[kernels.bucket_index(num_new)]
-        for i, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
-            qkv = mm_qkv(self._rms_norm(x, norm1), w_qkv)  # (T, (H + 2 Hkv) D)
+        num_qk = self.num_heads + self.num_kv_heads
+        qkv_shape = (1, num_new, num_qk + self.num_kv_heads, self.head_dim)
+        for (norm1, w_qkv, w_o, norm2, w_gate_up, w_down), k_layer, v_layer in zip(
+            self.layers, self.k_layers, self.v_layers
+        ):
+            qkv = mm_qkv(self._rms_norm(x, norm1), w_qkv).view(qkv_shape).transpose(1, 2)  # (1, H + 2 Hkv, T, D)
             # queries and keys rotate together: one RoPE instead of two
-            qk = qkv[:, : self.q_size + self.kv_size].view(num_new, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = self._rotate(qk.transpose(0, 1), cos, signed_sin)  # (H + Hkv, T, D)
-            q = qk[: self.num_heads]  # (H, T, D)
-            v = qkv[:, self.q_size + self.kv_size :].view(num_new, self.num_kv_heads, self.head_dim)
-            self.k_cache[i, :, start:end] = qk[self.num_heads :]  # (Hkv, T, D)
-            self.v_cache[i, :, start:end] = v.transpose(0, 1)
+            qk = self._rotate(qkv[:, :num_qk], cos, signed_sin)  # (1, H + Hkv, T, D)
+            k_layer[:, :, start:end] = qk[:, self.num_heads :]  # (1, Hkv, T, D)
+            v_layer[:, :, start:end] = qkv[:, num_qk:]
             attn = F.scaled_dot_product_attention(
-                q.unsqueeze(0),
-                self.k_cache[i, :, :end].unsqueeze(0),
-                self.v_cache[i, :, :end].unsqueeze(0),
+                qk[:, : self.num_heads],
+                k_layer[:, :, :end],
+                v_layer[:, :, :end],
                 attn_mask=mask,
                 is_causal=causal,
                 enable_gqa=gqa,
             )  # (1, H, T, D)
-            x = mm_o_add(attn[0].transpose(0, 1).reshape(num_new, self.q_size), w_o, x)  # x + attn W_o^T
+            x = mm_o_add(attn.transpose(1, 2).reshape(num_new, self.q_size), w_o, x)  # x + attn W_o^T
             gate, up = mm_gate_up(self._rms_norm(x, norm2), w_gate_up).split(self.intermediate, dim=-1)
             x = mm_down_add(F.silu(gate) * up, w_down, x)  # (T, E)
         if num_logits == 0:
