@@ -34,6 +34,7 @@ import torch
 
 from .. import timing
 from ..errors import ConfigError
+from ..levels.kernels import ENV_VAR as KERNEL_ENV_VAR
 from ..paths import PACKAGE_DIR
 from .suite import Method, Suite
 
@@ -100,6 +101,7 @@ def environment(device: torch.device, dtype: str) -> dict:
         "dtype": dtype,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "kernel": os.environ.get(KERNEL_ENV_VAR) or "auto",  # the lean runner's matmul kernels (forced or timed)
     }
 
 
@@ -171,9 +173,10 @@ class MemoryProbe:
 
 class Models:
     """The target and drafters: transformers' methods run on the modules as ``from_pretrained``
-    loads them; our levels get their own copies, loaded on first use, because our lean runner
-    re-lays the weights out (fused projections) and transformers' methods are measured as users
-    run them, not on our layout."""
+    loads them; our levels get their own copies, loaded on first use (one per model and runner),
+    because our lean runner re-lays the weights out (fused projections, the kernels' layouts, or
+    packed into a form the module cannot run) and transformers' methods are measured as users run
+    them, not on our layout."""
 
     def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
         from ..levels.mag import BigramTable
