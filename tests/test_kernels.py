@@ -228,7 +228,10 @@ def test_a_kernel_that_computes_something_else_is_never_timed(monkeypatch):
     wrong = kernels.Kernel("wrong", "plain", lambda x, w: x @ w.t() * 1.001, lambda x, w, r: r + x @ w.t() * 1.001)
     monkeypatch.setitem(kernels.KERNELS, "wrong", wrong)
     measured = kernels.calibrate([(24, 16)], CPU, torch.float64, ["linear", "wrong"], max_rounds=2, min_rounds=1)
-    assert set(measured["24x16"]["1"]) == {"linear"}
+    assert measured["24x16"]["1"]["wrong"] is None and measured["24x16"]["1"]["linear"] > 0
+    assert kernels.choose(measured["24x16"], ["linear", "wrong"]).kernels == ("linear",) * 4
+    # recorded as unusable: a cache holding it is complete, and the next load does not time again
+    assert kernels._complete(measured["24x16"], ["linear", "wrong"])
 
 
 def test_auto_times_once_then_reads_the_cache(monkeypatch, tmp_path):

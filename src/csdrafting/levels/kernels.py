@@ -30,12 +30,14 @@ by ``MIN_GAIN`` (noise must not move the weights around).
 
 **Cache**: the measured times are kept as JSON in ``$XDG_CACHE_HOME/csdrafting/kernels.json``
 (or ``~/.cache/csdrafting``), keyed by CPU model, torch version, thread count, device and dtype;
-a new shape is timed and added, an unreadable file is ignored (and rewritten). ``CSD_KERNEL``
+a model with a shape the cache lacks has all its shapes timed and added; an unreadable file is
+ignored (and rewritten). ``CSD_KERNEL``
 (``auto``, or a kernel name) forces one kernel for every weight and bucket, without timing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -112,11 +114,8 @@ def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def available_kernels(device: torch.device, dtype: torch.dtype, allow_packed: bool = True) -> list[str]:
-    names = ["linear", "transposed"]
-    if onednn_available(device, dtype):
-        names += ["onednn", "packed"] if allow_packed else ["onednn"]
-    return names
+def available_kernels(device: torch.device, dtype: torch.dtype) -> list[str]:
+    return ["linear", "transposed"] + (["onednn", "packed"] if onednn_available(device, dtype) else [])
 
 
 def to_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -137,7 +136,8 @@ def to_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class WeightChoice:
     """How one weight shape is stored and multiplied: one layout, one kernel per bucket.
-    ``times_ms``: bucket -> kernel -> median ms as measured (empty when forced)."""
+    ``times_ms``: bucket -> kernel -> ms as measured, None for a kernel found unusable (empty
+    when forced)."""
 
     layout: str
     kernels: tuple[str, ...]  # one per bucket, all of this layout
@@ -156,7 +156,7 @@ class WeightChoice:
 def choose(times_ms: dict, allowed: Iterable[str]) -> WeightChoice:
     """The layout rule (module docstring) over measured ``times_ms`` (bucket -> kernel -> ms),
     among the ``allowed`` kernels."""
-    allowed = [k for k in allowed if all(k in times_ms[b] for b in BUCKETS)]
+    allowed = [k for k in allowed if all(_is_time(times_ms[b].get(k)) for b in BUCKETS)]
     per_layout = {}
     for layout in LAYOUTS:
         names = [k for k in allowed if KERNELS[k].layout == layout]
@@ -222,11 +222,20 @@ def plan(
     return choices
 
 
+def _is_time(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _complete(times_ms: dict | None, candidates: list[str]) -> bool:
+    """Every candidate timed (or found unusable: None) at every bucket."""
     return (
         isinstance(times_ms, dict)
         and all(isinstance(times_ms.get(b), dict) for b in BUCKETS)
-        and all(isinstance(times_ms[b].get(k), (int, float)) for b in BUCKETS for k in candidates)
+        and all(
+            k in times_ms[b] and (times_ms[b][k] is None or _is_time(times_ms[b][k]))
+            for b in BUCKETS
+            for k in candidates
+        )
     )
 
 
@@ -295,10 +304,10 @@ def calibrate(
                 KERNELS[name].matmul(x, w)
                 sync()
                 samples.setdefault((s, bucket, name), []).append(time.perf_counter() - started)
-    result: dict[str, dict] = {}
+    # None records a kernel found unusable on this shape, so it is not timed again on every load
+    result = {shape_key(s): {b: dict.fromkeys(candidates) for b in BUCKETS} for s in shapes}
     for (s, bucket, name), times in samples.items():
-        by_bucket = result.setdefault(shape_key(s), {b: {} for b in BUCKETS})
-        by_bucket[bucket][name] = min(times) * 1000
+        result[shape_key(s)][bucket][name] = min(times) * 1000
     return result
 
 
@@ -391,8 +400,12 @@ class KernelCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".json", dir=self.path.parent)
+        except OSError:
+            return
+        try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
         except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
