@@ -216,7 +216,9 @@ def _no_calibration(*args, **kwargs):
 def test_calibration_times_every_available_kernel_at_every_bucket():
     shapes = [(24, 16), (16, 24)]
     candidates = kernels.available_kernels(CPU, torch.float32)
-    measured = kernels.calibrate(shapes, CPU, torch.float32, candidates, max_rounds=3, min_rounds=1)
+    calibration = kernels.calibrate(shapes, CPU, torch.float32, candidates, max_rounds=3, min_rounds=1)
+    assert calibration.reliable  # single-threaded (conftest): nothing can stall
+    measured = calibration.times_ms
     assert set(measured) == {"24x16", "16x24"}
     for by_bucket in measured.values():
         assert set(by_bucket) == set(kernels.BUCKETS)
@@ -227,7 +229,9 @@ def test_calibration_times_every_available_kernel_at_every_bucket():
 def test_a_kernel_that_computes_something_else_is_never_timed(monkeypatch):
     wrong = kernels.Kernel("wrong", "plain", lambda x, w: x @ w.t() * 1.001, lambda x, w, r: r + x @ w.t() * 1.001)
     monkeypatch.setitem(kernels.KERNELS, "wrong", wrong)
-    measured = kernels.calibrate([(24, 16)], CPU, torch.float64, ["linear", "wrong"], max_rounds=2, min_rounds=1)
+    measured = kernels.calibrate(
+        [(24, 16)], CPU, torch.float64, ["linear", "wrong"], max_rounds=2, min_rounds=1
+    ).times_ms
     assert measured["24x16"]["1"]["wrong"] is None and measured["24x16"]["1"]["linear"] > 0
     assert kernels.choose(measured["24x16"], ["linear", "wrong"]).kernels == ("linear",) * 4
     # recorded as unusable: a cache holding it is complete, and the next load does not time again
@@ -266,6 +270,22 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(tmp_path, content):
     choices = kernels.plan({"qkv": (24, 16)}, CPU, torch.float64, "auto", cache=cache)
     assert not choices["qkv"].forced
     assert isinstance(json.loads(cache.path.read_text())["machines"][key]["24x16"]["1"]["linear"], float)
+
+
+def test_a_calibration_on_a_stalling_machine_is_used_but_not_cached(monkeypatch, tmp_path):
+    """While the machine cannot run this process's threads together every parallel call waits
+    for a scheduler tick: those times are not what the kernels cost another time."""
+    monkeypatch.setattr(kernels._StallProbe, "clear", lambda self: False)
+    cache = kernels.KernelCache(tmp_path / "kernels.json")
+    calibration = kernels.calibrate([(24, 16)], CPU, torch.float64, ["linear", "transposed"], budget_s=0.05)
+    assert not calibration.reliable and calibration.times_ms["24x16"]["1"]["linear"] > 0
+    choices = kernels.plan({"qkv": (24, 16)}, CPU, torch.float64, "auto", cache=cache)
+    assert not choices["qkv"].forced and not cache.path.exists()
+
+
+def test_the_stall_probe_passes_on_an_idle_thread_team():
+    probe = kernels._StallProbe(CPU)
+    assert any(probe.clear() for _ in range(20))
 
 
 def test_an_unwritable_cache_is_not_an_error(tmp_path):

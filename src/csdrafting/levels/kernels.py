@@ -212,9 +212,10 @@ def plan(
     known = cache.lookup(key)
     if not all(_complete(known.get(shape_key(s)), candidates) for s in shapes.values()):
         # all the model's shapes together, even those known: each is timed after the others
-        measured = calibrate(sorted(set(shapes.values())), device, dtype, candidates)
-        known.update(measured)
-        cache.store(key, measured)
+        calibration = calibrate(sorted(set(shapes.values())), device, dtype, candidates)
+        known.update(calibration.times_ms)
+        if calibration.reliable:  # else timed again on the next load
+            cache.store(key, calibration.times_ms)
     choices = {}
     for name, shape in shapes.items():
         allowed = [k for k in candidates if k != "packed" or name in packable]
@@ -246,6 +247,16 @@ def shape_key(shape: tuple[int, int]) -> str:
 # -- timing --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """``times_ms``: shape key -> bucket -> kernel -> ms (None: the kernel is unusable there).
+    ``reliable``: every time came from calls during which the machine ran this process's threads
+    together; an unreliable calibration is used but not cached."""
+
+    times_ms: dict
+    reliable: bool
+
+
 def calibrate(
     shapes: Iterable[tuple[int, int]],
     device: torch.device,
@@ -254,19 +265,58 @@ def calibrate(
     max_rounds: int = 15,
     min_rounds: int = 3,
     budget_s: float = 1.0,
-) -> dict[str, dict]:
-    """Times (ms) of every candidate on every (out, in) shape at every bucket's token count.
+) -> Calibration:
+    """Time every candidate on every (out, in) shape at every bucket's token count.
 
     Random weights of each shape in each candidate's layout. Every round times every (bucket,
-    shape, kernel) once, in an order rotated from round to round, so each weight has been pushed
-    out of the caches by the others about as much as in a forward, and noise from other work on
-    the machine hits every kernel alike. Rounds stop after ``max_rounds``, or once ``budget_s``
-    is spent and ``min_rounds`` are done. The time kept is the first quartile of the rounds: a
-    busy machine only ever adds time (a thread waiting for a descheduled peer), so the low
-    quantile is what the kernel costs, and unlike the minimum it is not one lucky call. A kernel
-    that fails, or disagrees with exact arithmetic beyond rounding, is left out (never chosen).
+    shape, kernel) once, in an order where consecutive calls never read the same weight and that
+    rotates from round to round, so each weight has been pushed out of the caches by the others
+    about as much as in a forward, and other work on the machine hits every kernel alike. The
+    time kept is the minimum over the rounds, of the calls the stall probe passed (``_StallProbe``):
+    a busy machine only ever adds time. Rounds stop after ``max_rounds``; or once ``budget_s`` is
+    spent, ``min_rounds`` are done and every entry has a clean call; or at 2 x ``budget_s``.
+    A kernel that fails, or disagrees with exact arithmetic beyond rounding, is not timed (None).
     """
     shapes = list(shapes)
+    inputs, stored = _calibration_operands(shapes, device, dtype, candidates)
+    # consecutive calls never read the same weight (linear and onednn share the plain one: the
+    # second would find it in cache), and a round rotates whole blocks of shapes
+    order = [(bucket, s, name) for bucket in BUCKETS for name in candidates for s in shapes if (s, name) in stored]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probe = _StallProbe(device)
+    clean: dict[tuple, list[float]] = {entry: [] for entry in order}
+    stalled: dict[tuple, list[float]] = {entry: [] for entry in order}
+    with torch.inference_mode():
+        for bucket, s, name in order:  # one untimed call each: first-call setup (oneDNN primitives)
+            KERNELS[name].matmul(inputs[s, bucket], stored[s, name])
+        started_all = time.perf_counter()
+        deadline = started_all + 2 * budget_s
+        for round_index in range(max_rounds):
+            enough = round_index >= min_rounds and all(clean.values())
+            if (enough and time.perf_counter() - started_all > budget_s) or time.perf_counter() > deadline:
+                break
+            shift = (round_index * len(shapes)) % len(order) if order else 0
+            for entry in order[shift:] + order[:shift]:
+                if round_index > 0 and time.perf_counter() > deadline:
+                    break  # the first round completes: every entry gets a time
+                bucket, s, name = entry
+                ok = probe.clear()
+                sync()
+                started = time.perf_counter()
+                KERNELS[name].matmul(inputs[s, bucket], stored[s, name])
+                sync()
+                (clean if ok else stalled)[entry].append(time.perf_counter() - started)
+    # None records a kernel found unusable on this shape, so it is not timed again on every load
+    times_ms = {shape_key(s): {b: dict.fromkeys(candidates) for b in BUCKETS} for s in shapes}
+    for entry in order:
+        bucket, s, name = entry
+        times_ms[shape_key(s)][bucket][name] = min(clean[entry] or stalled[entry]) * 1000
+    return Calibration(times_ms, reliable=all(clean.values()))
+
+
+def _calibration_operands(shapes, device, dtype, candidates) -> tuple[dict, dict]:
+    """Random inputs per (shape, bucket) and weights per (shape, kernel) in that kernel's layout,
+    for the kernels that compute the product right."""
     generator = torch.Generator().manual_seed(0)
     weights = {s: torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes}
     inputs = {
@@ -274,7 +324,7 @@ def calibrate(
         for s in shapes
         for bucket, num_tokens in zip(BUCKETS, BUCKET_TOKENS)
     }
-    stored = {}  # (shape, kernel) -> the weight in that kernel's layout, if the kernel is right
+    stored = {}
     for s in shapes:
         check = _Check(inputs[s, BUCKETS[1]], weights[s])
         for name in candidates:
@@ -284,31 +334,32 @@ def calibrate(
                 continue
             if check.agrees(KERNELS[name], weight):
                 stored[s, name] = weight
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples: dict[tuple, list[float]] = {}
-    with torch.inference_mode():
-        # consecutive calls never read the same weight (linear and onednn share the plain one:
-        # the second would find it in cache), and a round rotates whole blocks of shapes
-        order = [(bucket, s, name) for bucket in BUCKETS for name in candidates for s in shapes if (s, name) in stored]
-        for entry in order:  # one untimed call each: first-call setup (oneDNN primitives)
-            KERNELS[entry[2]].matmul(inputs[entry[1], entry[0]], stored[entry[1], entry[2]])
-        started_all = time.perf_counter()
-        for round_index in range(max_rounds):
-            if round_index >= min_rounds and time.perf_counter() - started_all > budget_s:
-                break
-            shift = (round_index * len(shapes)) % len(order) if order else 0
-            for bucket, s, name in order[shift:] + order[:shift]:
-                x, w = inputs[s, bucket], stored[s, name]
-                sync()
-                started = time.perf_counter()
-                KERNELS[name].matmul(x, w)
-                sync()
-                samples.setdefault((s, bucket, name), []).append(time.perf_counter() - started)
-    # None records a kernel found unusable on this shape, so it is not timed again on every load
-    result = {shape_key(s): {b: dict.fromkeys(candidates) for b in BUCKETS} for s in shapes}
-    for (s, bucket, name), times in samples.items():
-        result[shape_key(s)][bucket][name] = min(times) * 1000
-    return result
+    return inputs, stored
+
+
+class _StallProbe:
+    """Whether this process's CPU threads run together right now.
+
+    On a machine with more runnable threads than cores, a parallel op waits for a descheduled
+    thread of its team for a scheduler tick (several ms, against microseconds of work); on the
+    project's shared 2-core machines this came and went within seconds and, while it lasted, hit
+    every call (even the minimum over rounds). The probe is a parallel add of 2^16 floats (a few
+    microseconds); above ``THRESHOLD_S`` the next timed call is marked stalled. Single-threaded
+    and on CUDA there is nothing to wait for."""
+
+    THRESHOLD_S = 0.5e-3
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cpu" and torch.get_num_threads() > 1
+        self.operand = torch.ones(1 << 16)
+        self.out = torch.empty_like(self.operand)
+
+    def clear(self) -> bool:
+        if not self.active:
+            return True
+        started = time.perf_counter()
+        torch.add(self.operand, self.operand, out=self.out)
+        return time.perf_counter() - started < self.THRESHOLD_S
 
 
 class _Check:
