@@ -3,9 +3,10 @@
 Why it exists: on small models the framework's per-forward overhead, not the arithmetic, decides
 the speed (a 22M-parameter model does ~45 MFLOP per token, well under a millisecond of compute).
 This runner does the same math as transformers' ``LlamaForCausalLM`` in as few tensor ops as
-possible: fused QKV and gate/up projections, a KV buffer indexed by position (so "rolling back"
-rejected tokens is free: the next forward simply writes over them) and logits only for the
-positions the caller asks for.
+possible: fused QKV and gate/up projections, residual adds fused into the matmuls before them, a
+KV buffer indexed by position (so "rolling back" rejected tokens is free: the next forward simply
+writes over them) and logits only for the positions the caller asks for. Every matmul runs the
+kernel, and every weight is stored in the layout, that ``kernels.py`` chose for this machine.
 
 Shapes: T new tokens, S = start + T keys, H heads, Hkv key/value heads, D head dim, E hidden, V vocab.
 """
@@ -62,25 +63,42 @@ class LlamaRunner:
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
-        hidden = config.hidden_size
-        head = model.get_parameter("lm_head.weight")
-        tied = head is embed or head.data_ptr() == embed.data_ptr()
-        shapes = {  # (out, in) of every matmul: the projections of one layer, then the output layer
-            "qkv": (self.q_size + 2 * self.kv_size, hidden),
-            "o": (hidden, self.q_size),
-            "gate_up": (2 * self.intermediate, hidden),
-            "down": (hidden, self.intermediate),
-            "head": (self.vocab_size, hidden),
+        embed_is_head = model.get_parameter("lm_head.weight").data_ptr() == embed.data_ptr()
+        self.shapes = {  # (out, in) of every matmul: the projections of one layer, the output layer
+            "qkv": (self.q_size + 2 * self.kv_size, config.hidden_size),
+            "o": (config.hidden_size, self.q_size),
+            "gate_up": (2 * self.intermediate, config.hidden_size),
+            "down": (config.hidden_size, self.intermediate),
+            "head": (self.vocab_size, config.hidden_size),
         }
-        # the tied table must also serve the token lookup, which a packed layout cannot
-        packable = [name for name in shapes if own_weights and not (name == "head" and tied)]
-        self.shapes = shapes
-        self.choices = kernels.plan(shapes, self.device, self.dtype, kernel, packable)
-        self.kernel_request = kernels.requested_kernel(kernel)
-        moved = any(c.layout == "packed" for c in self.choices.values())
+        # a tied table must also serve the token lookup, which cannot read packed blocks
+        packable = [name for name in self.shapes if own_weights and not (name == "head" and embed_is_head)]
+        self.choices = kernels.plan(self.shapes, self.device, self.dtype, kernel, packable)
+        self._store_weights(model, embed_is_head)
+        if any(choice.layout == "packed" for choice in self.choices.values()):
+            model.register_forward_pre_hook(_weights_moved)
+        # per bucket of token counts: the layer's four matmuls (the two before a residual add
+        # fused with it) and the output layer's, each the kernel chosen for that bucket
+        self._layer_kernels = [
+            (
+                self.choices["qkv"].kernel(b).matmul,
+                self.choices["o"].kernel(b).matmul_add,
+                self.choices["gate_up"].kernel(b).matmul,
+                self.choices["down"].kernel(b).matmul_add,
+            )
+            for b in range(len(kernels.BUCKETS))
+        ]
+        self._head_kernels = [self.choices["head"].kernel(b).matmul for b in range(len(kernels.BUCKETS))]
+        self.cos, self.signed_sin = _rope_tables(config, self.head_dim, self.max_positions, self.device, self.dtype)
+        self.capacity = 0
+        self.k_cache: torch.Tensor | None = None  # (L, Hkv, capacity, D)
+        self.v_cache: torch.Tensor | None = None
+
+    def _store_weights(self, model: torch.nn.Module, embed_is_head: bool) -> None:
+        """Every matrix in its chosen layout, held once (``_store``); norms as they are."""
         layout = {name: choice.layout for name, choice in self.choices.items()}
         self.layers = []
-        for i in range(config.num_hidden_layers):
+        for i in range(model.config.num_hidden_layers):
             prefix = f"model.layers.{i}."
             attn, mlp = prefix + "self_attn.", prefix + "mlp."
             self.layers.append(
@@ -96,40 +114,12 @@ class LlamaRunner:
                 )
             )
         self.final_norm = model.get_parameter("model.norm.weight").detach()
-        if tied:  # one table: the head's layout, read by rows for the lookup
+        if embed_is_head:  # one table: in the head's layout, read by rows for the lookup
             self.lm_head = _store(model, ["model.embed_tokens.weight"], layout["head"])
             self.embed = self.lm_head if layout["head"] == "plain" else self.lm_head.t()  # (V, E)
         else:
-            self.embed = embed.detach()  # (V, E)
+            self.embed = model.get_parameter("model.embed_tokens.weight").detach()  # (V, E)
             self.lm_head = _store(model, ["lm_head.weight"], layout["head"])
-        if moved:
-            model.register_forward_pre_hook(_weights_moved)
-        # per bucket of token counts: the layer's four matmuls (the two before a residual add
-        # fused with it) and the output layer's, each the kernel chosen for that bucket
-        self._layer_kernels = [
-            (
-                self.choices["qkv"].kernel(b).matmul,
-                self.choices["o"].kernel(b).matmul_add,
-                self.choices["gate_up"].kernel(b).matmul,
-                self.choices["down"].kernel(b).matmul_add,
-            )
-            for b in range(len(kernels.BUCKETS))
-        ]
-        self._head_kernels = [self.choices["head"].kernel(b).matmul for b in range(len(kernels.BUCKETS))]
-        # RoPE tables as transformers computes them: float32 frequencies, cast to the model dtype
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # (P, D/2)
-        angles = torch.cat([freqs, freqs], dim=-1)  # (P, D)
-        self.cos = angles.cos().to(device=self.device, dtype=self.dtype)
-        sin = angles.sin().to(device=self.device, dtype=self.dtype)
-        half = self.head_dim // 2
-        self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # (P, D)
-        self.capacity = 0
-        self.k_cache: torch.Tensor | None = None  # (L, Hkv, capacity, D)
-        self.v_cache: torch.Tensor | None = None
 
     def _reserve(self, length: int) -> None:
         """Grow the KV buffers (keeping their contents) so that positions < length fit."""
@@ -226,6 +216,21 @@ class LlamaRunner:
             }
             for name, choice, shape in ((name, self.choices[name], self.shapes[name]) for name in self.choices)
         ]
+
+
+def _rope_tables(config, head_dim: int, max_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (P, D) as transformers computes them: float32 frequencies, cast to the
+    model dtype; the sin's first half negated (``LlamaRunner._rotate``)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (P, D/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (P, D)
+    cos = angles.cos().to(device=device, dtype=dtype)
+    sin = angles.sin().to(device=device, dtype=dtype)
+    half = head_dim // 2
+    return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
 
 def _store(model: torch.nn.Module, names: list[str], layout: str) -> torch.Tensor:
