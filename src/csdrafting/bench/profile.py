@@ -150,11 +150,7 @@ def forward_split(models, name: str, prompt_ids: list[int], tokens: list[int], r
 
 
 def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, repeats: int) -> dict:
-    """Reaches into the lean runner (``levels/llama.py``): its layers, kernels and KV cache."""
-    import torch.nn.functional as F
-
-    from ..levels.kernels import bucket_index
-
+    """The split for the last ``num_new`` tokens of ``prompt_ids`` after caching the rest."""
     level = models.level(name)
     sync = models.synchronize
     start = len(prompt_ids) - num_new
@@ -164,43 +160,11 @@ def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, re
     forward_ms = _timed(lambda: runner.forward(new_ids, start, num_new), repeats, sync)
     no_head_ms = _timed(lambda: runner.forward(new_ids, start, 0), repeats, sync)
     num_ops = _count_ops(lambda: runner.forward(new_ids, start, num_new))
-    level.reset()
-
-    generator = torch.Generator(device=runner.device).manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(shape, generator=generator, device=runner.device).to(runner.dtype)
-
-    mm_qkv, mm_o_add, mm_gate_up, mm_down_add = runner._layer_kernels[bucket_index(num_new)]
-    hidden, inter = runner.embed.shape[1], runner.intermediate
-    x, h_q, h_mid = rand(num_new, hidden), rand(num_new, runner.q_size), rand(num_new, inter)
-
-    def projections():
-        for _, w_qkv, w_o, _, w_gate_up, w_down in runner.layers:
-            mm_qkv(x, w_qkv)
-            mm_o_add(h_q, w_o, x)
-            mm_gate_up(x, w_gate_up)
-            mm_down_add(h_mid, w_down, x)
-
-    end = len(prompt_ids)
-    runner._reserve(end)
-    q = rand(1, runner.num_heads, num_new, runner.head_dim)
-    mask = None
-    if num_new > 1:
-        positions = torch.arange(end, device=runner.device)
-        hidden_pos = positions.unsqueeze(0) > positions[start:].unsqueeze(-1)  # (T, S)
-        mask = torch.zeros(hidden_pos.shape, device=runner.device, dtype=runner.dtype)
-        mask.masked_fill_(hidden_pos, float("-inf"))
-    gqa = runner.num_kv_heads != runner.num_heads
-
-    def attention():
-        for i in range(len(runner.layers)):
-            k, v = runner.k_cache[i, :, :end].unsqueeze(0), runner.v_cache[i, :, :end].unsqueeze(0)
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
+    projections, attention = _layer_parts(runner, start, num_new)
     with torch.inference_mode():
         projections_ms = _timed(projections, repeats, sync)
         attention_ms = _timed(attention, repeats, sync)
+    level.reset()
     rest = no_head_ms[0] - projections_ms[0] - attention_ms[0]
     return {
         "level": name,
@@ -220,6 +184,46 @@ def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, re
             "attention": attention_ms[1],
         },
     }
+
+
+def _layer_parts(runner, start: int, num_new: int):
+    """Two calls over every layer of the lean runner (it reaches into ``levels/llama.py``): its
+    four matmuls with the kernels its forward runs for ``num_new`` tokens, and its attention over
+    the cached keys and values of ``start + num_new`` positions, on random activations."""
+    import torch.nn.functional as F
+
+    from ..levels.kernels import bucket_index
+
+    generator = torch.Generator(device=runner.device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, device=runner.device).to(runner.dtype)
+
+    mm_qkv, mm_o_add, mm_gate_up, mm_down_add = runner._layer_kernels[bucket_index(num_new)]
+    x, h_q = rand(num_new, runner.embed.shape[1]), rand(num_new, runner.q_size)  # (T, E), (T, H D)
+    h_mid = rand(num_new, runner.intermediate)  # (T, I)
+
+    def projections():
+        for _, w_qkv, w_o, _, w_gate_up, w_down in runner.layers:
+            mm_qkv(x, w_qkv)
+            mm_o_add(h_q, w_o, x)
+            mm_gate_up(x, w_gate_up)
+            mm_down_add(h_mid, w_down, x)
+
+    end = start + num_new
+    q = rand(1, runner.num_heads, num_new, runner.head_dim)  # (1, H, T, D)
+    mask = None
+    if num_new > 1:  # as the forward builds it: additive, 0 / -inf
+        positions = torch.arange(end, device=runner.device)
+        hidden = positions.unsqueeze(0) > positions[start:].unsqueeze(-1)  # (T, S)
+        mask = torch.zeros(hidden.shape, device=runner.device, dtype=runner.dtype).masked_fill_(hidden, float("-inf"))
+    gqa = runner.num_kv_heads != runner.num_heads
+
+    def attention():
+        for k_layer, v_layer in zip(runner.k_layers, runner.v_layers):
+            F.scaled_dot_product_attention(q, k_layer[:, :, :end], v_layer[:, :, :end], attn_mask=mask, enable_gqa=gqa)
+
+    return projections, attention
 
 
 def _count_ops(fn) -> int:
