@@ -5,8 +5,9 @@ small op pays for thread synchronisation (softmax on a (5, 7) tensor went from ~
 so the suite runs single-threaded. Results do not depend on it (float64, fixed seeds).
 
 The lean runner's matmul kernel is forced (``CSD_KERNEL``, default ``linear`` here) so that no
-test times kernels or writes the user's cache; ``CSD_KERNEL=transposed pytest`` runs the whole
-suite on another kernel, and the identity tests run every kernel themselves (test_kernels.py).
+test times kernels or writes the user's cache. test_kernels.py runs every kernel itself; another
+value here (``CSD_KERNEL=auto pytest``) reaches the levels that own their module (loaded from
+folders), while modules a test hands in keep transformers' layout (``LlamaRunner``).
 """
 
 import os

@@ -103,7 +103,8 @@ def test_cached_logits_equal_fresh_forward_llama(llama, runner, kernel, monkeypa
     if kernel is not None:  # every float64 kernel (test_kernels.py: the float32 ones)
         monkeypatch.setenv("CSD_KERNEL", kernel)
     for seed in range(3):
-        level = model_level("t", llama["target"], runner)
+        # its own copy, so the runner may take any layout (own_weights)
+        level = model_level("t", copy_model(llama["target"]), runner, own_weights=True)
         assert level.runner_name == runner
         moves = drive_level(level, llama["target"], seed)
         assert min(moves[m] for m in ("extend", "rollback", "diverge", "prefill", "fully cached")) > 0, moves

@@ -184,12 +184,15 @@ def test_forced_kernel_is_used_without_timing(monkeypatch, tmp_path):
     assert not (tmp_path / "k.json").exists()
 
 
-def test_forced_packed_falls_back_where_packing_is_not_allowed():
-    if not ONEDNN:
-        pytest.skip("no oneDNN")
-    choices = kernels.plan({"qkv": (12, 8), "head": (20, 8)}, CPU, torch.float32, "packed", packable=["qkv"])
-    assert choices["qkv"].layout == "packed"
-    assert choices["head"].layout == "plain" and choices["head"].kernels == ("onednn",) * 4
+def test_a_forced_kernel_falls_back_to_its_library_on_the_plain_layout():
+    shapes, layouts = {"qkv": (12, 8), "head": (20, 8)}, {"qkv": kernels.LAYOUTS, "head": ("plain",)}
+    choices = kernels.plan(shapes, CPU, torch.float64, "transposed", layouts)
+    assert choices["qkv"].layout == "transposed"
+    assert choices["head"].layout == "plain" and choices["head"].kernels == ("linear",) * 4
+    if ONEDNN:
+        choices = kernels.plan(shapes, CPU, torch.float32, "packed", layouts)
+        assert choices["qkv"].layout == "packed"
+        assert choices["head"].layout == "plain" and choices["head"].kernels == ("onednn",) * 4
 
 
 def test_unknown_or_unavailable_kernels_are_config_errors(monkeypatch):
@@ -307,23 +310,45 @@ def storage_ptrs(tensors) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if not t.is_mkldnn}
 
 
+def held_once(model, runner) -> bool:
+    """Every parameter of the module shares its storage with a tensor the runner multiplies."""
+    runner_tensors = [t for layer in runner.layers for t in layer] + [runner.lm_head, runner.embed, runner.final_norm]
+    return storage_ptrs(model.parameters()) <= storage_ptrs(runner_tensors)
+
+
 @pytest.mark.parametrize("kernel", ALL_KERNELS)
 @pytest.mark.parametrize("tied", [False, True])
-def test_weights_are_held_once_and_the_module_still_runs(kernel, tied):
-    """Without ``own_weights`` the module's parameters are views of what the runner multiplies
-    (a transposed copy's ``.t()``), and the module computes what it did."""
+def test_a_module_handed_in_stays_a_usable_transformers_module(kernel, tied, tmp_path):
+    """Without ``own_weights`` every weight keeps transformers' layout (a forced kernel of another
+    layout runs its library's plain-layout kernel): the module's parameters are contiguous views
+    of what the runner multiplies, it computes what it did, and it still saves."""
     model = tiny_llama(0, tied=tied, dtype=dtype_of(kernel))
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         before = model(ids).logits
     runner = LlamaRunner(model, kernel=kernel)
-    runner_tensors = [t for layer in runner.layers for t in layer] + [runner.lm_head, runner.embed, runner.final_norm]
-    params = list(model.parameters())
-    assert storage_ptrs(params) <= storage_ptrs(runner_tensors)  # nothing the module holds is a second copy
-    assert sum(p.numel() for p in params) == runner.num_params
-    assert runner.choices["head"].layout != "packed"
+    assert {c.layout for c in runner.choices.values()} == {"plain"}
+    assert held_once(model, runner) and all(p.is_contiguous() for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == runner.num_params
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    saved = type(model).from_pretrained(tmp_path, dtype=model.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transposed_weights_leave_the_module_views_of_them(tied):
+    model = tiny_llama(0, tied=tied)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        before = model(ids).logits
+    runner = LlamaRunner(model, kernel="transposed", own_weights=True)
+    assert {c.layout for c in runner.choices.values()} == {"transposed"}
+    assert held_once(model, runner)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-12)
 
 
 @pytest.mark.skipif(not ONEDNN, reason="no oneDNN")
@@ -347,7 +372,7 @@ def test_packed_weights_replace_the_module_weights(tied):
 
 
 def test_kernel_report_names_every_weight():
-    runner = LlamaRunner(tiny_llama(0), kernel="transposed")
+    runner = LlamaRunner(tiny_llama(0), kernel="transposed", own_weights=True)
     report = runner.kernel_report()
     assert [row["weight"] for row in report] == ["qkv", "o", "gate_up", "down", "head"]
     assert report[0]["shape"] == [48 + 2 * 24, 48] and report[0]["layout"] == "transposed"

@@ -14,9 +14,10 @@ nothing is assumed: the candidates are timed on the machine and the fastest kept
 * ``transposed``: ``torch.mm`` against a transposed contiguous copy, ``(in, out)``;
 * ``packed``: oneDNN on the weight reordered into its blocked format (an opaque tensor).
 
-``onednn`` and ``packed`` exist for CPU float32 / bfloat16 / float16 only (oneDNN has no float64),
-and ``packed`` only where the runner may own the weights (``allow_packed``): a packed weight
-cannot be a view with transformers' layout, so transformers' module loses its copy.
+``onednn`` and ``packed`` exist for CPU float32 / bfloat16 / float16 only (oneDNN has no float64).
+Which layouts a weight may take is the runner's call (``plan``'s ``layouts``): a packed weight
+cannot be a view with transformers' layout, so the module loses its copy; a transposed one can
+(``.t()``), but the module can then no longer be saved with ``save_pretrained``.
 
 **A choice** is made per weight shape. Each kernel is timed at one token count per
 **bucket** of new tokens (``BUCKETS``: 1, 2-4, 5-16, 17+). Each weight is stored once, so one
@@ -173,11 +174,14 @@ def choose(times_ms: dict, allowed: Iterable[str]) -> WeightChoice:
     return WeightChoice(layout, per_layout[layout][1], times_ms)
 
 
-def forced_choice(name: str, allow_packed: bool) -> WeightChoice:
-    """Every bucket on kernel ``name``; ``packed`` where packing is not allowed falls back to
-    ``onednn``, the same oneDNN matmul on the plain layout."""
-    if name == "packed" and not allow_packed:
-        name = "onednn"
+PLAIN_FALLBACK = {"packed": "onednn", "transposed": "linear"}  # the same library on the plain layout
+
+
+def forced_choice(name: str, layouts: Iterable[str] = LAYOUTS) -> WeightChoice:
+    """Every bucket on kernel ``name``; where its layout is not allowed, on the same library's
+    kernel for the plain layout (``PLAIN_FALLBACK``)."""
+    if KERNELS[name].layout not in layouts:
+        name = PLAIN_FALLBACK[name]
     return WeightChoice(KERNELS[name].layout, (name,) * len(BUCKETS), {}, forced=True)
 
 
@@ -194,18 +198,18 @@ def plan(
     device: torch.device,
     dtype: torch.dtype,
     kernel: str | None = None,
-    packable: Iterable[str] = (),
+    layouts: dict[str, Iterable[str]] | None = None,
     cache: KernelCache | None = None,
 ) -> dict[str, WeightChoice]:
-    """A choice for every weight (name -> (out, in) shape). ``packable``: the weights that may
-    take the packed layout. A forced kernel (``kernel`` or ``$CSD_KERNEL``) is used without
-    timing; ``auto`` reads the cache and times only shapes it lacks."""
+    """A choice for every weight (name -> (out, in) shape). ``layouts``: the layouts each weight
+    may take (default: any; ``plain`` is always allowed). A forced kernel (``kernel`` or
+    ``$CSD_KERNEL``) is used without timing; ``auto`` reads the cache and times what it lacks."""
     requested = requested_kernel(kernel)
-    packable = set(packable)
+    allowed_layouts = {name: {"plain", *(LAYOUTS if layouts is None else layouts[name])} for name in shapes}
     if requested != AUTO:
         if requested not in available_kernels(device, dtype):
             raise ConfigError(f"kernel {requested!r} is not available for {dtype} on {device.type}")
-        return {name: forced_choice(requested, name in packable) for name in shapes}
+        return {name: forced_choice(requested, allowed_layouts[name]) for name in shapes}
     candidates = available_kernels(device, dtype)
     cache = cache if cache is not None else KernelCache()
     key = machine_key(device, dtype)
@@ -218,7 +222,7 @@ def plan(
             cache.store(key, calibration.times_ms)
     choices = {}
     for name, shape in shapes.items():
-        allowed = [k for k in candidates if k != "packed" or name in packable]
+        allowed = [k for k in candidates if KERNELS[k].layout in allowed_layouts[name]]
         choices[name] = choose(known[shape_key(shape)], allowed)
     return choices
 

@@ -40,10 +40,12 @@ class LlamaRunner:
 
     def __init__(self, model: torch.nn.Module, kernel: str | None = None, own_weights: bool = False) -> None:
         """``kernel``: ``auto`` (time the candidates, ``kernels.py``) or one kernel for every
-        matmul; default ``$CSD_KERNEL`` or ``auto``. ``own_weights``: the runner may take the
-        module's weights into a layout transformers cannot read (oneDNN's packed blocks); the
-        module then no longer runs. Without it every weight stays a view of the module's
-        parameters (both hold the same memory) and the module keeps working."""
+        matmul; default ``$CSD_KERNEL`` or ``auto``. ``own_weights``: the module is the runner's
+        alone, so its weights may take any layout: transposed (the module's parameters become
+        ``.t()`` views: it runs, but ``save_pretrained`` fails on them) or oneDNN's packed blocks
+        (the module's parameters are released: it no longer runs). Without it every weight keeps
+        transformers' layout, the module's parameters are contiguous row slices of the runner's
+        fused matrices (one copy in memory), and the module is as usable as before."""
         config = model.config
         if not supports(config):
             raise ConfigError(
@@ -71,9 +73,10 @@ class LlamaRunner:
             "down": (config.hidden_size, self.intermediate),
             "head": (self.vocab_size, config.hidden_size),
         }
-        # a tied table must also serve the token lookup, which cannot read packed blocks
-        packable = [name for name in self.shapes if own_weights and not (name == "head" and embed_is_head)]
-        self.choices = kernels.plan(self.shapes, self.device, self.dtype, kernel, packable)
+        layouts = {name: kernels.LAYOUTS if own_weights else ("plain",) for name in self.shapes}
+        if embed_is_head:  # the tied table also serves the token lookup, which cannot read packed blocks
+            layouts["head"] = tuple(layout for layout in layouts["head"] if layout != "packed")
+        self.choices = kernels.plan(self.shapes, self.device, self.dtype, kernel, layouts)
         self._store_weights(model, embed_is_head)
         if any(choice.layout == "packed" for choice in self.choices.values()):
             model.register_forward_pre_hook(_weights_moved)
