@@ -4,6 +4,7 @@ lines carry what the report needs, the report and the profile are written. No ti
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -200,8 +201,21 @@ def test_profile(family, tmp_path, capsys):
     }
     for r in result["per_forward"]:
         assert r["hf_forward_ms"] > 0 and r["backend_forward_ms"] > 0 and r["next_token_logits_ms"] > 0
+    # the lean runner's kernel per weight, and each forward split into output layer, projections,
+    # attention and the rest (small ops and Python)
+    assert {(r["level"], r["weight"]) for r in result["kernels"]} == {
+        (n, w) for n in ("tiny-target", "tiny-copy", "tiny-rand") for w in ("qkv", "o", "gate_up", "down", "head")
+    }
+    forced = os.environ["CSD_KERNEL"] != "auto"  # linear unless the run sets another (conftest)
+    assert all(r["forced"] == forced and len(r["kernels"]) == 4 for r in result["kernels"])
+    assert {(r["level"], r["new_tokens"]) for r in result["forward_split"]} == {
+        (n, k) for n in ("tiny-target", "tiny-copy", "tiny-rand") for k in (1, 3)
+    }
+    for r in result["forward_split"]:
+        assert r["forward_ms"] > 0 and r["projections_ms"] > 0 and r["attention_ms"] > 0 and r["num_ops"] > 20
     generation = {g["method"]: g for g in result["in_generation"]}
     assert set(generation) == {"csd-full", "csd-plain"}
     assert generation["csd-full"]["mag_calls"] > 0
     assert all(lv["calls"] > 0 for lv in generation["csd-full"]["levels"])
-    assert "runner overhead" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "runner overhead" in out and "kernel per weight" in out and "where a forward goes" in out

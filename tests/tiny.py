@@ -199,8 +199,11 @@ def tiny_llama(
     init: float = 0.3,
     eos_token_id: int | None = None,
     max_positions: int = 256,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float64,
 ):
-    """A randomly initialised float64 LlamaForCausalLM (peaky logits, so greedy has few near-ties)."""
+    """A randomly initialised LlamaForCausalLM (peaky logits, so greedy has few near-ties);
+    ``tied``: the output layer is the embedding table."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -215,10 +218,10 @@ def tiny_llama(
         bos_token_id=None,
         eos_token_id=eos_token_id,
         pad_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(torch.float64).eval()
+    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def tiny_gpt2(seed: int, vocab_size: int = 96, hidden_size: int = 48, init: float = 0.3):
@@ -241,9 +244,9 @@ def tiny_gpt2(seed: int, vocab_size: int = 96, hidden_size: int = 48, init: floa
     return GPT2LMHeadModel(config).to(torch.float64).eval()
 
 
-def copy_model(model):
+def copy_model(model, dtype: torch.dtype = torch.float64):
     """An independent copy with identical weights."""
-    clone = type(model)(model.config).to(torch.float64).eval()
+    clone = type(model)(model.config).to(dtype).eval()
     clone.load_state_dict(model.state_dict())
     return clone
 

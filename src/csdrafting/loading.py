@@ -134,7 +134,10 @@ def load_levels(config: CascadeConfig) -> Levels:
     for path in config.drafters:
         check_same_tokenizer(tokenizer, path)
     models = [load_model(path, device, torch_dtype) for path in paths]
-    levels = [model_level(Path(path).name, model, config.runner) for path, model in zip(paths, models)]
+    # these modules are ours alone: the lean runner may take their weights over
+    levels = [
+        model_level(Path(path).name, model, config.runner, own_weights=True) for path, model in zip(paths, models)
+    ]
     return Levels(
         levels[0],
         tuple(levels[1:]),

@@ -7,7 +7,12 @@ Two measurements, for every neural level (target and drafters):
    the lean runner for Llama weights) and the whole ``level.next_token_logits`` call (the backend
    plus the level's bookkeeping: common prefix, tensor building, cache memo). The difference of
    the last two is the runner's per-forward overhead.
-2. **In generation**: for each of our methods of a suite, one greedy generation with timers
+2. **Lean runner**: the matmul kernel chosen for every weight (``levels/kernels.py``) and where a
+   forward's time goes: the output layer (the forward minus the same forward without logits),
+   the projections and the attention (each timed alone, over every layer, with the runner's own
+   kernels, weights and cache), and what is left: the small ops (norms, RoPE, cache writes,
+   views) and Python, i.e. per-op overhead; with the forward's op count from torch.profiler.
+3. **In generation**: for each of our methods of a suite, one greedy generation with timers
    around every level's ``next_token_logits`` and backend forward and MaG's ``propose``; the rest
    of the decode time is the cascade logic (drafting schedule, verification, output).
 
@@ -127,6 +132,109 @@ def _per_forward_at(models, name: str, prompt_ids: list[int], num_new: int, repe
     }
 
 
+def kernel_rows(models, name: str) -> list[dict]:
+    """The lean runner's kernel choice per weight (nothing for other runners)."""
+    runner = models.level(name).runner
+    if not hasattr(runner, "kernel_report"):
+        return []
+    return [{"level": name, **row} for row in runner.kernel_report()]
+
+
+def forward_split(models, name: str, prompt_ids: list[int], tokens: list[int], repeats: int) -> list[dict]:
+    """Per token count: a lean forward's time split into output layer, projections, attention
+    and the rest (small ops and Python); nothing for other runners."""
+    runner = models.level(name).runner
+    if not hasattr(runner, "kernel_report"):
+        return []
+    return [_split_at(models, name, runner, prompt_ids, n, repeats) for n in tokens]
+
+
+def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, repeats: int) -> dict:
+    """The split for the last ``num_new`` tokens of ``prompt_ids`` after caching the rest."""
+    level = models.level(name)
+    sync = models.synchronize
+    start = len(prompt_ids) - num_new
+    new_ids = list(prompt_ids[start:])
+    level.reset()
+    level.prefill(prompt_ids[:start])
+    forward_ms = _timed(lambda: runner.forward(new_ids, start, num_new), repeats, sync)
+    no_head_ms = _timed(lambda: runner.forward(new_ids, start, 0), repeats, sync)
+    num_ops = _count_ops(lambda: runner.forward(new_ids, start, num_new))
+    projections, attention = _layer_parts(runner, start, num_new)
+    with torch.inference_mode():
+        projections_ms = _timed(projections, repeats, sync)
+        attention_ms = _timed(attention, repeats, sync)
+    level.reset()
+    rest = no_head_ms[0] - projections_ms[0] - attention_ms[0]
+    return {
+        "level": name,
+        "context": start,
+        "new_tokens": num_new,
+        "forward_ms": forward_ms[0],
+        "output_layer_ms": forward_ms[0] - no_head_ms[0],
+        "projections_ms": projections_ms[0],
+        "attention_ms": attention_ms[0],
+        "rest_ms": rest,
+        "num_ops": num_ops,
+        "rest_us_per_op": 1000 * rest / num_ops if num_ops else None,
+        "median_ms": {
+            "forward": forward_ms[1],
+            "forward_without_logits": no_head_ms[1],
+            "projections": projections_ms[1],
+            "attention": attention_ms[1],
+        },
+    }
+
+
+def _layer_parts(runner, start: int, num_new: int):
+    """Two calls over every layer of the lean runner (it reaches into ``levels/llama.py``): its
+    four matmuls with the kernels its forward runs for ``num_new`` tokens, and its attention over
+    the cached keys and values of ``start + num_new`` positions, on random activations."""
+    import torch.nn.functional as F
+
+    from ..levels.kernels import bucket_index
+
+    generator = torch.Generator(device=runner.device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, device=runner.device).to(runner.dtype)
+
+    mm_qkv, mm_o_add, mm_gate_up, mm_down_add = runner._layer_kernels[bucket_index(num_new)]
+    x, h_q = rand(num_new, runner.embed.shape[1]), rand(num_new, runner.q_size)  # (T, E), (T, H D)
+    h_mid = rand(num_new, runner.intermediate)  # (T, I)
+
+    def projections():
+        for _, w_qkv, w_o, _, w_gate_up, w_down in runner.layers:
+            mm_qkv(x, w_qkv)
+            mm_o_add(h_q, w_o, x)
+            mm_gate_up(x, w_gate_up)
+            mm_down_add(h_mid, w_down, x)
+
+    end = start + num_new
+    q = rand(1, runner.num_heads, num_new, runner.head_dim)  # (1, H, T, D)
+    mask = None
+    if num_new > 1:  # as the forward builds it: additive, 0 / -inf
+        positions = torch.arange(end, device=runner.device)
+        hidden = positions.unsqueeze(0) > positions[start:].unsqueeze(-1)  # (T, S)
+        mask = torch.zeros(hidden.shape, device=runner.device, dtype=runner.dtype).masked_fill_(hidden, float("-inf"))
+    gqa = runner.num_kv_heads != runner.num_heads
+
+    def attention():
+        for k_layer, v_layer in zip(runner.k_layers, runner.v_layers):
+            F.scaled_dot_product_attention(q, k_layer[:, :, :end], v_layer[:, :, :end], attn_mask=mask, enable_gqa=gqa)
+
+    return projections, attention
+
+
+def _count_ops(fn) -> int:
+    """Tensor ops (outermost calls into ATen) one call of ``fn`` makes, by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.cpu_parent is None)
+
+
 class _Stopwatch:
     """Accumulates time spent inside wrapped callables (instance attributes shadow the methods)."""
 
@@ -233,6 +341,51 @@ def in_generation(models, methods, prompt_ids: list[int], max_new_tokens: int) -
     return results
 
 
+def render_kernels(choices: list[dict], splits: list[dict]) -> list[str]:
+    """The lean runner's kernel choice per weight and the split of its forwards."""
+    from ..levels.kernels import BUCKETS
+
+    lines = []
+    if choices:
+        lines += [
+            "",
+            "### Lean runner: kernel per weight (`levels/kernels.py`)",
+            "",
+            "One layout per weight; the kernel each bucket of new tokens runs; expected ms: the layout "
+            "rule's mean over decoding's mix of buckets (forced: no timing).",
+            "",
+            f"| level | weight | shape (out × in) | layout | {' | '.join(BUCKETS)} | expected ms |",
+            "|---|---|---|---|" + "---|" * len(BUCKETS) + "---:|",
+        ]
+        for c in choices:
+            kernels_by_bucket = " | ".join(c["kernels"][b] for b in BUCKETS)
+            expected = "forced" if c["forced"] else f"{c['expected_ms']:.3f}"
+            lines.append(
+                f"| {c['level']} | {c['weight']} | {c['shape'][0]} × {c['shape'][1]} | {c['layout']} "
+                f"| {kernels_by_bucket} | {expected} |"
+            )
+    if splits:
+        lines += [
+            "",
+            "### Lean runner: where a forward goes (best of the repeats, ms)",
+            "",
+            "output layer: the forward minus the same forward without logits (final norm included); "
+            "projections and attention: timed alone over every layer with the runner's kernels and "
+            "cache; rest: the forward without logits minus those two — the small ops (norms, RoPE, "
+            "cache writes, views) and Python: per-op overhead. ops: tensor ops per forward (torch.profiler).",
+            "",
+            "| level | new tokens | forward | output layer | projections | attention | rest | ops | rest per op (µs) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in splits:
+            lines.append(
+                f"| {r['level']} | {r['new_tokens']} | {r['forward_ms']:.3f} | {r['output_layer_ms']:.3f} "
+                f"| {r['projections_ms']:.3f} | {r['attention_ms']:.3f} | {r['rest_ms']:.3f} | {r['num_ops']} "
+                f"| {_fmt(r['rest_us_per_op'])} |"
+            )
+    return lines
+
+
 def render(micro: list[dict], generation: list[dict], header: str) -> list[str]:
     lines = [
         header,
@@ -289,9 +442,11 @@ def run_profile(config: ProfileConfig, log=print) -> dict:
     if not 0 <= config.prompt_index < len(prompts):
         raise ConfigError(f"--prompt-index must be in 0..{len(prompts) - 1}")
     prompt_ids = list(models.tokenizer(prompts[config.prompt_index]["text"])["input_ids"])
-    micro = []
+    micro, choices, splits = [], [], []
     for name in [models.target_name, *models.drafter_names]:
         micro.extend(per_forward(models, name, prompt_ids, list(config.tokens), config.repeats))
+        choices.extend(kernel_rows(models, name))
+        splits.extend(forward_split(models, name, prompt_ids, list(config.tokens), config.repeats))
 
     suite = build_suite(
         load_suite_file(config.suite_file), config.suite, models.drafter_names, extra_methods=config.extra_methods
@@ -308,9 +463,16 @@ def run_profile(config: ProfileConfig, log=print) -> dict:
         f"torch {env['torch']}, transformers {env['transformers']}"
     )
     lines = render(micro, generation, header)
+    lines[1:1] = render_kernels(choices, splits)
     for line in lines:
         log(line)
-    result = {"env": env, "per_forward": micro, "in_generation": generation}
+    result = {
+        "env": env,
+        "per_forward": micro,
+        "kernels": choices,
+        "forward_split": splits,
+        "in_generation": generation,
+    }
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "profile.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

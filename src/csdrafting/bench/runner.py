@@ -34,6 +34,7 @@ import torch
 
 from .. import timing
 from ..errors import ConfigError
+from ..levels.kernels import ENV_VAR as KERNEL_ENV_VAR
 from ..paths import PACKAGE_DIR
 from .suite import Method, Suite
 
@@ -100,6 +101,7 @@ def environment(device: torch.device, dtype: str) -> dict:
         "dtype": dtype,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "kernel": os.environ.get(KERNEL_ENV_VAR) or "auto",  # the lean runner's matmul kernels (forced or timed)
     }
 
 
@@ -171,9 +173,10 @@ class MemoryProbe:
 
 class Models:
     """The target and drafters: transformers' methods run on the modules as ``from_pretrained``
-    loads them; our levels get their own copies, loaded on first use, because our lean runner
-    re-lays the weights out (fused projections) and transformers' methods are measured as users
-    run them, not on our layout."""
+    loads them; our levels get their own copies, loaded on first use (one per model and runner),
+    because our lean runner re-lays the weights out (fused projections, the kernels' layouts, or
+    packed into a form the module cannot run) and transformers' methods are measured as users run
+    them, not on our layout."""
 
     def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
         from ..levels.mag import BigramTable
@@ -200,7 +203,7 @@ class Models:
         }
         self.runner = runner
         self._torch_dtype = torch_dtype
-        self._level_modules: dict[str, torch.nn.Module] = {}  # our copies, see the class docstring
+        self._level_modules: dict[tuple[str, str], torch.nn.Module] = {}  # our copies, see the class docstring
         self._levels: dict[tuple[str, str], object] = {}
         target_module = self.modules[self.target_name]
         eos = getattr(target_module.generation_config, "eos_token_id", None)
@@ -237,9 +240,9 @@ class Models:
         runner = runner or self.runner
         key = (name, runner)
         if key not in self._levels:
-            if name not in self._level_modules:
-                self._level_modules[name] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = model_level(name, self._level_modules[name], runner)
+            # one copy per level: the lean runner may take its module's weights over (packed)
+            self._level_modules[key] = load_model(self.paths[name], self.device, self._torch_dtype)
+            self._levels[key] = model_level(name, self._level_modules[key], runner, own_weights=True)
         return self._levels[key]
 
     def levels(self, drafters: list[str], runner: str | None = None):
@@ -258,16 +261,19 @@ class Models:
     def runner_bytes(self, name: str, runner: str | None = None) -> int:
         """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
         KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
+        runner = runner or self.runner
         backend = getattr(self.level(name, runner), "runner", None)
         if backend is None:
             return 0
-        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name].parameters()}
+        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name, runner].parameters()}
         seen: set[int] = set()
         total = 0
         stack = list(vars(backend).values())
         while stack:
             item = stack.pop()
             if isinstance(item, torch.Tensor):
+                if item.is_mkldnn:
+                    continue  # packed weights: held in place of the module's (released) parameters
                 ptr = item.untyped_storage().data_ptr()
                 if ptr not in shared and ptr not in seen:
                     seen.add(ptr)

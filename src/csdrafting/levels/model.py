@@ -55,14 +55,16 @@ class TransformersRunner:
         return out.logits[0, out.logits.shape[1] - num_logits :]  # (N, V)
 
 
-def make_runner(model: torch.nn.Module, runner: str = "auto"):
-    """The lean runner where it computes the model exactly, else transformers' forward."""
+def make_runner(model: torch.nn.Module, runner: str = "auto", own_weights: bool = False):
+    """The lean runner where it computes the model exactly, else transformers' forward.
+    ``own_weights``: the caller hands the module over (loaded for this level alone), so the lean
+    runner may re-lay its weights out in a form the module cannot run (``LlamaRunner``)."""
     if runner not in ("auto", "lean", "transformers"):
         raise ConfigError(f"runner must be 'auto', 'lean' or 'transformers', got {runner!r}")
     use_lean = runner == "lean" or (runner == "auto" and lean_supports(model.config))
-    return LlamaRunner(model) if use_lean else TransformersRunner(model)
+    return LlamaRunner(model, own_weights=own_weights) if use_lean else TransformersRunner(model)
 
 
-def model_level(name: str, model: torch.nn.Module, runner: str = "auto") -> PrefixMemoLevel:
+def model_level(name: str, model: torch.nn.Module, runner: str = "auto", own_weights: bool = False) -> PrefixMemoLevel:
     """A transformers causal LM as a neural level of the cascade."""
-    return PrefixMemoLevel(name, make_runner(model, runner))
+    return PrefixMemoLevel(name, make_runner(model, runner, own_weights))
