@@ -3,12 +3,21 @@
 The tests run tiny tensors: with more than one intra-op thread on a shared 2-core machine every
 small op pays for thread synchronisation (softmax on a (5, 7) tensor went from ~10 us to ~1 ms),
 so the suite runs single-threaded. Results do not depend on it (float64, fixed seeds).
+
+``k_matrix="auto"`` measures the machine and plans (``autoplan.py``): timings would make tests
+over tiny models nondeterministic, so the suite runs with planning off (``"auto"`` is then the
+fixed start of ``CascadeConfig.resolve``, adapted online) and the tests of the planner turn it
+on themselves. Nothing is written to the user's cache: it points at a fresh folder.
 """
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+os.environ["CSDRAFTING_AUTO_PLAN"] = "off"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="csdrafting-test-cache-")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tiny import ...`

@@ -95,7 +95,9 @@ def cmd_tune(args) -> int:
         config = replace(config, drafters=tuple(str(p) for p in DEFAULT_DRAFTERS), k_matrix="auto", mag_first=None)
     if args.k_matrix is not None:
         _log("--k-matrix is ignored: tuning chooses the K-matrix")
-    cascade = Cascade.from_config(config)
+    # the family's cascade only holds the levels (every measured configuration is built from
+    # it): an explicit K-matrix, so that "auto" does not measure and plan it on its own
+    cascade = Cascade.from_config(replace(config, k_matrix=_default_rows_reduced(config), adaptive=False))
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
     prompts_ids = [cascade.encode(p["text"]) for p in prompts]
     for ids in prompts_ids:
@@ -259,6 +261,12 @@ def _load_profile(path: str, names: list[str]):
     if list(profile.acceptance.names) != names:
         raise ConfigError(f"profile {path} measured levels {list(profile.acceptance.names)}, this cascade has {names}")
     return profile
+
+
+def _default_rows_reduced(config):
+    from ..kmatrix import KMatrix
+
+    return KMatrix.default(len(config.drafters), config.mag).as_lists()
 
 
 def _default_rows(num_neural: int, mag: bool):
