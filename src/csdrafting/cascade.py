@@ -258,6 +258,7 @@ class Cascade:
             emitted = [0] * len(step.levels)
             for origin in out.origins:
                 emitted[origin] += 1
+            level_stats = step.level_stats(emitted)  # before observing, which runs the levels again
             plan_seconds = 0.0
             if self.autoplan is not None and self.autoplan.observing:
                 # after the clock: observing (and, once enough is seen, re-planning) is not decoding
@@ -272,7 +273,7 @@ class Cascade:
                 prefill_seconds=prefilled - started,
                 decode_seconds=finished - prefilled,
                 finish_reason=out.finish_reason,
-                levels=step.level_stats(emitted),
+                levels=level_stats,
                 plan_seconds=plan_seconds,
             )
             yield out.finish(step.names[0], stats)

@@ -124,6 +124,7 @@ class AdaptiveSchedule(StaticSchedule):
     # per-level switch (with a judge): how often drafters are judged, and by how much a drafter's
     # absence must be predicted faster before it is switched off
     JUDGE_LEVELS_FIRST = 16  # ordinary speculative steps before the first judgement
+    FIRST_LEVEL_BACKOFF = 32  # ordinary steps before a drafter switched off as a level is retried
     JUDGE_LEVELS_MAX = 256  # the interval doubles up to this while every drafter keeps paying
     LEVEL_MARGIN = 0.03
     LONG_DECAY = 0.98  # acceptance and cost scales for judging: a longer memory than the lengths'
@@ -180,7 +181,7 @@ class AdaptiveSchedule(StaticSchedule):
         self.calibrated_seconds = [0.0] * (self.num_neural + 1)
         self.level_off = [False] * self.num_neural
         self.level_retry_in = [0] * self.num_neural  # ordinary steps left while a drafter is off
-        self.level_backoff = [self.FIRST_BACKOFF * 4] * self.num_neural
+        self.level_backoff = [self.FIRST_LEVEL_BACKOFF] * self.num_neural
         self.judge_every = self.JUDGE_LEVELS_FIRST
         self.steps_to_judge = self.JUDGE_LEVELS_FIRST
         # whole-speculation switch: decayed seconds and tokens of speculative and of plain steps
@@ -285,23 +286,26 @@ class AdaptiveSchedule(StaticSchedule):
     # -- the per-level switch ----------------------------------------------------------------------
 
     def _count_down_levels(self) -> None:
-        """One ordinary speculative step: bring back drafters whose back-off ran out, and judge
-        every drafter that is on when the judging interval is over."""
+        """One ordinary speculative step: judge every drafter that is on when the judging
+        interval is over, and bring back drafters whose back-off ran out (judged after a full
+        first interval)."""
+        self.steps_to_judge -= 1
+        switched: list[int] = []
+        if self.steps_to_judge <= 0:
+            switched = self._judge_levels()
+            # while every drafter keeps paying, judge less and less often
+            longer = min(2 * self.judge_every, self.JUDGE_LEVELS_MAX)
+            self.judge_every = self.JUDGE_LEVELS_FIRST if switched else longer
+            self.steps_to_judge = self.judge_every
         for column in range(self.num_neural):
-            if self.level_off[column]:
+            if self.level_off[column] and column not in switched:
                 self.level_retry_in[column] -= 1
                 if self.level_retry_in[column] <= 0:
                     self._level_on(column)
-        self.steps_to_judge -= 1
-        if self.steps_to_judge > 0:
-            return
-        switched = self._judge_levels()
-        # while every drafter keeps paying, judge less and less often
-        self.judge_every = self.JUDGE_LEVELS_FIRST if switched else min(2 * self.judge_every, self.JUDGE_LEVELS_MAX)
-        self.steps_to_judge = self.judge_every
 
-    def _judge_levels(self) -> bool:
-        """Switch off each drafter that the judge predicts the cascade is faster without."""
+    def _judge_levels(self) -> list[int]:
+        """Switch off each drafter that the judge predicts the cascade is faster without; returns
+        their columns."""
         rates = {
             (r, c + 1): s / (s + f)
             for r, (row_s, row_f) in enumerate(zip(self.long_successes, self.long_failures))
@@ -309,7 +313,7 @@ class AdaptiveSchedule(StaticSchedule):
             if c >= r
         }
         scales = [m / c if c > 0 else 1.0 for m, c in zip(self.measured_seconds, self.calibrated_seconds)]
-        switched = False
+        switched = []
         for column in range(self.num_neural):
             if self.level_off[column] or not any(row[column] for row in self.rows):
                 continue
@@ -317,11 +321,12 @@ class AdaptiveSchedule(StaticSchedule):
             without = [row[:] for row in self.rows]
             for row in without:
                 row[column] = 0
-            if any(without[0]) and self.judge.speed(without, rates, scales) > (1 + self.LEVEL_MARGIN) * with_it:
+            # (without any drafter left in row 0, ordinary steps decode plainly; MaG first still drafts)
+            if self.judge.speed(without, rates, scales) > (1 + self.LEVEL_MARGIN) * with_it:
                 self._level_off(column)
-                switched = True
+                switched.append(column)
             else:
-                self.level_backoff[column] = self.FIRST_BACKOFF * 4  # it pays: a later failure starts afresh
+                self.level_backoff[column] = self.FIRST_LEVEL_BACKOFF  # it pays: a later failure starts afresh
         return switched
 
     def _level_off(self, column: int) -> None:

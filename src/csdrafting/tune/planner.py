@@ -212,6 +212,7 @@ class Acceptance:
         for lenience, r, v, k in self.lenient:
             lengths.setdefault((lenience, r, v), []).append(k)
         object.__setattr__(self, "_lengths", {key: sorted(ks) for key, ks in lengths.items()})
+        object.__setattr__(self, "_run_rates", {})  # memo of ``run_rates`` (searches ask thousands of times)
 
     @property
     def num_drafting(self) -> int:
@@ -232,6 +233,15 @@ class Acceptance:
         k = lengths[min(i, len(lengths) - 1)]
         table = self.rates[(reviewer, drafter, k)] if key[0] == 1.0 else self.lenient[(key[0], reviewer, drafter, k)]
         return min(table[min(index, len(table)) - 1], MAX_RATE)
+
+    def run_rates(self, reviewer: int, drafter: int, share: int, lenience: float, length: int) -> list[float]:
+        """``rate(reviewer, drafter, i, share, lenience)`` for ``i = 1 .. >= length`` (memoised)."""
+        key = (reviewer, drafter, share, lenience if reviewer > 0 else 1.0)
+        table = self._run_rates.get(key)
+        if table is None or len(table) < length:
+            table = [self.rate(reviewer, drafter, i, share, lenience) for i in range(1, max(length, 64) + 1)]
+            self._run_rates[key] = table
+        return table
 
     def ratio(self, level: int, origin: int, lenience: float = 1.0) -> float:
         """How lenience changes the target's acceptance of the tokens ``level`` took from
@@ -401,7 +411,7 @@ class _Model:
                     slot[1] += weight_start
                     continue
                 share = nominal_share(self.rows, reviewer, level, self.mag_level)
-                rates = [self._rate(reviewer, level, i, share) for i in range(1, limit - start + 1)]
+                rates = self.acceptance.run_rates(reviewer, level, share, self.lenience, limit - start)
                 reach = [0.0] * (limit + 1)
                 weight = [0.0] * (limit + 1)
                 reach[start], weight[start] = reach_start, weight_start
@@ -457,10 +467,6 @@ class _Model:
         result = _Fill(at_least, length, seconds, forwards, accepted_in)
         self._fills[key] = result
         return result
-
-    def _rate(self, reviewer: int, level: int, index: int, share: int) -> float:
-        lenience = self.lenience if reviewer > 0 else 1.0
-        return self.acceptance.rate(reviewer, level, index, share, lenience)
 
     def extension(self, level: int, room: int) -> _Extension:
         key = (level, room)
