@@ -91,6 +91,7 @@ CACHE_VERSION = 1
 COST_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # where forward costs are measured
 COST_ROUNDS = 5
 COST_CONTEXT = 192  # cached tokens before the timed forwards (a prompt plus part of an output)
+SLOPE_TOKENS = (1, 8)  # token counts also timed at 3x that context, for the slope in the context
 MIN_OBSERVED_TOKENS = 256  # output tokens observed before the plan is made from them
 PRIOR_NEURAL = 0.6  # acceptance assumed for a neural drafter before any is observed
 PRIOR_MAG = 0.4  # and for MaG
@@ -214,11 +215,13 @@ class AutoPlanner:
         self.trajectories: list[Trajectory] = []
         self.num_observed = 0
         self.observed: tuple[Acceptance, GatedAcceptance | None] | None = None
+        self.context: int | None = None  # typical cached tokens in observed generations
         if "observed" in cached:
             observed = cached["observed"]
             gated = GatedAcceptance.from_dict(observed["gated"]) if observed.get("gated") else None
             self.observed = (Acceptance.from_dict(observed["acceptance"]), gated)
             self.num_observed = int(observed["num_tokens"])
+            self.context = observed.get("context")
         plan = self._cached_plan(cached)
         if plan is None:
             plan = self.make_plan()
@@ -260,6 +263,7 @@ class AutoPlanner:
                 "acceptance": acceptance.as_dict(),
                 "gated": gated.as_dict() if gated is not None else None,
                 "num_tokens": self.num_observed,
+                "context": self.context,
             }
         data["plan"] = {"config": self.plan.config.as_dict(), **self.plan.as_dict()}
         try:
@@ -293,14 +297,25 @@ class AutoPlanner:
         target = family.target
         rng = random.Random(0)
         context = max(1, min(COST_CONTEXT, family.max_context - max(tokens) - 1))
-        length = min(family.max_context, context + max(tokens) + 64)
+        length = min(family.max_context, 3 * context + max(tokens) + 64)
         sequence = [rng.randrange(target.vocab_size) for _ in range(length)]  # token values barely matter
         params = SamplingParams()
         tables = measure_costs(family, sequence, context, params, tokens=tokens, rounds=rounds, warmup=1)
+        # the slope in the context length, from a second, longer context (plans use the observed one)
+        longer = min(family.max_context - max(SLOPE_TOKENS) - 1, len(sequence) - max(SLOPE_TOKENS), 3 * context)
+        far = {}
+        if longer > context:
+            far = measure_costs(family, sequence, longer, params, tokens=SLOPE_TOKENS, rounds=rounds, warmup=0)
         neural = [target, *family.drafters]
-        level_costs = tuple(
-            LevelCost(level.name, tokens, tuple(tables[level.name][t] for t in tokens)) for level in neural
-        )
+        level_costs = []
+        for level in neural:
+            table = tables[level.name]
+            slope = 0.0
+            if far:
+                slope = sum((far[level.name][t] - table[t]) / ((longer - context) * t) for t in SLOPE_TOKENS)
+                slope = max(0.0, slope / len(SLOPE_TOKENS))
+            level_costs.append(LevelCost(level.name, tokens, tuple(table[t] for t in tokens), slope))
+        level_costs = tuple(level_costs)
         prompt = sequence[: min(64, family.max_context // 2)]
         mag_seconds = measure_mag_seconds(family, Trajectory(prompt, sequence[len(prompt) : len(prompt) + 64]))
         review = measure_review_costs(target.vocab_size, params, tokens=tokens, repeats=10)
@@ -329,6 +344,11 @@ class AutoPlanner:
 
     # -- planning ----------------------------------------------------------------------------------
 
+    def planning_costs(self, costs: CostModel | None = None) -> CostModel:
+        """``costs`` (default: the calibrated ones) at the observed context, once there is one."""
+        costs = costs or self.costs
+        return costs.at_context(self.context) if self.context else costs
+
     @property
     def observing(self) -> bool:
         return self.observed is None
@@ -353,6 +373,10 @@ class AutoPlanner:
             target_forward=False,
         )
         self.observed = (acceptance, gated)
+        # costs are planned at the observed context: a prompt plus half an output, on average
+        self.context = round(
+            sum(len(t.prompt_ids) + len(t.output_ids) / 2 for t in self.trajectories) / len(self.trajectories)
+        )
         self.trajectories = []
         self.plan = dataclasses.replace(self.make_plan(), seconds=time.perf_counter() - started)
         self._write_cache()
@@ -363,14 +387,14 @@ class AutoPlanner:
         acceptance (observed, else the priors)."""
         if self.observed is None:
             acceptance = self._prior_acceptance()
-            result = search(acceptance, self.costs, AUTO_SPACE, lenience_values=[1.0])
+            result = search(acceptance, self.planning_costs(), AUTO_SPACE, lenience_values=[1.0])
             best = result.best
             mag_first = AUTO_MAG_FIRST if self.family.mag is not None else None  # not modelled: as before
             source = "prior"
         else:
             acceptance, gated = self.observed
             models = {n: gated.model(n) for n in gated.thresholds} if gated is not None else {}
-            best = search_gated(acceptance, models, self.costs, AUTO_SPACE).best
+            best = search_gated(acceptance, models, self.planning_costs(), AUTO_SPACE).best
             mag_first = best.mag_first
             if mag_first is not None:
                 acceptance = models[mag_first][0]
@@ -387,7 +411,7 @@ class AutoPlanner:
 
     def _predict(self, rows, mag_first: int | None, costs: CostModel | None = None) -> Prediction:
         """The model's prediction for rows over the family (``full_rows``) with MaG first."""
-        costs = costs or self.costs
+        costs = self.planning_costs(costs)
         if self.observed is None:
             return predict(rows, self._prior_acceptance(), costs)
         acceptance, gated = self.observed
@@ -444,11 +468,12 @@ class AutoPlanner:
     def judge(self, config: CascadeConfig) -> CostJudge:
         """The per-level switch's judge for the running ``config`` (a plan's)."""
         index = {ref: i + 1 for i, ref in enumerate(self.config.drafters)}
-        levels = (self.costs.levels[0], *[self.costs.levels[index[ref]] for ref in config.drafters])
+        costs = self.planning_costs()
+        levels = (costs.levels[0], *[costs.levels[index[ref]] for ref in config.drafters])
         names = tuple(
             [self.names[0]] + [self.names[index[ref]] for ref in config.drafters] + (["mag"] if config.mag else [])
         )
-        return CostJudge(dataclasses.replace(self.costs, levels=levels), names, config.mag)
+        return CostJudge(dataclasses.replace(costs, levels=levels), names, config.mag)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

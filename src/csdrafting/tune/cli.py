@@ -76,7 +76,7 @@ def cmd_tune(args) -> int:
     from ..sampling import SamplingParams
     from .compare import Method, compare, speedups
     from .measure import measure, replayer_for
-    from .planner import best_plain_speculative, predict, search
+    from .planner import best_plain_speculative, predict, search, search_gated
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -121,7 +121,12 @@ def cmd_tune(args) -> int:
 
     # 2. plan
     started = time.perf_counter()
-    result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
+    if replayer is None and profile.gated is not None:
+        # no traces to replay (sampling): the model judges MaG first too (gate.py)
+        gates = {n: profile.gated.model(n) for n in profile.gated.thresholds}
+        result = search_gated(acceptance, gates, costs, max_draft=args.max_new_tokens - 1)
+    else:
+        result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
     sd = best_plain_speculative(acceptance, costs, replay=replay if replayer else None)
     default_rows = _default_rows(num_neural, cascade.mag is not None)
     default_model = predict(default_rows, acceptance, costs)

@@ -98,7 +98,7 @@ from __future__ import annotations
 import itertools
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..kmatrix import KMatrix
 from .gate import GateModel
@@ -163,6 +163,23 @@ class CostModel:
     @property
     def plain_seconds_per_token(self) -> float:
         return self.levels[0](1) + self.step_seconds
+
+    def at_context(self, context: int) -> CostModel:
+        """The costs at ``context`` cached tokens instead of the reference context: each level's
+        seconds shifted by its ``context_slope`` x tokens x (context - reference)."""
+        shift = context - self.reference_context
+        if not shift or not self.reference_context:
+            return self
+        levels = tuple(
+            LevelCost(
+                level.name,
+                level.tokens,
+                tuple(max(s + level.context_slope * t * shift, 0.0) for t, s in zip(level.tokens, level.seconds)),
+                level.context_slope,
+            )
+            for level in self.levels
+        )
+        return replace(self, levels=levels, reference_context=context)
 
     def as_dict(self) -> dict:
         return {
