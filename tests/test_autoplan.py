@@ -107,6 +107,9 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
     third = auto_cascade(levels)
     assert len(calls) == 2 and third.plan.source == "prior"
     assert json.loads(files[0].read_text())["key"] == cached["key"]
+    files[0].write_text(json.dumps({"key": cached["key"], "costs": {"levels": "?"}}))  # parses, but wrong
+    auto_cascade(levels)
+    assert len(calls) == 3
     # another thread count is another machine
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
@@ -114,7 +117,7 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
         auto_cascade(levels)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 3 and len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
+    assert len(calls) == 4 and len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
 
 
 def test_planning_can_be_switched_off(monkeypatch, tmp_path):
@@ -132,6 +135,8 @@ def test_per_level_switch_flips_drafters_without_changing_the_output(monkeypatch
     middle of generations: the output stays the target's."""
     plan_automatically(monkeypatch, tmp_path, COSTS)  # the plan: "near" (which mostly agrees) and MaG
     monkeypatch.setattr(autoplan, "AUTO_MAG_FIRST", 100)  # no MaG-first steps: every step is judged
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 10**6)  # the prior plan throughout
+    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # whatever the clock says, keep speculating
     monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)
     monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 2)
     monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 3)

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from .config import AUTO_MAG_FIRST, CascadeConfig
+from .errors import CSDraftingError
 from .levels.mag import MaG
 from .sampling import SamplingParams
 from .tune.measure import (
@@ -210,19 +211,15 @@ class AutoPlanner:
         self.cache_path = (
             cache_dir() / f"auto-{hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]}.json"
         )
-        cached = self._read_cache()
-        self.costs = CostModel.from_dict(cached["costs"]) if "costs" in cached else self.calibrate()
         self.trajectories: list[Trajectory] = []
         self.num_observed = 0
         self.observed: tuple[Acceptance, GatedAcceptance | None] | None = None
         self.context: int | None = None  # typical cached tokens in observed generations
+        cached = self._read_cache()
+        self.costs = cached["costs"] if "costs" in cached else self.calibrate()
         if "observed" in cached:
-            observed = cached["observed"]
-            gated = GatedAcceptance.from_dict(observed["gated"]) if observed.get("gated") else None
-            self.observed = (Acceptance.from_dict(observed["acceptance"]), gated)
-            self.num_observed = int(observed["num_tokens"])
-            self.context = observed.get("context")
-        plan = self._cached_plan(cached)
+            self.observed, self.num_observed, self.context = cached["observed"]
+        plan = self._cached_plan(cached.get("plan"))
         if plan is None:
             plan = self.make_plan()
         self.plan = dataclasses.replace(plan, seconds=time.perf_counter() - started)
@@ -247,13 +244,29 @@ class AutoPlanner:
         }
 
     def _read_cache(self) -> dict:
+        """What the cache holds for this key: ``costs`` (a ``CostModel``), ``observed``
+        ((acceptance, gated), tokens, context) and ``plan`` (raw); parts that do not parse are
+        left out (and rewritten)."""
         try:
             data = json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict) or data.get("key") != self.key:
             return {}
-        return data
+        out = {}
+        try:
+            out["costs"] = CostModel.from_dict(data["costs"])
+        except (KeyError, TypeError, ValueError):
+            return {}
+        try:
+            observed = data["observed"]
+            gated = GatedAcceptance.from_dict(observed["gated"]) if observed.get("gated") else None
+            acceptance = Acceptance.from_dict(observed["acceptance"])
+            out["observed"] = ((acceptance, gated), int(observed["num_tokens"]), observed.get("context"))
+            out["plan"] = data.get("plan")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            out["plan"] = data.get("plan") if "observed" not in data else None
+        return out
 
     def _write_cache(self) -> None:
         data = {"key": self.key, "costs": self.costs.as_dict()}
@@ -265,7 +278,15 @@ class AutoPlanner:
                 "num_tokens": self.num_observed,
                 "context": self.context,
             }
-        data["plan"] = {"config": self.plan.config.as_dict(), **self.plan.as_dict()}
+        plan = self.plan
+        data["plan"] = {
+            "levels": self._family_levels(plan.config),
+            "k_matrix": [list(row) for row in plan.config.k_matrix],
+            "mag_first": plan.config.mag_first,
+            "priors": [list(row) for row in plan.priors],
+            "source": plan.source,
+            "summary": plan.as_dict(),  # for people reading the file
+        }
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             scratch = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
@@ -274,18 +295,18 @@ class AutoPlanner:
         except OSError:
             pass  # a read-only home: plan anyway, just without a cache
 
-    def _cached_plan(self, cached: dict) -> Plan | None:
+    def _cached_plan(self, entry) -> Plan | None:
         """The cached plan, if it was made from what is cached (costs and observations)."""
-        entry = cached.get("plan")
         source = "observed" if self.observed is not None else "prior"
         if not isinstance(entry, dict) or entry.get("source") != source:
             return None
         try:
-            config = CascadeConfig.from_dict(entry["config"])
-            rows = self.full_rows(config)
-            prediction = self._predict(rows, config.mag_first)
+            config = self._config_for(list(entry["levels"]), entry["k_matrix"], entry["mag_first"])
+            prediction = self._predict(self.full_rows(config), config.mag_first)
             priors = tuple(tuple(float(p) for p in row) for row in entry["priors"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, IndexError, CSDraftingError):
+            return None
+        if len(priors) != len(config.k_matrix):
             return None
         return Plan(config, source, prediction, priors, self.num_observed)
 
@@ -436,22 +457,30 @@ class AutoPlanner:
     def _config(self, rows, keep, mag_first: int | None) -> tuple[CascadeConfig, list[int]]:
         """The explicit configuration for K over every family level (unused ones left out), and
         the family levels it uses (1-based, MaG last)."""
-        mag_level = self._mag_level
         if not rows or (not any(rows[0]) and not keep):
             used, reduced = [], []
         else:
             used, reduced = reduce(rows, keep)
+        return self._config_for(used, reduced, mag_first), used
+
+    def _config_for(self, used: list[int], reduced, mag_first: int | None) -> CascadeConfig:
+        """The explicit configuration drafting with family levels ``used`` (1-based, MaG last)."""
+        mag_level = self._mag_level
         with_mag = mag_level is not None and mag_level in used
-        config = dataclasses.replace(
+        return dataclasses.replace(
             self.config,
             drafters=tuple(self.config.drafters[v - 1] for v in used if v != mag_level),
             mag=with_mag,
-            k_matrix=reduced,
+            k_matrix=[list(row) for row in reduced],
             lenience=1.0,
             adaptive=True,
             mag_first=mag_first if with_mag and reduced else None,
         )
-        return config, used
+
+    def _family_levels(self, config: CascadeConfig) -> list[int]:
+        """The family levels (1-based, MaG last) an explicit ``config`` over them drafts with."""
+        used = [self.config.drafters.index(ref) + 1 for ref in config.drafters]
+        return used + ([self._mag_level] if config.mag else [])
 
     def full_rows(self, config: CascadeConfig) -> tuple[tuple[int, ...], ...]:
         """A plan's K-matrix placed over every level of the family (zeros for unused ones)."""
@@ -460,10 +489,7 @@ class AutoPlanner:
         num_drafting = len(self.names) - 1
         if not config.k_matrix:
             return tuple((0,) * num_drafting for _ in range(num_drafting))
-        used = [self.config.drafters.index(ref) + 1 for ref in config.drafters]
-        if config.mag:
-            used.append(self._mag_level)
-        return expand(used, [list(r) for r in config.k_matrix], num_drafting)
+        return expand(self._family_levels(config), [list(r) for r in config.k_matrix], num_drafting)
 
     def judge(self, config: CascadeConfig) -> CostJudge:
         """The per-level switch's judge for the running ``config`` (a plan's)."""

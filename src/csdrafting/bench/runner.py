@@ -454,7 +454,10 @@ class CascadeMethod:
             tokens_per_target_step=stats["tokens_per_target_step"],
             acceptance_rate=stats["acceptance_rate"],
             config=self.config,
-            engine_stats={k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason")},
+            # plan_seconds: "auto" observing this generation and re-planning, after its decoding
+            engine_stats={
+                k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason", "plan_seconds")
+            },
         )
 
 
