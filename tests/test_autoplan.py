@@ -120,6 +120,23 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
     assert len(calls) == 4 and len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
 
 
+def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
+    """One generation per cascade (as one `csd generate` per process): the cache keeps what was
+    observed until there is enough to plan from."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 100)
+    levels = family()
+    sources = []
+    for prompt in PROMPTS[:3]:
+        cascade = auto_cascade(levels)
+        sources.append(cascade.plan.source)
+        cascade.generate(prompt, 40, ignore_eos=True)
+        sources.append(cascade.plan.source)
+    assert sources == ["prior"] * 5 + ["observed"]  # the third generation brings 120 >= 100 tokens
+    cached = json.loads(next((tmp_path / "csdrafting").glob("auto-*.json")).read_text())
+    assert "pending" not in cached and cached["observed"]["num_tokens"] == 120
+
+
 def test_planning_can_be_switched_off(monkeypatch, tmp_path):
     plan_automatically(monkeypatch, tmp_path, COSTS)
     monkeypatch.setenv(autoplan.ENV_PLAN, "off")

@@ -23,8 +23,10 @@
    depend on the plan in use, so a drafter the plan left out is measured too. Once
    ``MIN_OBSERVED_TOKENS`` output tokens have been observed, the planner re-plans once from
    them, the plan is cached beside the costs, and observing stops (a later process starts from
-   the cached plan). A sampled output is observed the same way (a drafter's argmax equal to the
-   sampled token has the probability the target accepts that token as a point mass).
+   the cached plan; until then the cache also holds the token ids of the generations observed
+   so far, so that short-lived processes such as one ``csd generate`` each add their share).
+   A sampled output is observed the same way (a drafter's argmax equal to the sampled token has
+   the probability the target accepts that token as a point mass).
 3. **The plan**: the expected-walltime model of ``csd tune`` (``tune/planner.py``), extended
    to MaG first (``tune/gate.py``: the gate walked along the observed outputs, acceptance
    measured on the drafts it leaves to the cascade), searched over a small grid of K-matrices
@@ -219,6 +221,9 @@ class AutoPlanner:
         self.costs = cached["costs"] if "costs" in cached else self.calibrate()
         if "observed" in cached:
             self.observed, self.num_observed, self.context = cached["observed"]
+        else:  # generations observed by earlier processes, too few to plan from yet
+            self.trajectories = cached.get("pending", [])
+            self.num_observed = sum(len(t.output_ids) for t in self.trajectories)
         plan = self._cached_plan(cached.get("plan"))
         if plan is None:
             plan = self.make_plan()
@@ -266,10 +271,18 @@ class AutoPlanner:
             out["plan"] = data.get("plan")
         except (KeyError, TypeError, ValueError, AttributeError):
             out["plan"] = data.get("plan") if "observed" not in data else None
+        try:
+            pending = [Trajectory([int(t) for t in p], [int(t) for t in o]) for p, o in data.get("pending", [])]
+            if all(max(t.ids) < self.family.target.vocab_size for t in pending):
+                out["pending"] = pending
+        except (TypeError, ValueError):
+            pass
         return out
 
     def _write_cache(self) -> None:
         data = {"key": self.key, "costs": self.costs.as_dict()}
+        if self.observed is None and self.trajectories:
+            data["pending"] = [[t.prompt_ids, t.output_ids] for t in self.trajectories]
         if self.observed is not None:
             acceptance, gated = self.observed
             data["observed"] = {
@@ -382,6 +395,7 @@ class AutoPlanner:
         self.trajectories.append(Trajectory(list(prompt_ids), list(output_ids)))
         self.num_observed += len(output_ids)
         if self.num_observed < MIN_OBSERVED_TOKENS:
+            self._write_cache()  # a short-lived process (one `csd generate`) still adds its share
             return None
         started = time.perf_counter()
         acceptance, _, gated = measure_acceptance(
