@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# the schedule's MaG-first draft lengths (schedule.py); repeated here so the planner has no
-# dependency on the schedule module's class attributes changing under it silently
-STATIC_MIN_START = 8
-ADAPTIVE_MIN_TOKENS = 4
-ADAPTIVE_MAX_TOKENS = 32
-MAX_STRIDE = 16
+from ..schedule import AdaptiveSchedule, StaticSchedule
+
+# the schedules' MaG-first draft lengths, read from schedule.py so the model follows it
+STATIC_MIN_START = StaticSchedule.MAG_FIRST_MIN_START
+ADAPTIVE_MIN_TOKENS = AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
+ADAPTIVE_MAX_TOKENS = AdaptiveSchedule.MAG_FIRST_MAX_TOKENS
+MAX_STRIDE = 16  # ordinary steps emitting more tokens than this on average are walked at this stride
 
 
 @dataclass(frozen=True)
