@@ -137,6 +137,21 @@ def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
     assert "pending" not in cached and cached["observed"]["num_tokens"] == 120
 
 
+def test_mag_alone_and_no_drafter_at_all(monkeypatch, tmp_path):
+    """Edge families: MaG alone is planned (and cached apart from the same target without MaG,
+    which can only decode plainly)."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    target = family()[0]
+    plain = make_cascade(target, [], names=["target"], mag=False, eos_token_ids=[])
+    assert plain.plan.config.k_matrix == () and not plain.plan.config.mag
+    mag = make_cascade(target, [], names=["target"], mag=True, eos_token_ids=[])
+    assert mag.plan.config.mag and mag.plan.config.k_matrix != ()
+    assert len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
+    for prompt in PROMPTS:
+        assert mag.generate(prompt, 40, ignore_eos=True).token_ids == reference(prompt, 40)
+        assert plain.generate(prompt, 40, ignore_eos=True).token_ids == reference(prompt, 40)
+
+
 def test_planning_can_be_switched_off(monkeypatch, tmp_path):
     plan_automatically(monkeypatch, tmp_path, COSTS)
     monkeypatch.setenv(autoplan.ENV_PLAN, "off")

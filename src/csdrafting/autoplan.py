@@ -245,7 +245,8 @@ class AutoPlanner:
             "dtype": str(getattr(runner, "dtype", config.dtype)).replace("torch.", ""),
             "backend": config.backend,
             "levels": [_level_identity(level, levels) for level in neural],
-            "mag": _bigram_identity(levels.bigram) if family.mag is not None else None,
+            "mag": family.mag is not None,
+            "bigram": _bigram_identity(levels.bigram) if family.mag is not None else None,
         }
 
     def _read_cache(self) -> dict:
