@@ -1,11 +1,16 @@
 """Compare cascade configuration files head to head, with `csd tune`'s measurement
 (`csdrafting.tune.compare`): one process, the levels loaded once and shared, every configuration
-generating every prompt in an order rotated from prompt to prompt, decode time (prefill excluded),
-median over trials of the first configuration's seconds over each one's.
+generating every prompt in an order rotated from prompt to prompt, wall time of each generation
+(prefill included), median over trials of the first configuration's seconds over each one's.
 
 Use it to choose between close configurations, where separate `csd bench` runs differ by more than
-the configurations do. The files must share the target, device, dtype and bigram table and give
-explicit K-matrices. Example (the comparison behind the shipped default, 2026-11-27):
+the configurations do. The files must share the target, device, dtype and bigram table. A file
+with `"k_matrix": "auto"` is planned over its drafters when its cascade is built (before any
+timing; `autoplan.py`), and observes its first generations to re-plan: that time is taken out of
+its timed seconds and printed on its own. `--check-prediction` then measures the levels' forward
+costs again, right after the timed runs, and prints the planner's predicted decode tokens/s for
+each `auto` plan next to the measured ones. Example (the comparison behind the shipped default,
+2026-11-27):
 
     .venv/bin/python scripts/compare_configs.py --threads 2 --trials 3 \\
         csd-full=models/csd_default.json mag-first=benchmarks/configs/mag-first.json \\
@@ -30,6 +35,7 @@ def methods_over_one_family(named_configs):
     each file as a ``Method`` over that family's levels (1-based, MaG last)."""
     from dataclasses import replace
 
+    from csdrafting.kmatrix import KMatrix
     from csdrafting.tune.compare import Method
 
     first = named_configs[0][1]
@@ -40,8 +46,6 @@ def methods_over_one_family(named_configs):
             raise ConfigError(f"{name}: every configuration must have the same target")
         if any(getattr(config, key) != getattr(first, key) for key in shared):
             raise ConfigError(f"{name}: every configuration must have the same {', '.join(shared)}")
-        if config.is_auto:
-            raise ConfigError(f"{name}: give an explicit K-matrix (this script measures configurations as written)")
         drafters += [d for d in map(str, (Path(p).resolve() for p in config.drafters)) if d not in drafters]
     mag_level = len(drafters) + 1
     methods = [
@@ -49,16 +53,24 @@ def methods_over_one_family(named_configs):
             name,
             tuple(drafters.index(str(Path(p).resolve())) + 1 for p in config.drafters)
             + ((mag_level,) if config.mag else ()),
-            tuple(tuple(row) for row in config.k_matrix),
+            () if config.is_auto else tuple(tuple(row) for row in config.k_matrix),
             config.lenience,
             bool(config.adaptive),
             mag_first=config.mag_first if config.mag else None,
+            auto=config.is_auto,
         )
         for name, config in named_configs
     ]
-    # the family only holds the levels: its own K-matrix is never used
+    # the family only holds the levels: its own K-matrix is never used (explicit, so that
+    # "auto" does not measure and plan the family itself)
+    with_mag = any(c.mag for _, c in named_configs)
     family = replace(
-        first, drafters=tuple(drafters), mag=any(c.mag for _, c in named_configs), k_matrix="auto", mag_first=None
+        first,
+        drafters=tuple(drafters),
+        mag=with_mag,
+        k_matrix=KMatrix.default(len(drafters), with_mag).as_lists(),
+        adaptive=False,
+        mag_first=None,
     )
     return family, methods
 
@@ -75,16 +87,24 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--check-prediction",
+        action="store_true",
+        help="after the timed runs, re-measure forward costs and compare each auto plan's predicted speed",
+    )
     args = parser.parse_args()
     if any("=" not in spec for spec in args.configs):
         parser.error("configurations are given as NAME=CONFIG.json")
 
+    import time
+
     import torch
 
     from csdrafting import Cascade
+    from csdrafting.autoplan import cpu_model
     from csdrafting.config import CascadeConfig
     from csdrafting.sampling import SamplingParams
-    from csdrafting.tune.compare import compare, speedups
+    from csdrafting.tune.compare import build, compare, speedups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,20 +119,72 @@ def main() -> int:
     except CSDraftingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = compare(family, methods, prompts_ids, args.max_new_tokens, args.trials, params, log=print)
+    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    built = {}
+    for method in methods:
+        started = time.perf_counter()
+        built[method.name] = build(family, method)
+        if method.auto:
+            print(f"{method.name}: planned in {time.perf_counter() - started:.2f} s: {_plan_line(built[method.name])}")
+    results = compare(family, methods, prompts_ids, args.max_new_tokens, args.trials, params, log=print, built=built)
     relative = speedups(results, methods[0].name)
     print(
         f"{len(prompts_ids)} prompts x {args.trials} trials, {args.max_new_tokens} new tokens, temperature "
-        f"{args.temperature}, {torch.get_num_threads()} threads; decode speed relative to {methods[0].name}:"
+        f"{args.temperature}, {torch.get_num_threads()} threads; speed relative to {methods[0].name} "
+        "(per trial: " + ", ".join(f"trial {t + 1}" for t in range(args.trials)) + "):"
     )
     for method in methods:
         measured = results[method.name]
         identical = "" if not params.greedy else f", greedy outputs differing from the first: {measured.mismatches}"
+        per_trial = [b / m for b, m in zip(results[methods[0].name].seconds, measured.seconds)]
+        planning = f", planning during the trials {sum(measured.plan_seconds):.2f} s (excluded)" if method.auto else ""
         print(
-            f"  {method.name:16s} {measured.tokens_per_second:7.1f} tokens/s  "
-            f"relative speed {relative[method.name]:.3f}  ({measured.tokens_per_step:.2f} tokens per target step{identical})"
+            f"  {method.name:16s} {measured.tokens_per_second:7.1f} tokens/s  relative speed {relative[method.name]:.3f} "
+            f"({', '.join(f'{x:.3f}' for x in per_trial)})  ({measured.tokens_per_step:.2f} tokens per target step"
+            f"{identical}{planning})"
         )
+    for method in methods:
+        if method.auto:
+            print(f"{method.name}: final plan {_plan_line(built[method.name])}")
+    if args.check_prediction:
+        check_predictions(methods, built, results)
     return 0
+
+
+def _plan_line(cascade) -> str:
+    plan = cascade.plan
+    if plan is None:
+        return "none (CSDRAFTING_AUTO_PLAN=off: the fixed start of resolve())"
+    names = [cascade.target.name] + [d.name for d in cascade.drafters] + (["mag"] if cascade.mag else [])
+    return (
+        f"{plan.source}, levels {' <- '.join(names)}, K {[list(r) for r in plan.config.k_matrix]}, "
+        f"mag_first {plan.config.mag_first}, predicted {plan.prediction.tokens_per_second:.1f} tokens/s "
+        f"({plan.prediction.speedup:.2f}x plain decoding, {plan.prediction.tokens_per_step:.2f} tokens per step)"
+    )
+
+
+def check_predictions(methods, built, results) -> None:
+    """Each auto plan's predicted decode speed, with forward costs measured again now, against
+    the decode speed measured in the timed runs (median over trials)."""
+    import statistics
+
+    for method in methods:
+        cascade = built[method.name]
+        if not method.auto or cascade.plan is None:
+            continue
+        planner = cascade.autoplan
+        costs = planner.calibrate(rounds=9)
+        predicted = planner.predict(cascade.plan.config, costs)
+        measured = results[method.name]
+        per_trial = [t / d for t, d in zip(measured.tokens, measured.decode_seconds)]
+        decode = statistics.median(per_trial)
+        print(
+            f"{method.name}: predicted {predicted.tokens_per_second:.1f} tokens/s (costs measured now; "
+            f"{cascade.plan.prediction.tokens_per_second:.1f} with the costs it planned with), measured "
+            f"{decode:.1f} decode tokens/s (per trial {', '.join(f'{x:.1f}' for x in per_trial)}): "
+            f"predicted / measured {predicted.tokens_per_second / decode:.3f}; tokens per step predicted "
+            f"{predicted.tokens_per_step:.2f}, measured {measured.tokens_per_step:.2f}"
+        )
 
 
 if __name__ == "__main__":

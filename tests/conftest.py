@@ -8,14 +8,22 @@ The lean runner's matmul kernel is forced (``CSD_KERNEL``, default ``linear`` he
 test times kernels or writes the user's cache. test_kernels.py runs every kernel itself; another
 value here (``CSD_KERNEL=auto pytest``) reaches the levels that own their module (loaded from
 folders), while modules a test hands in keep transformers' layout (``LlamaRunner``).
+
+``k_matrix="auto"`` measures the machine and plans (``autoplan.py``): timings would make tests
+over tiny models nondeterministic, so the suite runs with planning off (``"auto"`` is then the
+fixed start of ``CascadeConfig.resolve``, adapted online) and the tests of the planner turn it
+on themselves. Nothing is written to the user's cache: it points at a fresh folder.
 """
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("CSD_KERNEL", "linear")
+os.environ["CSDRAFTING_AUTO_PLAN"] = "off"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="csdrafting-test-cache-")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tiny import ...`

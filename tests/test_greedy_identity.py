@@ -10,9 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csdrafting import ConfigError, KMatrix
+from csdrafting import ConfigError, KMatrix, autoplan
 from csdrafting.levels.mag import BigramTable
-from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
+from csdrafting.schedule import AdaptiveSchedule
+from tiny import (
+    TableLevel,
+    copy_model,
+    hf_greedy,
+    make_cascade,
+    noisy_copy,
+    plan_automatically,
+    random_table,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 PROMPT = [5, 17, 33, 2, 81, 40, 7]
 NUM_NEW = 40
@@ -190,6 +201,37 @@ def test_automatic_schedule_is_lossless(llama):
         result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
         assert result.token_ids == llama["reference"]
         check_common_stats(result)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_planned_auto_and_per_level_switch_are_lossless(llama, runner, monkeypatch, tmp_path):
+    """k_matrix="auto" with planning on (autoplan.py; synthetic costs, so the plan is fixed):
+    the prior plan, the plan remade from observed generations, and the per-level switch forced
+    to flip drafters off and on in the middle of generations all emit the target's tokens."""
+    costs = {"target": (10e-3, 1e-3), "drafter1": (1e-3, 0.05e-3), "drafter2": (0.5e-3, 0.02e-3)}
+    plan_automatically(monkeypatch, tmp_path, costs)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 2 * NUM_NEW)
+    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # tiny models: keep speculating whatever the clock says
+    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)  # every judgement switches a drafter off
+    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 1)
+    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 2)
+    switched = []
+    level_off = AdaptiveSchedule._level_off
+    monkeypatch.setattr(
+        AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
+    )
+    cascade = make_cascade(
+        llama["target"], [llama["noisy"], llama["noisier"]], mag=True, runner=runner, eos_token_ids=[]
+    )
+    assert cascade.plan.source == "prior" and cascade.drafters
+    drafted = 0
+    for _ in range(4):
+        result = cascade.generate(PROMPT, NUM_NEW, ignore_eos=True)
+        assert result.token_ids == llama["reference"]
+        check_common_stats(result)
+        drafted += sum(target_review(result).drafted_by_origin.get(d.name, 0) for d in cascade.drafters)
+    assert cascade.plan.source == "observed"
+    assert switched and drafted > 0  # drafters drafted, and were switched off in between
 
 
 def test_generations_do_not_leak_into_each_other(llama):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from csdrafting.kmatrix import KMatrix
+from csdrafting.tune.gate import GateModel, MagRuns
 from csdrafting.tune.measure import isotonic, pooled, renewal_counts
 from csdrafting.tune.planner import (
     Acceptance,
@@ -272,3 +273,59 @@ def test_replay_reproduces_a_real_run(tuned):
         assert replayed.matches
         assert replayed.num_steps == result.stats.num_target_steps
         assert len(replayed.forward_tokens[0]) == result.stats.levels[0].num_forwards
+
+
+# -- MaG first in the model (gate.py) -------------------------------------------------------------
+
+
+def test_gate_walk_follows_the_schedules_mag_first_lengths():
+    """One trajectory of 12 positions: MaG's match is long at 0 and 7. Static (8-token drafts):
+    the gated step at 0 accepts 5 (MaG's run) and moves on 6; positions 6.. are ordinary steps of
+    stride 1 until 7 gates again (run 3 of a possible 4 before the end: 3 accepted). Adaptive:
+    the second gated draft is 2 * (5 + 1) = 12 long, capped by the room left."""
+    match_lengths = np.array([5, 5, 5, 5, 5, 5, 0, 4, 4, 4, 0, 0])
+    runs = np.array([5, 4, 3, 2, 1, 0, 0, 3, 2, 1, 0, 0])
+    gate_runs = MagRuns((match_lengths,), (runs,))
+    static = GateModel(gate_runs, threshold=3, adaptive=False, first_length=8).stats(1)
+    assert static.gated_steps == pytest.approx(2 / 12) and static.gated_tokens == pytest.approx((6 + 4) / 12)
+    assert static.draft_lengths == {4: pytest.approx(1 / 12), 8: pytest.approx(1 / 12)}  # the second: room 4
+    never = GateModel(gate_runs, threshold=6).stats(1)
+    assert never.gated_steps == 0 and never.gated_tokens == 0
+    # a stride of 2 from position 6 lands on 8 (match 4): the walk depends on the ordinary steps
+    assert GateModel(gate_runs, threshold=3, adaptive=False, first_length=8).stats(2).gated_tokens == pytest.approx((6 + 3) / 12)
+
+
+def test_gate_that_never_fires_leaves_the_prediction_unchanged():
+    gate = GateModel(MagRuns((np.zeros(50, dtype=np.int64),), (np.zeros(50, dtype=np.int64),)), threshold=3)
+    k = [[2, 1, 4], [0, 1, 3], [0, 0, 3]]
+    base, gated = predict(k, FULL, COSTS), predict(k, FULL, COSTS, gate=gate)
+    assert gated.tokens_per_step == pytest.approx(base.tokens_per_step)
+    # only the gate's check (one MaG proposal a step) is added
+    assert gated.seconds_per_step == pytest.approx(base.seconds_per_step + COSTS.mag_seconds)
+    assert gated.mag_first == 3
+
+
+def test_gated_model_matches_the_replay_of_real_traces(tuned):
+    """On the recorded traces of ``csd tune``, the model's tokens per target step with MaG first
+    (the gate walked along the output, acceptance measured under the gate) against the replay
+    of the real step (static schedule, as the profile was measured)."""
+    from csdrafting.levels.mag import BigramTable
+    from csdrafting.tune.measure import Profile
+    from csdrafting.tune.replay import Replayer
+
+    _, report, _, _ = tuned
+    profile = Profile.from_dict(report["profile"])
+    gated = profile.gated
+    assert gated is not None and not gated.adaptive and gated.thresholds == [2, 3, 4, 6]
+    bigram = BigramTable.load(MODELS_DIR / "pycode-22m" / "csd_bigram.npy")
+    replayer = Replayer(profile.traces, ["pycode-22m", "pycode-5m", "pycode-1m"], 8192, bigram)
+    for rows, threshold in (
+        (((0, 0, 1), (0, 0, 0), (0, 0, 0)), 2),
+        (((0, 1, 1), (0, 0, 0), (0, 0, 1)), 3),
+        (((0, 0, 0), (0, 0, 0), (0, 0, 0)), 2),  # MaG first over plain decoding
+    ):
+        acceptance, gate = gated.model(threshold, first_length=max(8, sum(rows[0])))
+        model = predict(rows, acceptance, profile.costs, gate=gate)
+        replay = replayer.run(rows, 1.0, threshold)
+        assert replay.matches
+        assert model.tokens_per_step == pytest.approx(replay.tokens_per_step, rel=0.15), rows

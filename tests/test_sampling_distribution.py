@@ -14,10 +14,19 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from csdrafting import KMatrix
+from csdrafting import KMatrix, autoplan
 from csdrafting import step as step_module
 from csdrafting.sampling import SamplingParams, warp
-from tiny import TableLevel, broken_reviewer, chisquare_pvalue, exact_joint, make_cascade, random_table
+from csdrafting.schedule import AdaptiveSchedule
+from tiny import (
+    TableLevel,
+    broken_reviewer,
+    chisquare_pvalue,
+    exact_joint,
+    make_cascade,
+    plan_automatically,
+    random_table,
+)
 
 VOCAB = 3
 PROMPT = [0, 1, 2, 0, 1]  # repeats, so MaG finds matches
@@ -267,6 +276,51 @@ def test_whole_cascade_rejects_broken_reviewer(monkeypatch, name, reviewer, conf
     assert totals["drafted"] > 0
     expected = exact_joint(target, PROMPT, config.num_tokens, config.params)
     assert chisquare_pvalue(counts, expected) < REJECT_P
+
+
+class FakeClock:
+    """``time`` for the step: every reading is a millisecond after the previous one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1e-3
+        return self.now
+
+
+def test_planned_auto_and_per_level_switch_sample_the_target_distribution(monkeypatch, tmp_path):
+    """k_matrix="auto" with planning on (synthetic costs): the prior plan, the plan remade from
+    the runs observed so far, and the per-level switch forced to flip drafters off and on keep
+    the target's law. The clock-driven switches normally run for unseeded requests only; here
+    they run for the seeded runs too, on a fake clock, so the test stays deterministic."""
+    costs = {"target": (10e-3, 1e-3), "d1": (1e-3, 0.05e-3), "d2": (0.5e-3, 0.02e-3)}
+    plan_automatically(monkeypatch, tmp_path, costs)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 200)  # re-planned after 50 runs
+    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # speculation as a whole stays on
+    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)  # every judgement switches a drafter off
+    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 1)
+    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 1)
+    monkeypatch.setattr(AdaptiveSchedule, "begin", lambda self, carry_over: self.resume())
+    monkeypatch.setattr(step_module, "time", FakeClock())
+    switched = []
+    level_off = AdaptiveSchedule._level_off
+    monkeypatch.setattr(
+        AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
+    )
+    levels = make_levels("position", 2)
+    cascade = make_cascade(levels[0], levels[1:], names=["target", "d1", "d2"], mag=True, eos_token_ids=[])
+    params = SamplingParams(1.0)
+    counts, drafted = Counter(), Counter()
+    for run in range(3000):
+        result = cascade.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=run, ignore_eos=True)
+        counts[tuple(result.token_ids)] += 1
+        drafted.update(result.stats.levels[0].review.drafted_by_origin)
+    # the back-off doubles at every failed retry: switches thin out, but keep happening
+    assert cascade.plan.source == "observed" and len(switched) >= 10
+    assert any(drafted[d.name] > 0 for d in cascade.drafters), drafted
+    expected = exact_joint(levels[0], PROMPT, 4, params)
+    assert chisquare_pvalue(counts, expected) > ACCEPT_P
 
 
 def truncated_joint(full: dict, eos: int) -> dict:

@@ -4,6 +4,8 @@ measured time, fed here by hand (a fake clock: ``after_step`` gets the seconds).
 
 from __future__ import annotations
 
+import pytest
+
 from csdrafting.kmatrix import KMatrix
 from csdrafting.schedule import AdaptiveSchedule, StaticSchedule
 
@@ -130,3 +132,109 @@ def test_time_switch_keeps_fast_speculation_and_never_runs_for_seeded_sampling()
     seeded = AdaptiveSchedule(ONE_DRAFTER)
     seeded.begin(carry_over=False)  # seeded sampling: reproducible, no clock
     assert all(run_steps(seeded, 100, 0.050))
+
+
+# -- the per-level switch (k_matrix="auto": a judge predicts whether each drafter pays) ------------
+
+TWO_LEVELS = KMatrix(((2, 2), (0, 3)))  # a neural drafter (column 0) and MaG (column 1)
+
+
+class FakeJudge:
+    """Predicts a fixed speed with and without the drafter of column 0; records what it saw."""
+
+    def __init__(self, drafter_pays: bool) -> None:
+        self.drafter_pays = drafter_pays
+        self.scales: list[list[float]] = []
+        self.rates: list[dict] = []
+
+    def forward_seconds(self, level: int, num_tokens: int) -> float:
+        return 0.001 * (1 + num_tokens)
+
+    def speed(self, rows, rates, scales) -> float:
+        self.scales.append(list(scales))
+        self.rates.append(dict(rates))
+        uses_drafter = any(row[0] for row in rows)
+        return 2.0 if uses_drafter == self.drafter_pays else 1.0
+
+
+def judged(judge: FakeJudge, k_matrix: KMatrix = TWO_LEVELS) -> AdaptiveSchedule:
+    schedule = AdaptiveSchedule(k_matrix, mag_first=3, judge=judge, num_neural=1)
+    while not schedule.speculate():  # the whole-speculation switch first times plain steps
+        schedule.after_step(0.010, 1, speculative=False)
+    return schedule
+
+
+def ordinary_steps(schedule: AdaptiveSchedule, num_steps: int, gated: bool = False) -> list[bool]:
+    """Speculative steps (fast: speculation stays on); returns whether the drafter was on in each."""
+    on = []
+    for _ in range(num_steps):
+        on.append(schedule.rows[0][0] > 0)
+        if gated:
+            schedule.after_mag_first(num_accepted=3)
+        schedule.after_step(0.002, 2, speculative=True)
+    return on
+
+
+def test_level_switch_turns_a_drafter_off_and_retries_it_with_doubling_backoff():
+    schedule = judged(FakeJudge(drafter_pays=False))
+    assert schedule.times_levels  # the step reports each forward's seconds
+    on = ordinary_steps(schedule, AdaptiveSchedule.JUDGE_LEVELS_FIRST)
+    assert all(on)
+    assert schedule.level_off == [True] and all(row[0] == 0 for row in schedule.rows)
+    assert schedule.rows[0][1] > 0  # MaG still drafts
+    # a switched-off drafter is not brought back by the per-entry back-off
+    for _ in range(3 * AdaptiveSchedule.FIRST_BACKOFF):
+        schedule.after_review(0, [(1, 0, 2)], num_accepted=2)
+    assert schedule.rows[0][0] == 0
+    off = ordinary_steps(schedule, 400)
+    first_pause = off.index(True)
+    assert first_pause == AdaptiveSchedule.FIRST_LEVEL_BACKOFF
+    later = off[first_pause:]
+    assert later[: AdaptiveSchedule.JUDGE_LEVELS_FIRST] == [True] * AdaptiveSchedule.JUDGE_LEVELS_FIRST
+    second_pause = later[AdaptiveSchedule.JUDGE_LEVELS_FIRST :].index(True)
+    assert second_pause == 2 * first_pause  # the retry failed: twice as long off
+
+
+def test_level_switch_keeps_a_drafter_that_pays_and_judges_it_less_often():
+    judge = FakeJudge(drafter_pays=True)
+    schedule = judged(judge)
+    assert all(ordinary_steps(schedule, 500))
+    assert schedule.level_off == [False]
+    assert schedule.judge_every > AdaptiveSchedule.JUDGE_LEVELS_FIRST  # the interval doubled
+    assert 2 * len(judge.scales) < 500 / AdaptiveSchedule.JUDGE_LEVELS_FIRST  # two predictions per judgement
+
+
+def test_level_switch_ignores_mag_first_steps_and_seeded_sampling():
+    schedule = judged(FakeJudge(drafter_pays=False))
+    assert all(ordinary_steps(schedule, 200, gated=True))  # MaG-first steps say nothing about a drafter
+    assert schedule.level_off == [False]
+    seeded = judged(FakeJudge(drafter_pays=False))
+    seeded.begin(carry_over=False)  # seeded sampling: no clock-driven decisions
+    assert all(ordinary_steps(seeded, 200))
+
+
+def test_level_switch_sees_measured_forward_times_and_running_acceptance():
+    judge = FakeJudge(drafter_pays=True)
+    schedule = judged(judge)
+    for _ in range(20):
+        schedule.after_forward(0, 3, 2 * judge.forward_seconds(0, 3))  # the target runs twice as slow
+        schedule.after_forward(1, 1, judge.forward_seconds(1, 1))
+        schedule.after_review(0, [(0, 0, 2), (1, 2, 5)], num_accepted=1)  # half the drafter's tokens
+    ordinary_steps(schedule, AdaptiveSchedule.JUDGE_LEVELS_FIRST)
+    assert judge.scales[-1] == [pytest.approx(2.0), pytest.approx(1.0)]
+    rates = judge.rates[-1]
+    assert rates[(0, 1)] < AdaptiveSchedule.PRIOR_ACCEPTANCE  # the drafter: 1 of 2, rejections
+    assert rates[(0, 2)] == pytest.approx(AdaptiveSchedule.PRIOR_ACCEPTANCE)  # MaG's share was never reached
+
+
+def test_entry_priors_set_the_acceptance_a_length_was_chosen_for():
+    """A K entry planned for 90% acceptance keeps its length while 90% is what it gets; with
+    the generic prior (60%) the same acceptance would lengthen it."""
+    k_matrix = KMatrix(((4,),))
+    planned = AdaptiveSchedule(k_matrix, priors=[[0.9]])
+    generic = AdaptiveSchedule(k_matrix)
+    for schedule in (planned, generic):
+        schedule.reset(use_timing=False)
+        schedule.successes[0][0], schedule.failures[0][0] = 36.0, 4.0  # a running acceptance of 90%
+    assert planned._length(0, 0) == 4
+    assert generic._length(0, 0) > 4

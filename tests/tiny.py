@@ -276,3 +276,32 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+# -- "auto" planning (autoplan.py) in tests ------------------------------------------------------
+
+
+def synthetic_calibrate(costs: dict[str, tuple[float, float]], calls: list | None = None):
+    """A stand-in for ``AutoPlanner.calibrate``: level name -> (seconds of a one-token forward,
+    seconds per further token); no timing, so plans are deterministic. ``calls`` counts uses."""
+    from csdrafting.tune.planner import CostModel, LevelCost
+
+    def calibrate(self, rounds=None, tokens=None):
+        if calls is not None:
+            calls.append(self)
+        names = [self.family.target.name] + [d.name for d in self.family.drafters]
+        levels = tuple(LevelCost(n, (1, 64), (costs[n][0], costs[n][0] + 63 * costs[n][1])) for n in names)
+        return CostModel(levels, mag_seconds=1e-5, step_seconds=1e-4)
+
+    return calibrate
+
+
+def plan_automatically(monkeypatch, cache_dir, costs: dict | None = None, calls: list | None = None) -> None:
+    """Turn ``"auto"`` planning on for one test (the suite runs with it off), with its cache in
+    ``cache_dir`` and, given ``costs``, synthetic forward costs instead of timing."""
+    from csdrafting.autoplan import ENV_PLAN, AutoPlanner
+
+    monkeypatch.setenv(ENV_PLAN, "on")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
+    if costs is not None:
+        monkeypatch.setattr(AutoPlanner, "calibrate", synthetic_calibrate(costs, calls))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .autoplan import AutoPlanner, Plan, planning_enabled
 from .config import CascadeConfig
 from .errors import GenerationInputError
 from .levels.mag import MaG
@@ -39,27 +40,43 @@ class Cascade:
     def __init__(self, levels: Levels, config: CascadeConfig | None = None) -> None:
         config = config if config is not None else levels.default_config()
         target, drafters = levels.select(config)
-        resolved = config.resolve()
         self.levels = levels
-        self.config = config
-        self.target = target
-        self.drafters = drafters
-        self.mag = MaG(levels.bigram) if config.mag else None
+        self.config = config  # as given ("auto" stays "auto"; what runs is ``plan.config``)
         self.tokenizer = levels.tokenizer
         self.eos_token_ids = levels.eos_token_ids
+        self.device = target.device
+        # every level must fit the sequence: the usable context is the smallest level's (of all
+        # the configuration may use, so a later plan cannot shrink it)
+        self.max_context = min(level.max_positions for level in [target, *drafters])
+        self._mag = MaG(levels.bigram) if config.mag else None
+        self._lock = threading.Lock()
+        # "auto" over loaded levels: measured and planned (autoplan.py), unless switched off
+        self.autoplan = AutoPlanner(levels, config) if config.is_auto and planning_enabled() else None
+        self._use(self.autoplan.plan if self.autoplan is not None else None)
+
+    def _use(self, plan: Plan | None) -> None:
+        """Run ``plan`` (or, without one, the configuration as ``resolve()`` makes it explicit)."""
+        run = plan.config if plan is not None else self.config
+        target, drafters = self.levels.select(run)
+        resolved = run.resolve()
+        self.plan = plan
+        self.target = target
+        self.drafters = drafters
+        self.mag = self._mag if run.mag else None
         self.k_matrix = resolved.k_matrix
         self.lenience = resolved.lenience
         self.adaptive = resolved.adaptive
         self.mag_first = resolved.mag_first
-        self.device = target.device
-        # every level must fit the sequence: the usable context is the smallest level's
-        self.max_context = min(level.max_positions for level in [target, *drafters])
-        schedule_type = AdaptiveSchedule if resolved.adaptive else StaticSchedule
+        if plan is not None:
+            priors = [list(row) for row in plan.priors]
+            judge = self.autoplan.judge(run)
+            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first, priors, judge, len(drafters))
+        elif resolved.adaptive:
+            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first)
+        else:
+            schedule = StaticSchedule(resolved.k_matrix, resolved.mag_first)
         step_levels = [target, *drafters] + ([self.mag] if self.mag is not None else [])
-        self._step = CascadeStep(
-            step_levels, schedule_type(resolved.k_matrix, resolved.mag_first), resolved.lenience, self.eos_token_ids
-        )
-        self._lock = threading.Lock()
+        self._step = CascadeStep(step_levels, schedule, resolved.lenience, self.eos_token_ids)
 
     @classmethod
     def from_config(cls, config: CascadeConfig | dict | str | Path) -> Cascade:
@@ -111,7 +128,8 @@ class Cascade:
     # -- configuration -------------------------------------------------------------------------
 
     def describe(self) -> dict:
-        """The configuration as run (``"auto"`` resolved), as plain data for JSON records."""
+        """The configuration as run (``"auto"`` resolved or planned; ``plan``: the plan and its
+        prediction, None unless planned), as plain data for JSON records."""
         return {
             "target": self.target.name,
             "drafters": [d.name for d in self.drafters],
@@ -123,6 +141,7 @@ class Cascade:
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,
+            "plan": self.plan.as_dict() if self.plan is not None else None,
         }
 
     # -- generation ----------------------------------------------------------------------------
@@ -239,6 +258,14 @@ class Cascade:
             emitted = [0] * len(step.levels)
             for origin in out.origins:
                 emitted[origin] += 1
+            level_stats = step.level_stats(emitted)  # before observing, which runs the levels again
+            plan_seconds = 0.0
+            if self.autoplan is not None and self.autoplan.observing:
+                # after the clock: observing (and, once enough is seen, re-planning) is not decoding
+                plan = self.autoplan.observe(prompt_ids, out.token_ids)
+                if plan is not None:
+                    self._use(plan)
+                plan_seconds = time.perf_counter() - finished
             stats = GenerationStats(
                 num_prompt_tokens=len(prompt_ids),
                 num_new_tokens=len(out.token_ids),
@@ -246,7 +273,8 @@ class Cascade:
                 prefill_seconds=prefilled - started,
                 decode_seconds=finished - prefilled,
                 finish_reason=out.finish_reason,
-                levels=step.level_stats(emitted),
+                levels=level_stats,
+                plan_seconds=plan_seconds,
             )
             yield out.finish(step.names[0], stats)
 

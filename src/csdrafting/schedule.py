@@ -12,7 +12,13 @@ acceptance (online adaptation):
   a back-off measured in reviews of that row, which doubles each time the retry fails;
 * a MaG-first draft is about twice what the previous one got accepted (4 to 32 tokens);
 * speculation as a whole is switched off (plain autoregressive steps) when its measured time per
-  emitted token is worse than plain decoding's, and retried after a back-off that doubles too.
+  emitted token is worse than plain decoding's, and retried after a back-off that doubles too;
+* with a ``LevelJudge`` (``k_matrix="auto"``: ``autoplan.py``), a neural drafter whose time costs
+  more than it saves is switched off per level: every so many ordinary (not MaG-first) steps the
+  judge predicts the speed of the current lengths with and without each drafter, from the
+  running acceptance and the calibrated forward costs scaled by the forward times measured in
+  this run; a drafter predicted to slow the cascade down has its column zeroed in every row and
+  is retried after a back-off (in ordinary steps) that doubles each time the retry fails.
 
 What the schedule learned carries over from one generation to the next (greedy and unseeded
 sampling); a seeded sampling request starts afresh without the clock-driven switch, so it is
@@ -23,6 +29,7 @@ verification stays exact and the output stays the target's: adaptation changes s
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import Protocol
 
 from .kmatrix import KMatrix
 
@@ -33,6 +40,7 @@ class StaticSchedule:
     """The configured K-matrix for every step, and a fixed length for MaG-first drafts."""
 
     adaptive = False
+    times_levels = False  # whether the step reports each forward's seconds (``after_forward``)
     # a MaG-first draft is this long (or row 0's total, if longer). 24 measured on the pycode
     # family (AMD EPYC, greedy, committed prompts, forwards priced at measured costs): as fast as
     # the adaptive rule below for the shipped configurations, where 8 was 7-10% slower
@@ -91,6 +99,16 @@ class StaticSchedule:
         return self.k_matrix.as_lists()
 
 
+class LevelJudge(Protocol):
+    """Predicts the speed (tokens/s) of a K-matrix from per-pair acceptance rates and per-level
+    cost scales; ``AdaptiveSchedule`` asks it whether a drafter pays (``autoplan.py``)."""
+
+    def speed(self, rows: list[list[int]], rates: dict[tuple[int, int], float], scales: list[float]) -> float: ...
+
+    def forward_seconds(self, level: int, num_tokens: int) -> float:
+        """Calibrated seconds of one forward-and-review of neural level ``level`` (0 = target)."""
+
+
 class AdaptiveSchedule(StaticSchedule):
     """Starts from a K-matrix and adapts it online (see the module docstring)."""
 
@@ -108,15 +126,41 @@ class AdaptiveSchedule(StaticSchedule):
     MAG_FIRST_START = 8
     MAG_FIRST_MIN_TOKENS = 4
     MAG_FIRST_MAX_TOKENS = 32
+    # per-level switch (with a judge): how often drafters are judged, and by how much a drafter's
+    # absence must be predicted faster before it is switched off
+    JUDGE_LEVELS_FIRST = 16  # ordinary speculative steps before the first judgement
+    FIRST_LEVEL_BACKOFF = 32  # ordinary steps before a drafter switched off as a level is retried
+    JUDGE_LEVELS_MAX = 256  # the interval doubles up to this while every drafter keeps paying
+    LEVEL_MARGIN = 0.03
+    LONG_DECAY = 0.98  # acceptance and cost scales for judging: a longer memory than the lengths'
 
-    def __init__(self, k_matrix: KMatrix, mag_first: int | None = None) -> None:
+    def __init__(
+        self,
+        k_matrix: KMatrix,
+        mag_first: int | None = None,
+        priors: list[list[float]] | None = None,
+        judge: LevelJudge | None = None,
+        num_neural: int | None = None,
+    ) -> None:
+        """``priors[r][c]``: the acceptance entry (r, c) was chosen for (default
+        ``PRIOR_ACCEPTANCE``); ``judge`` turns on the per-level switch for the first
+        ``num_neural`` columns (the neural drafters; MaG, when on, is the last column)."""
         super().__init__(k_matrix, mag_first)
+        self.priors = [
+            [min(max(p, 0.02), 0.98) for p in row]
+            for row in (priors or [[self.PRIOR_ACCEPTANCE] * k_matrix.size] * k_matrix.size)
+        ]
+        self.judge = judge
+        self.num_neural = num_neural if num_neural is not None else k_matrix.size
+        self.times_levels = judge is not None  # the step reports each forward's seconds
+        self.gated_step = False
         self.reset(use_timing=True)
 
     def after_mag_first(self, num_accepted: int) -> None:
         # the next gated draft follows past acceptance only, never the token being drafted
         doubled = 2 * (num_accepted + 1)
         self.mag_first_tokens = min(self.MAG_FIRST_MAX_TOKENS, max(self.MAG_FIRST_MIN_TOKENS, doubled))
+        self.gated_step = True
 
     def resume(self) -> None:
         if not self.use_timing:
@@ -130,11 +174,21 @@ class AdaptiveSchedule(StaticSchedule):
         self.configured = self.k_matrix.as_lists()
         self.rows = [row[:] for row in self.configured]
         self.caps = [[max(8, self.MAX_GROWTH * k) for k in row] for row in self.configured]
-        prior = self.PRIOR_ACCEPTANCE
-        self.successes = [[prior * self.PRIOR_WEIGHT] * len(row) for row in self.rows]
-        self.failures = [[(1 - prior) * self.PRIOR_WEIGHT] * len(row) for row in self.rows]
+        weight = self.PRIOR_WEIGHT
+        self.successes = [[p * weight for p in row] for row in self.priors]
+        self.failures = [[(1 - p) * weight for p in row] for row in self.priors]
         self.retry_in = [[0] * len(row) for row in self.rows]  # reviews left while an entry is off
         self.backoff = [[self.FIRST_BACKOFF] * len(row) for row in self.rows]
+        # per-level switch: long-memory acceptance, measured / calibrated forward seconds per level
+        self.long_successes = [[p * weight for p in row] for row in self.priors]
+        self.long_failures = [[(1 - p) * weight for p in row] for row in self.priors]
+        self.measured_seconds = [0.0] * (self.num_neural + 1)
+        self.calibrated_seconds = [0.0] * (self.num_neural + 1)
+        self.level_off = [False] * self.num_neural
+        self.level_retry_in = [0] * self.num_neural  # ordinary steps left while a drafter is off
+        self.level_backoff = [self.FIRST_LEVEL_BACKOFF] * self.num_neural
+        self.judge_every = self.JUDGE_LEVELS_FIRST
+        self.steps_to_judge = self.JUDGE_LEVELS_FIRST
         # whole-speculation switch: decayed seconds and tokens of speculative and of plain steps
         self.spec_time = self.spec_tokens = 0.0
         self.plain_time = self.plain_tokens = 0.0
@@ -162,6 +216,12 @@ class AdaptiveSchedule(StaticSchedule):
             rejected = 1 if num_accepted < end else 0
             self.successes[reviewer][column] = self.DECAY * self.successes[reviewer][column] + accepted
             self.failures[reviewer][column] = self.DECAY * self.failures[reviewer][column] + rejected
+            if self.judge is not None:
+                long_s, long_f = self.long_successes[reviewer], self.long_failures[reviewer]
+                long_s[column] = self.LONG_DECAY * long_s[column] + accepted
+                long_f[column] = self.LONG_DECAY * long_f[column] + rejected
+            if column < self.num_neural and self.level_off[column]:
+                continue  # switched off as a level: only its retry brings it back
             row[column] = self._length(reviewer, column)
             if row[column] == 0:
                 self.retry_in[reviewer][column] = self.backoff[reviewer][column]
@@ -171,6 +231,8 @@ class AdaptiveSchedule(StaticSchedule):
         # switched-off entries count down one review of this row, then come back with 1
         retry = self.retry_in[reviewer]
         for column, left in enumerate(retry):
+            if column < self.num_neural and self.level_off[column]:
+                continue
             if row[column] == 0 and self.configured[reviewer][column] > 0:
                 if left <= 1:
                     row[column] = 1
@@ -182,14 +244,26 @@ class AdaptiveSchedule(StaticSchedule):
         """Draft length for the running acceptance: the configured length scaled by how the odds of
         acceptance compare with the prior's (the expected accepted run of a geometric draft)."""
         alpha = min(self.acceptance(reviewer, column), 0.99)
-        prior = self.PRIOR_ACCEPTANCE
+        prior = self.priors[reviewer][column]
         scale = (alpha / (1 - alpha)) / (prior / (1 - prior))
         return min(self.caps[reviewer][column], round(self.configured[reviewer][column] * scale))
 
     def speculate(self) -> bool:
         return self.plain_steps_left == 0
 
+    def after_forward(self, level: int, num_tokens: int, seconds: float) -> None:
+        """A neural level (0 = target) ran ``num_tokens`` tokens and its review in ``seconds``
+        (only called when ``times_levels``): how its calibrated costs compare with now."""
+        decay = self.LONG_DECAY
+        self.measured_seconds[level] = decay * self.measured_seconds[level] + seconds
+        self.calibrated_seconds[level] = decay * self.calibrated_seconds[level] + self.judge.forward_seconds(
+            level, num_tokens
+        )
+
     def after_step(self, seconds: float, num_tokens: int, speculative: bool) -> None:
+        gated, self.gated_step = self.gated_step, False
+        if speculative and not gated and self.judge is not None and self.use_timing:
+            self._count_down_levels()
         if not self.use_timing:
             return
         # decayed sums of time and tokens: their ratio is the recent cost per token, weighted by
@@ -213,3 +287,67 @@ class AdaptiveSchedule(StaticSchedule):
             self.spec_backoff = min(2 * self.spec_backoff, self.MAX_BACKOFF)
         else:
             self.spec_backoff = self.FIRST_BACKOFF * 4
+
+    # -- the per-level switch ----------------------------------------------------------------------
+
+    def _count_down_levels(self) -> None:
+        """One ordinary speculative step: judge every drafter that is on when the judging
+        interval is over, and bring back drafters whose back-off ran out (judged after a full
+        first interval)."""
+        self.steps_to_judge -= 1
+        switched: list[int] = []
+        if self.steps_to_judge <= 0:
+            switched = self._judge_levels()
+            # while every drafter keeps paying, judge less and less often
+            longer = min(2 * self.judge_every, self.JUDGE_LEVELS_MAX)
+            self.judge_every = self.JUDGE_LEVELS_FIRST if switched else longer
+            self.steps_to_judge = self.judge_every
+        for column in range(self.num_neural):
+            if self.level_off[column] and column not in switched:
+                self.level_retry_in[column] -= 1
+                if self.level_retry_in[column] <= 0:
+                    self._level_on(column)
+
+    def _judge_levels(self) -> list[int]:
+        """Switch off each drafter that the judge predicts the cascade is faster without; returns
+        their columns."""
+        rates = {
+            (r, c + 1): s / (s + f)
+            for r, (row_s, row_f) in enumerate(zip(self.long_successes, self.long_failures))
+            for c, (s, f) in enumerate(zip(row_s, row_f))
+            if c >= r
+        }
+        scales = [m / c if c > 0 else 1.0 for m, c in zip(self.measured_seconds, self.calibrated_seconds)]
+        switched = []
+        for column in range(self.num_neural):
+            if self.level_off[column] or not any(row[column] for row in self.rows):
+                continue
+            with_it = self.judge.speed(self.rows, rates, scales)
+            without = [row[:] for row in self.rows]
+            for row in without:
+                row[column] = 0
+            # (without any drafter left in row 0, ordinary steps decode plainly; MaG first still drafts)
+            if self.judge.speed(without, rates, scales) > (1 + self.LEVEL_MARGIN) * with_it:
+                self._level_off(column)
+                switched.append(column)
+            else:
+                self.level_backoff[column] = self.FIRST_LEVEL_BACKOFF  # it pays: a later failure starts afresh
+        return switched
+
+    def _level_off(self, column: int) -> None:
+        self.level_off[column] = True
+        for row in self.rows:
+            row[column] = 0
+        self.level_retry_in[column] = self.level_backoff[column]
+        self.level_backoff[column] = min(2 * self.level_backoff[column], self.MAX_BACKOFF)
+
+    def _level_on(self, column: int) -> None:
+        """Retry a drafter: its configured lengths, and its long-memory acceptance back at the
+        prior (the evidence that switched it off is old by now)."""
+        self.level_off[column] = False
+        weight = self.PRIOR_WEIGHT
+        for r, row in enumerate(self.rows):
+            row[column] = self.configured[r][column]
+            p = self.priors[r][column]
+            self.long_successes[r][column], self.long_failures[r][column] = p * weight, (1 - p) * weight
+        self.steps_to_judge = min(self.steps_to_judge, self.JUDGE_LEVELS_FIRST)

@@ -92,6 +92,7 @@ class GenerationStats:
     decode_seconds: float
     finish_reason: str
     levels: tuple[LevelStats, ...]
+    plan_seconds: float = 0.0  # after decoding: "auto" observing this generation and re-planning
 
     @property
     def tokens_per_target_step(self) -> float:
@@ -126,5 +127,6 @@ class GenerationStats:
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
             "finish_reason": self.finish_reason,
+            "plan_seconds": self.plan_seconds,
             "levels": [entry.as_dict() for entry in self.levels],
         }

@@ -169,6 +169,9 @@ class CascadeStep:
     def _review(self, level_index: int, context: list[int], draft: Draft, lenience: float) -> verify.ReviewOutcome:
         """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
         level = self.levels[level_index]
+        timed = self.schedule.times_levels
+        if timed:
+            started, tokens_before = time.perf_counter(), level.counters.num_tokens_run
         logits = level.next_token_logits(context + draft.tokens, len(draft) + 1)  # (K + 1, V)
         if self.params.greedy:
             outcome = verify.review_greedy(logits, draft.tokens, lenience)
@@ -176,6 +179,9 @@ class CascadeStep:
             probs = warp(logits, self.params)  # (K + 1, V)
             draft_probs = self._stack_probs(draft, probs) if len(draft) else None
             outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
+        if timed:  # the review read its result back to the host: the clock is synchronised
+            num_run = level.counters.num_tokens_run - tokens_before
+            self.schedule.after_forward(level_index, num_run, time.perf_counter() - started)
         if len(draft):
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
         if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)

@@ -441,6 +441,8 @@ class CascadeMethod:
         self.config["bigram"] = models.bigram_path if spec["mag"] else None
 
     def generate(self, request: Request) -> Outcome:
+        # "auto" may re-plan after a generation: record the plan this one ran
+        config = self.config if self.cascade.plan is None else {**self.config, **self.cascade.describe()}
         result = self.cascade.generate(
             request.prompt_ids,
             max_new_tokens=request.max_new_tokens,
@@ -459,8 +461,11 @@ class CascadeMethod:
             levels=stats["levels"],
             tokens_per_target_step=stats["tokens_per_target_step"],
             acceptance_rate=stats["acceptance_rate"],
-            config=self.config,
-            engine_stats={k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason")},
+            config=config,
+            # plan_seconds: "auto" observing this generation and re-planning, after its decoding
+            engine_stats={
+                k: stats[k] for k in ("num_target_steps", "tokens_per_second", "finish_reason", "plan_seconds")
+            },
         )
 
 

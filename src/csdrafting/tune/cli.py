@@ -76,7 +76,7 @@ def cmd_tune(args) -> int:
     from ..sampling import SamplingParams
     from .compare import Method, compare, speedups
     from .measure import measure, replayer_for
-    from .planner import best_plain_speculative, predict, search
+    from .planner import best_plain_speculative, predict, search, search_gated
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -95,7 +95,9 @@ def cmd_tune(args) -> int:
         config = replace(config, drafters=tuple(str(p) for p in DEFAULT_DRAFTERS), k_matrix="auto", mag_first=None)
     if args.k_matrix is not None:
         _log("--k-matrix is ignored: tuning chooses the K-matrix")
-    cascade = Cascade.from_config(config)
+    # the family's cascade only holds the levels (every measured configuration is built from
+    # it): an explicit K-matrix, so that "auto" does not measure and plan it on its own
+    cascade = Cascade.from_config(replace(config, k_matrix=_default_rows_reduced(config), adaptive=False))
     prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
     prompts_ids = [cascade.encode(p["text"]) for p in prompts]
     for ids in prompts_ids:
@@ -119,7 +121,12 @@ def cmd_tune(args) -> int:
 
     # 2. plan
     started = time.perf_counter()
-    result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
+    if replayer is None and profile.gated is not None:
+        # no traces to replay (sampling): the model judges MaG first too (gate.py)
+        gates = {n: profile.gated.model(n) for n in profile.gated.thresholds}
+        result = search_gated(acceptance, gates, costs, max_draft=args.max_new_tokens - 1)
+    else:
+        result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
     sd = best_plain_speculative(acceptance, costs, replay=replay if replayer else None)
     default_rows = _default_rows(num_neural, cascade.mag is not None)
     default_model = predict(default_rows, acceptance, costs)
@@ -259,6 +266,12 @@ def _load_profile(path: str, names: list[str]):
     if list(profile.acceptance.names) != names:
         raise ConfigError(f"profile {path} measured levels {list(profile.acceptance.names)}, this cascade has {names}")
     return profile
+
+
+def _default_rows_reduced(config):
+    from ..kmatrix import KMatrix
+
+    return KMatrix.default(len(config.drafters), config.mag).as_lists()
 
 
 def _default_rows(num_neural: int, mag: bool):

@@ -8,6 +8,11 @@ from prompt to prompt; the timer is wall time around the whole generation. A met
 its decode seconds summed over the prompts; its speedup in a trial is plain decoding's seconds
 over its own in that trial, and the reported figures are medians over trials. Greedy rows are
 checked token for token against plain decoding's output on the same prompt.
+
+A method may be ``k_matrix="auto"`` (``Method.auto``): its cascade measures and plans when it is
+built, before any timing, and observes its first generations after their decoding to re-plan
+(``autoplan.py``). That time (``GenerationStats.plan_seconds``) is taken out of its timed
+seconds and reported on its own (``Measured.plan_seconds``).
 """
 
 from __future__ import annotations
@@ -31,15 +36,18 @@ class Method:
     adaptive: bool = False
     predicted_speedup: float | None = None
     mag_first: int | None = None
+    auto: bool = False  # k_matrix="auto" over these levels (k_matrix, lenience, mag_first unused)
 
 
 @dataclass
 class Measured:
     method: Method
-    seconds: list[float] = field(default_factory=list)  # per trial, summed over prompts
+    seconds: list[float] = field(default_factory=list)  # per trial, summed over prompts (planning excluded)
     tokens: list[int] = field(default_factory=list)
     num_target_steps: list[int] = field(default_factory=list)
     mismatches: int = 0
+    plan_seconds: list[float] = field(default_factory=list)  # per trial: "auto" observing and re-planning
+    decode_seconds: list[float] = field(default_factory=list)  # per trial: prefill excluded
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,9 +65,14 @@ def method_config(config, method: Method):
 
     num_neural = len(config.drafters)
     with_mag = config.mag and (num_neural + 1) in method.levels
+    drafters = tuple(config.drafters[v - 1] for v in method.levels if v <= num_neural)
+    if method.auto:
+        return replace(
+            config, drafters=drafters, mag=with_mag, k_matrix="auto", lenience=1.0, adaptive=None, mag_first=None
+        )
     return replace(
         config,
-        drafters=tuple(config.drafters[v - 1] for v in method.levels if v <= num_neural),
+        drafters=drafters,
         mag=with_mag,
         k_matrix=method.k_matrix,
         lenience=method.lenience,
@@ -81,13 +94,18 @@ def compare(
     trials: int = 3,
     params: SamplingParams | None = None,
     log=None,
+    built: dict | None = None,
 ) -> dict[str, Measured]:
     """Measure every method (the first must be plain decoding: the baseline) on every prompt,
-    with ``csdrafting.timing``'s harness (interleaved, warmed up, wall time)."""
+    with ``csdrafting.timing``'s harness (interleaved, warmed up, wall time). ``built``: the
+    methods' cascades by name, when the caller built them (``build``) to look at them."""
     params = params or SamplingParams()
     log = log or (lambda message: None)
-    built = {m.name: build(cascade, m) for m in methods}
-    results = {m.name: Measured(m, [0.0] * trials, [0] * trials, [0] * trials) for m in methods}
+    built = built if built is not None else {m.name: build(cascade, m) for m in methods}
+    results = {
+        m.name: Measured(m, [0.0] * trials, [0] * trials, [0] * trials, 0, [0.0] * trials, [0.0] * trials)
+        for m in methods
+    }
 
     def run(method: Method, case: tuple[int, list[int]], trial: int):
         p, ids = case
@@ -103,7 +121,9 @@ def compare(
         cases = list(enumerate(prompts_ids))
         for timed in timing.interleaved(methods, cases, trials, run, cascade.synchronize):
             entry, result = results[timed.method.name], timed.result
-            entry.seconds[timed.trial] += timed.seconds
+            entry.seconds[timed.trial] += timed.seconds - result.stats.plan_seconds
+            entry.plan_seconds[timed.trial] += result.stats.plan_seconds
+            entry.decode_seconds[timed.trial] += result.stats.decode_seconds
             entry.tokens[timed.trial] += result.stats.num_new_tokens
             entry.num_target_steps[timed.trial] += result.stats.num_target_steps
             outputs.setdefault((timed.trial, timed.case_index), {})[timed.method.name] = result.token_ids

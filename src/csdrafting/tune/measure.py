@@ -40,10 +40,12 @@ to re-run the real cascade on these prompts without the models (greedy only).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,14 +54,16 @@ import torch
 from .. import verify
 from ..levels.mag import MaG
 from ..sampling import SamplingParams, warp
+from .gate import GateLengths, GateModel, GateWalker, MagRuns
 from .planner import Acceptance, CostModel, LevelCost
 from .replay import Trace, make_trace
 
 COST_TOKENS = tuple(range(1, 33))  # every count: kernels favour some shapes (16 tokens can beat 15)
-MAX_RUN = 24  # longest run of proposals whose acceptance is measured
+MAX_RUN = 32  # longest run of proposals whose acceptance is measured (= the longest MaG-first draft)
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # draft lengths whose acceptance is measured
 MIN_COUNT = 40  # runs needed to estimate one position's rate on its own
 LENIENCE_VALUES = (1.5, 2.0, 3.0)
+GATE_THRESHOLDS = (2, 3, 4, 6)  # MaG-first match lengths the planner models
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Profile:
     acceptance: Acceptance
     traces: list[Trace] = field(default_factory=list)  # greedy only: what replay.py replays
     info: dict = field(default_factory=dict)
+    gated: GatedAcceptance | None = None  # MaG first, for the model (gate.py); None: MaG off
 
     def as_dict(self) -> dict:
         return {
@@ -77,6 +82,7 @@ class Profile:
             "acceptance": self.acceptance.as_dict(),
             "traces": [trace.as_dict() for trace in self.traces],
             "info": self.info,
+            "gated": self.gated.as_dict() if self.gated is not None else None,
         }
 
     @classmethod
@@ -86,6 +92,7 @@ class Profile:
             Acceptance.from_dict(data["acceptance"]),
             [Trace.from_dict(t) for t in data.get("traces", [])],
             data.get("info", {}),
+            GatedAcceptance.from_dict(data["gated"]) if data.get("gated") else None,
         )
 
 
@@ -136,27 +143,35 @@ def output_logits(level, trajectory: Trajectory) -> torch.Tensor:
     return logits
 
 
-def mag_proposals(mag: MaG, trajectory: Trajectory, run: int) -> np.ndarray:
+def mag_proposals(mag: MaG, trajectory: Trajectory, run: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, run) MaG's proposal of ``run`` tokens from its index of the true prefix at each output
-    position (-1 past the end of the output)."""
+    position (-1 past the end of the output), and (N,) the suffix match length each proposal
+    continues (what MaG first's gate compares with its threshold)."""
     ids = trajectory.ids
     start = len(trajectory.prompt_ids)
     num = len(trajectory.output_ids)
     mag.reset()
     out = np.full((num, run), -1, dtype=np.int64)
+    match_lengths = np.zeros(num, dtype=np.int64)
     for i in range(num):
         committed = start + i
-        proposal = mag.propose(ids[:committed], committed, min(run, num - i)).tokens
-        out[i, : len(proposal)] = proposal
+        proposal = mag.propose(ids[:committed], committed, min(run, num - i))
+        out[i, : len(proposal.tokens)] = proposal.tokens
+        match_lengths[i] = proposal.match_length
     mag.reset()
-    return out
+    return out, match_lengths
 
 
 # -- acceptance ----------------------------------------------------------------------------------
 
 
 def renewal_counts(
-    accept: np.ndarray, valid: np.ndarray, draft_length: int, rng: random.Random | None, passes: int = 1
+    accept: np.ndarray,
+    valid: np.ndarray,
+    draft_length: int,
+    rng: random.Random | None,
+    passes: int = 1,
+    gate: Callable[[], GateWalker] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Numerators and denominators of alpha(j) for drafts of ``draft_length`` tokens that start
     where the previous draft ended, as in a real run (module docstring).
@@ -164,13 +179,21 @@ def renewal_counts(
     ``accept[i, k]``: acceptance (0/1 greedy, a probability when sampling) of the ``k + 1``-th
     token of a run of proposals starting at output position ``i``; ``valid`` marks existing ones.
     Sampling: continuation is drawn from ``rng``, the counts use the probabilities themselves.
+    ``gate``: a fresh ``GateWalker`` per pass; the steps MaG first takes (``gate.py``) are
+    skipped, so the rates are those of the drafts the gate leaves to the cascade.
     """
     num_positions, run = accept.shape
     num = np.zeros(run)
     den = np.zeros(run)
     for _ in range(passes):
+        walker = gate() if gate is not None else None
         i = 0
         while i < num_positions:
+            if walker is not None:
+                jump = walker.jump(i)
+                if jump:
+                    i += jump
+                    continue
             k = 0
             while k < draft_length and valid[i, k]:
                 p = float(accept[i, k])
@@ -197,6 +220,42 @@ def pooled(num: np.ndarray, den: np.ndarray) -> tuple[float, ...]:
     return tuple(rates)
 
 
+@dataclass(frozen=True)
+class GatedAcceptance:
+    """What the planner needs to model MaG first (``gate.py``): MaG's match lengths and runs
+    along the trajectories, and for each gate threshold the acceptance measured on the drafts
+    that gate leaves to the cascade (same tables as ``Acceptance``, counted by walks that skip
+    the gated steps; lenience 1 only)."""
+
+    runs: MagRuns
+    by_threshold: dict[int, Acceptance]
+    adaptive: bool  # the walks used the adaptive schedule's MaG-first lengths (else fixed ones)
+
+    @property
+    def thresholds(self) -> list[int]:
+        return sorted(self.by_threshold)
+
+    def model(self, threshold: int, first_length: int | None = None) -> tuple[Acceptance, GateModel]:
+        """The acceptance and gate model for MaG first at ``threshold``."""
+        gate = GateModel(self.runs, threshold, self.adaptive, first_length)
+        return self.by_threshold[threshold], gate
+
+    def as_dict(self) -> dict:
+        return {
+            "runs": self.runs.as_dict(),
+            "adaptive": self.adaptive,
+            "by_threshold": [{"threshold": n, "acceptance": a.as_dict()} for n, a in sorted(self.by_threshold.items())],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GatedAcceptance:
+        return cls(
+            MagRuns.from_dict(data["runs"]),
+            {d["threshold"]: Acceptance.from_dict(d["acceptance"]) for d in data["by_threshold"]},
+            bool(data["adaptive"]),
+        )
+
+
 def measure_acceptance(
     cascade,
     trajectories_: list[Trajectory],
@@ -204,9 +263,19 @@ def measure_acceptance(
     lenience_values: tuple[float, ...] = LENIENCE_VALUES,
     run: int = MAX_RUN,
     seed: int = 0,
-) -> tuple[Acceptance, list[Trace]]:
+    gates: tuple[int, ...] = (),
+    adaptive_gate: bool = False,
+    target_forward: bool = True,
+) -> tuple[Acceptance, list[Trace], GatedAcceptance | None]:
     """Per-run-position acceptance for every (reviewer, drafting level) pair and draft length
-    (module docstring), and the traces ``replay.py`` replays (greedy only; empty when sampling)."""
+    (module docstring), the traces ``replay.py`` replays (greedy only; empty when sampling), and
+    with ``gates`` (MaG-first thresholds; MaG on) the same rates on the drafts each gate leaves
+    to the cascade (``GatedAcceptance``; ``adaptive_gate``: walk the adaptive schedule's
+    MaG-first lengths). ``cascade``: anything with ``target``, ``drafters`` and ``mag``.
+
+    ``target_forward=False`` (greedy only): the target is not run; its choices are the
+    trajectory's tokens, and no traces are made (``autoplan.py`` measures a finished generation
+    with the drafters' forwards alone)."""
     neural = [cascade.target, *cascade.drafters]
     names = [level.name for level in neural] + (["mag"] if cascade.mag is not None else [])
     num_levels = len(names)
@@ -214,40 +283,60 @@ def measure_acceptance(
     greedy = params.greedy
     if not greedy:
         lenience_values = ()  # lenience is only modelled for greedy decoding
+    if not target_forward and not greedy:
+        raise ValueError("sampled acceptance needs the target's probabilities (target_forward=True)")
+    gates = tuple(gates) if mag_level is not None else ()
     rng = None if greedy else random.Random(seed)
     passes = 1 if greedy else 8
-    sums: dict = {}  # (lenience, reviewer, drafter, draft length) -> [num, den]
+    sums: dict = {}  # (gate or None, lenience, reviewer, drafter, draft length) -> [num, den]
 
-    def add(key, accept, valid):
-        for draft_length in DRAFT_LENGTHS:
-            num, den = renewal_counts(accept, valid, min(draft_length, run), rng, passes)
-            slot = sums.setdefault((*key, draft_length), [np.zeros(run), np.zeros(run)])
-            slot[0] += num
-            slot[1] += den
+    def add(key, accept, valid, walkers=None):
+        for gate in (None, *(gates if walkers else ())):
+            walker = walkers[gate] if gate is not None else None
+            for draft_length in DRAFT_LENGTHS:
+                num, den = renewal_counts(accept, valid, min(draft_length, run), rng, passes, walker)
+                slot = sums.setdefault((gate, *key, draft_length), [np.zeros(run), np.zeros(run)])
+                slot[0] += num
+                slot[1] += den
 
     carry_counts: dict = {}  # (l, r, v) -> [taken by r and right, taken by r, expected right if r's own]
     traces = []
+    match_parts, run_parts = [], []
     for trajectory in trajectories_:
-        full = [output_logits(level, trajectory) for level in neural]  # each (N + 1, V)
-        if greedy:
+        if target_forward:
+            full = [output_logits(level, trajectory) for level in neural]  # each (N + 1, V)
+        else:
+            full = [None] + [output_logits(level, trajectory) for level in neural[1:]]
+        if greedy and target_forward:
             traces.append(make_trace(trajectory.prompt_ids, trajectory.output_ids, full))
-        logits = [x[:-1] for x in full]  # (N, V): predictions of the output tokens
+        logits = [x[:-1] if x is not None else None for x in full]  # (N, V): predictions of the output tokens
         num = len(trajectory.output_ids)
+        output = np.array(trajectory.output_ids)
         index = np.arange(num)[:, None] + np.arange(run)[None, :]  # (N, run) output position
         inside = index < num
         position = np.minimum(index, num - 1)
         if greedy:
-            top = [x.argmax(dim=-1).numpy() for x in logits]  # (N,)
-            top[0] = np.array(trajectory.output_ids)  # the target's choice is the trajectory
-            top_logit = [x.max(dim=-1).values.numpy() for x in logits]
+            top = [x.argmax(dim=-1).numpy() if x is not None else output for x in logits]  # (N,)
+            top[0] = output  # the target's choice is the trajectory
+            top_logit = [x.max(dim=-1).values.numpy() if x is not None else None for x in logits]
         else:
             probs = [warp(x, params).numpy() for x in logits]
         proposals = {}  # level -> (N, run) tokens it proposes in a run starting at each position
         for v in range(1, len(neural)):
             if greedy:
                 proposals[v] = top[v][position]  # given the run so far was right, its argmax
+        walkers = None
         if mag_level is not None:
-            proposals[mag_level] = mag_proposals(MaG(cascade.mag.bigram, cascade.mag.max_ngram), trajectory, run)
+            mag = MaG(cascade.mag.bigram, cascade.mag.max_ngram)
+            proposals[mag_level], match_lengths = mag_proposals(mag, trajectory, run)
+            # how many of MaG's tokens from each position continue the output: a gated draft's yield
+            same = (proposals[mag_level] == output[position]) & inside  # (N, run)
+            runs = np.cumprod(same, axis=1).sum(axis=1)  # (N,)
+            match_parts.append(match_lengths)
+            run_parts.append(runs)
+            walkers = {
+                n: functools.partial(GateWalker, match_lengths, runs, n, GateLengths(adaptive_gate)) for n in gates
+            }
         for r in range(len(neural)):
             for v in range(r + 1, num_levels):
                 if greedy:
@@ -263,7 +352,7 @@ def measure_acceptance(
                     overlap = np.minimum(probs[r], probs[v]).sum(axis=-1)  # (N,) sum_x min(p, q)
                     valid = inside
                     accept = overlap[position]
-                add((1.0, r, v), accept, valid)
+                add((1.0, r, v), accept, valid, walkers)
                 if r == 0 or not greedy:
                     continue
                 # drafter r reviewing v: lenient rates, and how the target takes what r accepted
@@ -278,14 +367,23 @@ def measure_acceptance(
                     taken = within[first, 0]
                     counts = carry_counts.setdefault((lenience, r, v), np.zeros(3))
                     counts += [(right & taken).sum(), taken.sum(), own_right * taken.sum()]
-    rates = {key[1:]: pooled(*value) for key, value in sums.items() if key[0] == 1.0}
-    lenient_rates = {key: pooled(*value) for key, value in sums.items() if key[0] != 1.0}
+
+    def tables(gate):
+        strict = {key[2:]: pooled(*value) for key, value in sums.items() if key[0] == gate and key[1] == 1.0}
+        loose = {key[1:]: pooled(*value) for key, value in sums.items() if key[0] == gate and key[1] != 1.0}
+        return strict, loose
+
+    rates, lenient_rates = tables(None)
     carry = {}
     for key, (right, taken, own) in carry_counts.items():
         if taken >= MIN_COUNT and own > 0:
             carry[key] = float(right / own)  # P(right | r took it) / P(r's own token right)
     acceptance = Acceptance(tuple(names), cascade.mag is not None, rates, lenient_rates, carry, params.temperature)
-    return acceptance, traces
+    gated = None
+    if gates:
+        by_threshold = {n: Acceptance(tuple(names), True, tables(n)[0], temperature=params.temperature) for n in gates}
+        gated = GatedAcceptance(MagRuns(tuple(match_parts), tuple(run_parts)), by_threshold, adaptive_gate)
+    return acceptance, traces, gated
 
 
 # -- costs -------------------------------------------------------------------------------------
@@ -455,6 +553,7 @@ def measure(
     cost_rounds: int = 11,
     lenience_values: tuple[float, ...] = LENIENCE_VALUES,
     log=None,
+    gates: tuple[int, ...] = GATE_THRESHOLDS,
 ) -> Profile:
     """Costs and acceptance of ``cascade``'s levels on these prompts (module docstring)."""
     params = params or SamplingParams()
@@ -462,7 +561,7 @@ def measure(
     started = time.perf_counter()
     trajs = trajectories(cascade, prompts_ids, max_new_tokens, params)
     log(f"target trajectories: {len(trajs)} prompts x {max_new_tokens} tokens ({time.perf_counter() - started:.1f} s)")
-    acceptance, traces = measure_acceptance(cascade, trajs, params, lenience_values)
+    acceptance, traces, gated = measure_acceptance(cascade, trajs, params, lenience_values, gates=gates)
     log(f"acceptance measured ({time.perf_counter() - started:.1f} s)")
 
     # the reference context: a typical prompt plus half the generation
@@ -511,4 +610,4 @@ def measure(
         "seconds": time.perf_counter() - started,
     }
     log(f"profile done ({info['seconds']:.1f} s)")
-    return Profile(costs, acceptance, traces, info)
+    return Profile(costs, acceptance, traces, info, gated)

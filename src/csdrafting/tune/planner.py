@@ -98,9 +98,10 @@ from __future__ import annotations
 import itertools
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..kmatrix import KMatrix
+from .gate import GateModel
 
 MAX_RATE = 0.995  # no measured rate is trusted to be 1: runs of identical text end eventually
 
@@ -163,6 +164,23 @@ class CostModel:
     def plain_seconds_per_token(self) -> float:
         return self.levels[0](1) + self.step_seconds
 
+    def at_context(self, context: int) -> CostModel:
+        """The costs at ``context`` cached tokens instead of the reference context: each level's
+        seconds shifted by its ``context_slope`` x tokens x (context - reference)."""
+        shift = context - self.reference_context
+        if not shift or not self.reference_context:
+            return self
+        levels = tuple(
+            LevelCost(
+                level.name,
+                level.tokens,
+                tuple(max(s + level.context_slope * t * shift, 0.0) for t, s in zip(level.tokens, level.seconds)),
+                level.context_slope,
+            )
+            for level in self.levels
+        )
+        return replace(self, levels=levels, reference_context=context)
+
     def as_dict(self) -> dict:
         return {
             "levels": [level.as_dict() for level in self.levels],
@@ -211,6 +229,7 @@ class Acceptance:
         for lenience, r, v, k in self.lenient:
             lengths.setdefault((lenience, r, v), []).append(k)
         object.__setattr__(self, "_lengths", {key: sorted(ks) for key, ks in lengths.items()})
+        object.__setattr__(self, "_run_rates", {})  # memo of ``run_rates`` (searches ask thousands of times)
 
     @property
     def num_drafting(self) -> int:
@@ -231,6 +250,15 @@ class Acceptance:
         k = lengths[min(i, len(lengths) - 1)]
         table = self.rates[(reviewer, drafter, k)] if key[0] == 1.0 else self.lenient[(key[0], reviewer, drafter, k)]
         return min(table[min(index, len(table)) - 1], MAX_RATE)
+
+    def run_rates(self, reviewer: int, drafter: int, share: int, lenience: float, length: int) -> list[float]:
+        """``rate(reviewer, drafter, i, share, lenience)`` for ``i = 1 .. >= length`` (memoised)."""
+        key = (reviewer, drafter, share, lenience if reviewer > 0 else 1.0)
+        table = self._run_rates.get(key)
+        if table is None or len(table) < length:
+            table = [self.rate(reviewer, drafter, i, share, lenience) for i in range(1, max(length, 64) + 1)]
+            self._run_rates[key] = table
+        return table
 
     def ratio(self, level: int, origin: int, lenience: float = 1.0) -> float:
         """How lenience changes the target's acceptance of the tokens ``level`` took from
@@ -301,6 +329,7 @@ class Prediction:
     plain_seconds_per_token: float
     forwards_per_step: tuple[float, ...]  # per level (MaG: proposals)
     draft_length: float  # E[len of the target's draft]
+    mag_first: int | None = None  # MaG first's threshold this prediction modelled (None: off)
 
     @property
     def tokens_per_second(self) -> float:
@@ -321,6 +350,7 @@ class Prediction:
             "speedup": self.speedup,
             "forwards_per_step": list(self.forwards_per_step),
             "draft_length": self.draft_length,
+            "mag_first": self.mag_first,
         }
         if names is not None:
             out["levels"] = [names[0]] + [names[v] for v in used_levels(self.k_matrix)]
@@ -398,7 +428,7 @@ class _Model:
                     slot[1] += weight_start
                     continue
                 share = nominal_share(self.rows, reviewer, level, self.mag_level)
-                rates = [self._rate(reviewer, level, i, share) for i in range(1, limit - start + 1)]
+                rates = self.acceptance.run_rates(reviewer, level, share, self.lenience, limit - start)
                 reach = [0.0] * (limit + 1)
                 weight = [0.0] * (limit + 1)
                 reach[start], weight[start] = reach_start, weight_start
@@ -454,10 +484,6 @@ class _Model:
         result = _Fill(at_least, length, seconds, forwards, accepted_in)
         self._fills[key] = result
         return result
-
-    def _rate(self, reviewer: int, level: int, index: int, share: int) -> float:
-        lenience = self.lenience if reviewer > 0 else 1.0
-        return self.acceptance.rate(reviewer, level, index, share, lenience)
 
     def extension(self, level: int, room: int) -> _Extension:
         key = (level, room)
@@ -525,15 +551,25 @@ def draft_bound(rows, mag_last: bool) -> int:
 
 
 def predict(
-    k_matrix, acceptance: Acceptance, costs: CostModel, lenience: float = 1.0, max_draft: int | None = None
+    k_matrix,
+    acceptance: Acceptance,
+    costs: CostModel,
+    lenience: float = 1.0,
+    max_draft: int | None = None,
+    gate: GateModel | None = None,
 ) -> Prediction:
-    """The model's speed for K (over all of ``acceptance``'s levels; an empty K = plain decoding)."""
+    """The model's speed for K (over all of ``acceptance``'s levels; an empty K = plain decoding).
+
+    ``gate``: MaG first at ``gate.threshold`` (``gate.py``); ``acceptance`` must then be the
+    rates measured on the drafts that gate leaves to the cascade. K may be all zeros then:
+    plain decoding except where MaG's match is long enough."""
     rows = tuple(tuple(row) for row in (k_matrix.rows if isinstance(k_matrix, KMatrix) else k_matrix))
     num_levels = len(acceptance.names)
     plain = costs.plain_seconds_per_token
     if not rows or not any(rows[0]):
         forwards = [1.0] + [0.0] * (num_levels - 1)
-        return Prediction(rows, lenience, 1.0, plain, plain, tuple(forwards), 0.0)
+        base = Prediction(rows, lenience, 1.0, plain, plain, tuple(forwards), 0.0)
+        return with_gate(base, gate, costs) if gate is not None and rows and acceptance.mag else base
     if len(rows) != acceptance.num_drafting:
         raise ValueError(
             f"K-matrix is {len(rows)}x{len(rows)}, the profile has {acceptance.num_drafting} drafting levels"
@@ -549,7 +585,37 @@ def predict(
     forwards = list(row.forwards)
     forwards[0] = 1.0
     draft_length = sum(k * p for k, p in enumerate(row.length))
-    return Prediction(rows, lenience, tokens, seconds, plain, tuple(forwards), draft_length)
+    base = Prediction(rows, lenience, tokens, seconds, plain, tuple(forwards), draft_length)
+    return with_gate(base, gate, costs) if gate is not None and acceptance.mag else base
+
+
+def with_gate(base: Prediction, gate: GateModel, costs: CostModel) -> Prediction:
+    """``base`` (the cascade's ordinary steps) mixed with MaG first's gated steps, per output
+    position of the gate's walk (``gate.py``): every step also pays one MaG proposal (the
+    gate's check); a gated step costs the step overhead and the target's forward over its draft."""
+    gated_steps, gated_tokens, lengths = gate.mixture(base.tokens_per_step)
+    target = costs.levels[0]
+    gated_seconds = gated_steps * (costs.step_seconds + costs.mag_seconds)
+    gated_seconds += sum(share * target(length + 1) for length, share in lengths.items())
+    ordinary_steps = max(0.0, 1.0 - gated_tokens) / base.tokens_per_step
+    seconds = gated_seconds + ordinary_steps * (base.seconds_per_step + costs.mag_seconds)
+    steps = gated_steps + ordinary_steps
+    if steps <= 0:
+        return base
+    forwards = [f * ordinary_steps for f in base.forwards_per_step]
+    forwards[0] += gated_steps
+    forwards[-1] += gated_steps + ordinary_steps  # MaG proposes at every step (the gate's check)
+    draft = base.draft_length * ordinary_steps + sum(share * length for length, share in lengths.items())
+    return Prediction(
+        base.k_matrix,
+        base.lenience,
+        1.0 / steps,
+        seconds / steps,
+        base.plain_seconds_per_token,
+        tuple(f / steps for f in forwards),
+        draft / steps,
+        gate.threshold,
+    )
 
 
 # -- which levels a K-matrix uses ----------------------------------------------------------------
@@ -611,7 +677,7 @@ class Candidate:
     lenience: float
     model: Prediction
     replay: Prediction | None = None
-    mag_first: int | None = None  # MaG-first gating (replay only: the model does not know it)
+    mag_first: int | None = None  # MaG-first gating (modelled by gate.py, or replayed)
     mag_level: int | None = None
 
     @property
@@ -713,34 +779,45 @@ def search(
     max_draft: int | None = None,
     replay=None,
     seed: int = 0,
+    gate: GateModel | None = None,
 ) -> SearchResult:
     """The configuration with the best predicted tokens/s (see the module docstring).
 
     ``replay(rows, lenience, mag_first) -> Prediction``, when given (greedy traces), re-ranks the
     model's best candidates, tries MaG-first gating on the best of them, and refines the best by
     coordinate descent on the replayed speed.
+
+    ``gate``: every candidate of the model stage has MaG first at ``gate.threshold``, modelled
+    by ``gate.py`` (``acceptance``: the rates measured under that gate); K = 0 (MaG first over
+    plain decoding) is a candidate too.
     """
     import random
 
     space = space or SearchSpace()
     n = acceptance.num_drafting
     mag_level = n if acceptance.mag else None
+    if mag_level is None:
+        gate = None
+    gate_threshold = gate.threshold if gate is not None else None
     lenience_values = lenience_values if lenience_values is not None else acceptance.lenience_values
     plain_prediction = predict((), acceptance, costs)
     plain = Candidate((), 1.0, plain_prediction, plain_prediction if replay is not None else None)
     seen: dict[tuple, Candidate] = {}
 
-    def evaluate(rows, lenience: float = 1.0, mag_first: int | None = None) -> Candidate:
+    def evaluate(rows, lenience: float = 1.0, mag_first: int | None = gate_threshold) -> Candidate:
         key = (canonical(rows), lenience, mag_first)
         found = seen.get(key)
         if found is None:
-            model = predict(key[0], acceptance, costs, lenience, max_draft)
+            modelled = gate if mag_first is not None and mag_first == gate_threshold else None
+            model = predict(key[0], acceptance, costs, lenience, max_draft, modelled)
             found = Candidate(key[0], lenience, model, mag_first=mag_first, mag_level=mag_level)
             seen[key] = found
         return found
 
     if n == 0:
         return SearchResult(plain, [plain], plain)
+    if gate is not None:
+        evaluate([[0] * n for _ in range(n)])  # MaG first over plain decoding
     # 1. a coarse grid over every entry
     cells = [(r, c) for r in range(n) for c in range(r, n)]
     choices = [space.grid(r, c + 1, mag_level) for r, c in cells]
@@ -833,6 +910,28 @@ def search(
     rest = sorted((c for c in seen.values() if c.replay is None), key=model_speed, reverse=True)
     explored = sorted([plain, *done], key=replay_speed, reverse=True) + rest
     return SearchResult(explored[0], explored, plain)
+
+
+def search_gated(
+    acceptance: Acceptance,
+    gated: dict[int, tuple[Acceptance, GateModel]],
+    costs: CostModel,
+    space: SearchSpace | None = None,
+    max_draft: int | None = None,
+) -> SearchResult:
+    """The model's search (no replay) without MaG first and with it at each modelled threshold
+    (``gated``: threshold -> the acceptance under that gate and its ``GateModel``); the fastest
+    of all, every candidate explored."""
+    results = [search(acceptance, costs, space, lenience_values=[1.0], max_draft=max_draft)]
+    for threshold in sorted(gated):
+        under_gate, gate = gated[threshold]
+        results.append(search(under_gate, costs, space, lenience_values=[1.0], max_draft=max_draft, gate=gate))
+    explored = sorted(
+        (c for result in results for c in result.explored),
+        key=lambda c: c.prediction.tokens_per_second,
+        reverse=True,
+    )
+    return SearchResult(explored[0], explored, results[0].plain)
 
 
 def best_plain_speculative(acceptance: Acceptance, costs: CostModel, replay=None, max_k: int = 12) -> Candidate | None:

@@ -199,9 +199,9 @@ class Replayer:
 
         num_drafting = len(self.names) - 1 + int(self.mag)
         mag_level = num_drafting if self.mag else None
-        if mag_level is None or not rows or not any(rows[0]):
+        if mag_level is None or not rows:
             mag_first = None
-        if rows and any(rows[0]):
+        if rows and (any(rows[0]) or mag_first is not None):  # K = 0 with MaG first: plain but gated
             used, reduced = reduce(rows, keep=(mag_level,) if mag_first is not None else ())
         else:
             used, reduced = [], []

@@ -1,0 +1,214 @@
+"""``k_matrix="auto"`` with planning (``autoplan.py``): costs measured (here: synthetic, so plans
+are deterministic), acceptance observed on finished generations, the plan cached, and the per-level
+switch of the adaptive schedule; the output never changes.
+
+* A drafter that costs too much is left out before anything is observed; once enough output is
+  observed the plan is remade from it; every output equals plain greedy decoding of the target.
+* The cache: a second cascade over the same levels reuses costs and plan; a corrupt file is
+  ignored; another thread count is another machine.
+* The real pycode family: a real (short) calibration, a valid plan, the target's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from csdrafting import Cascade, CascadeConfig, Levels, autoplan
+from csdrafting.schedule import AdaptiveSchedule
+from tiny import TableLevel, make_cascade, plan_automatically, random_table
+
+VOCAB = 6
+COSTS = {"target": (10e-3, 1e-3), "near": (1e-3, 0.05e-3), "far": (9.5e-3, 1e-3)}  # far: as costly as the target
+PROMPTS = [[0, 1, 2, 3, 4, 5, 0, 1], [2, 2, 3, 1, 0, 4], [5, 4, 3, 2, 1, 0, 5, 4], [1, 3, 5, 1, 3]]
+
+
+def tables():
+    target = random_table(1, VOCAB, "bigram", scale=3.0)
+    near = target + 0.5 * random_table(2, VOCAB, "bigram")  # mostly agrees with the target
+    far = random_table(3, VOCAB, "bigram", scale=3.0)  # an unrelated model
+    return target, near, far
+
+
+def family(names=("target", "near", "far")) -> list[TableLevel]:
+    return [TableLevel(name, table, "bigram", max_positions=512) for name, table in zip(names, tables())]
+
+
+def reference(prompt: list[int], num_new: int) -> list[int]:
+    target = TableLevel("reference", tables()[0], "bigram", max_positions=512)
+    ids = list(prompt)
+    for _ in range(num_new):
+        ids.append(int(target.logits_after(ids).argmax()))
+    return ids[len(prompt) :]
+
+
+def auto_cascade(levels=None) -> Cascade:
+    levels = levels or family()
+    return make_cascade(levels[0], levels[1:], names=[lv.name for lv in levels], mag=True, eos_token_ids=[])
+
+
+def test_prior_plan_leaves_out_a_drafter_that_costs_too_much(monkeypatch, tmp_path):
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    cascade = auto_cascade()
+    plan = cascade.plan
+    assert cascade.config.is_auto  # the configuration stays as given; the plan is what runs
+    assert plan.source == "prior" and plan.num_observed_tokens == 0
+    assert "far" not in plan.config.drafters and not plan.config.is_auto and plan.config.adaptive
+    assert [d.name for d in cascade.drafters] == list(plan.config.drafters)
+    described = cascade.describe()
+    assert described["plan"]["source"] == "prior" and described["k_matrix"] == [list(r) for r in plan.config.k_matrix]
+    assert plan.prediction.speedup > 1.0
+
+
+def test_observed_plan_replaces_the_prior_and_output_never_changes(monkeypatch, tmp_path):
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 100)
+    cascade = auto_cascade()
+    replanned = []
+    for round_number in range(3):
+        for prompt in PROMPTS:
+            result = cascade.generate(prompt, 40, ignore_eos=True)
+            assert result.token_ids == reference(prompt, 40)
+            if result.stats.plan_seconds > 0 and cascade.plan.source == "observed" and not replanned:
+                replanned.append(round_number)
+    assert replanned, "the plan was never remade from observations"
+    plan = cascade.plan
+    assert plan.source == "observed" and plan.num_observed_tokens >= 100
+    assert not cascade.autoplan.observing  # observing stops once the plan is made from it
+    assert "far" not in plan.config.drafters  # costly and unrelated: still out
+    assert "near" in plan.config.drafters  # cheap and mostly right: pays
+    assert all(0.0 < p < 1.0 for row in plan.priors for p in row)
+    later = cascade.generate(PROMPTS[0], 40, ignore_eos=True)
+    assert later.stats.plan_seconds == 0.0
+
+
+def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch, tmp_path):
+    calls: list = []
+    plan_automatically(monkeypatch, tmp_path, COSTS, calls)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 60)
+    levels = family()
+    first = auto_cascade(levels)
+    for prompt in PROMPTS:
+        first.generate(prompt, 40, ignore_eos=True)
+    assert first.plan.source == "observed" and len(calls) == 1
+    files = list((tmp_path / "csdrafting").glob("auto-*.json"))
+    assert len(files) == 1
+    cached = json.loads(files[0].read_text())
+    assert cached["key"]["cpu"] == autoplan.cpu_model() and cached["key"]["threads"] == torch.get_num_threads()
+    assert [level["name"] for level in cached["key"]["levels"]] == ["target", "near", "far"]
+    # the same levels again: costs and plan come from the cache, nothing is measured or observed
+    second = auto_cascade(levels)
+    assert len(calls) == 1 and second.plan.source == "observed" and not second.autoplan.observing
+    assert second.plan.config == first.plan.config
+    # a corrupt cache is ignored (and rewritten)
+    files[0].write_text("{not json")
+    third = auto_cascade(levels)
+    assert len(calls) == 2 and third.plan.source == "prior"
+    assert json.loads(files[0].read_text())["key"] == cached["key"]
+    files[0].write_text(json.dumps({"key": cached["key"], "costs": {"levels": "?"}}))  # parses, but wrong
+    auto_cascade(levels)
+    assert len(calls) == 3
+    # another thread count is another machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        auto_cascade(levels)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 4 and len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
+
+
+def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
+    """One generation per cascade (as one `csd generate` per process): the cache keeps what was
+    observed until there is enough to plan from."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 100)
+    levels = family()
+    sources = []
+    for prompt in PROMPTS[:3]:
+        cascade = auto_cascade(levels)
+        sources.append(cascade.plan.source)
+        cascade.generate(prompt, 40, ignore_eos=True)
+        sources.append(cascade.plan.source)
+    assert sources == ["prior"] * 5 + ["observed"]  # the third generation brings 120 >= 100 tokens
+    cached = json.loads(next((tmp_path / "csdrafting").glob("auto-*.json")).read_text())
+    assert "pending" not in cached and cached["observed"]["num_tokens"] == 120
+
+
+def test_mag_alone_and_no_drafter_at_all(monkeypatch, tmp_path):
+    """Edge families: MaG alone is planned (and cached apart from the same target without MaG,
+    which can only decode plainly)."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    target = family()[0]
+    plain = make_cascade(target, [], names=["target"], mag=False, eos_token_ids=[])
+    assert plain.plan.config.k_matrix == () and not plain.plan.config.mag
+    mag = make_cascade(target, [], names=["target"], mag=True, eos_token_ids=[])
+    assert mag.plan.config.mag and mag.plan.config.k_matrix != ()
+    assert len(list((tmp_path / "csdrafting").glob("auto-*.json"))) == 2
+    for prompt in PROMPTS:
+        assert mag.generate(prompt, 40, ignore_eos=True).token_ids == reference(prompt, 40)
+        assert plain.generate(prompt, 40, ignore_eos=True).token_ids == reference(prompt, 40)
+
+
+def test_planning_can_be_switched_off(monkeypatch, tmp_path):
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    monkeypatch.setenv(autoplan.ENV_PLAN, "off")
+    cascade = auto_cascade()
+    assert cascade.plan is None and cascade.autoplan is None
+    assert cascade.describe()["plan"] is None
+    assert [d.name for d in cascade.drafters] == ["near", "far"]  # resolve()'s start: every drafter
+
+
+def test_per_level_switch_flips_drafters_without_changing_the_output(monkeypatch, tmp_path):
+    """A judge that always predicts the cascade faster without a drafter (a negative margin)
+    switches each drafter off at every judgement and back on after a short back-off, in the
+    middle of generations: the output stays the target's."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)  # the plan: "near" (which mostly agrees) and MaG
+    monkeypatch.setattr(autoplan, "AUTO_MAG_FIRST", 100)  # no MaG-first steps: every step is judged
+    monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 10**6)  # the prior plan throughout
+    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # whatever the clock says, keep speculating
+    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)
+    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 2)
+    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 3)
+    switched = []
+    level_off = AdaptiveSchedule._level_off
+    monkeypatch.setattr(
+        AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
+    )
+    cascade = auto_cascade()
+    assert [d.name for d in cascade.drafters] == ["near"]
+    for prompt in PROMPTS:
+        result = cascade.generate(prompt, 48, ignore_eos=True)
+        assert result.token_ids == reference(prompt, 48)
+    assert len(switched) >= 4
+    forwards = [cascade.generate(p, 48, ignore_eos=True).stats.levels[1].num_forwards for p in PROMPTS]
+    assert sum(forwards) > 0  # retried drafters draft again between switches
+
+
+def test_real_family_plans_and_generates_the_targets_tokens(monkeypatch, tmp_path):
+    """The embedded pycode family with real (short) cost measurement: a valid explicit plan,
+    cached; greedy output equal to plain decoding."""
+    plan_automatically(monkeypatch, tmp_path)
+    models = Path(__file__).resolve().parents[1] / "models"
+    cascade = Cascade.from_pretrained(models / "pycode-22m", [models / "pycode-5m", models / "pycode-1m"])
+    plan = cascade.plan
+    assert plan.source == "prior" and plan.seconds > 0
+    assert set(plan.config.drafters) <= {str(models / "pycode-5m"), str(models / "pycode-1m")}
+    CascadeConfig.from_dict(plan.config.as_dict())  # valid and explicit
+    costs = cascade.autoplan.costs
+    assert [c.name for c in costs.levels] == ["pycode-22m", "pycode-5m", "pycode-1m"]
+    assert all(s > 0 for c in costs.levels for s in c.seconds) and costs.step_seconds > 0
+    plain = cascade.with_config(CascadeConfig(target=str(models / "pycode-22m"), mag=False, k_matrix=[]))
+    prompt = "import os\n\ndef main(argv):\n    "
+    assert cascade.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids
+    assert list((tmp_path / "csdrafting").glob("auto-*.json"))
+
+
+def test_levels_from_models_are_identified_by_name_and_size(monkeypatch, tmp_path):
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    levels = Levels.from_models(*[family()[0]], [family()[1]], names=["target", "near"])
+    planner = autoplan.AutoPlanner(levels, CascadeConfig(target="target", drafters=["near"]))
+    identity = planner.key["levels"][1]
+    assert identity["name"] == "near" and identity["num_params"] > 0 and "files" not in identity
