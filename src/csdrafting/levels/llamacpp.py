@@ -100,6 +100,7 @@ class LlamaCppRunner:
         self._memory = lib.llama_get_memory(self._context)
         self._batch = lib.llama_batch_init(self.max_positions, 0, 1)
         self._batch_views = self._view_batch(self._batch, self.max_positions)
+        self._position_ids = np.arange(self.max_positions, dtype=np.int32)  # sliced into the batch
         self.length = 0  # positions the KV cache holds
         self.device = torch.device("cpu")
         self.dtype = torch.float32
@@ -166,8 +167,16 @@ class LlamaCppRunner:
             self._decode(token_ids, start, num_logits)
         if num_logits == 0:
             return torch.empty((0, self.vocab_size), dtype=torch.float32)
-        rows = np.ctypeslib.as_array(self._lib.llama_get_logits(self._context), shape=(num_logits, self.vocab_size))
-        return torch.from_numpy(rows.copy())  # (N, V); the copy outlives llama.cpp's next decode
+        return self._copy_logits(num_logits)
+
+    def _copy_logits(self, num_logits: int) -> torch.Tensor:
+        """The output rows of the last decode, (N, V), copied once out of llama.cpp's buffer (which
+        the next decode overwrites). A ctypes array over the buffer read by np.frombuffer: about
+        20 us cheaper per call than np.ctypeslib.as_array, which dominates a small model's step."""
+        address = ctypes.addressof(self._lib.llama_get_logits(self._context).contents)
+        block = (ctypes.c_float * (num_logits * self.vocab_size)).from_address(address)
+        rows = np.frombuffer(block, dtype=np.float32).reshape(num_logits, self.vocab_size)
+        return torch.from_numpy(rows.copy())  # (N, V)
 
     def _crop(self, start: int) -> None:
         if start < self.length:
@@ -179,7 +188,7 @@ class LlamaCppRunner:
         num_new = len(token_ids)
         tokens, positions, wants_logits = self._batch_views
         tokens[:num_new] = token_ids
-        positions[:num_new] = np.arange(start, start + num_new)
+        positions[:num_new] = self._position_ids[start : start + num_new]
         wants_logits[:num_new] = 0
         wants_logits[num_new - num_logits : num_new] = 1
         self._batch.n_tokens = num_new
