@@ -126,6 +126,9 @@ def main() -> int:
         built[method.name] = build(family, method)
         if method.auto:
             print(f"{method.name}: planned in {time.perf_counter() - started:.2f} s: {_plan_line(built[method.name])}")
+    costs_before = {}
+    if args.check_prediction:  # forward costs measured right before the timed runs (and again after)
+        costs_before = {m.name: built[m.name].autoplan.calibrate(rounds=9) for m in methods if built[m.name].plan}
     results = compare(family, methods, prompts_ids, args.max_new_tokens, args.trials, params, log=print, built=built)
     relative = speedups(results, methods[0].name)
     print(
@@ -147,7 +150,7 @@ def main() -> int:
         if method.auto:
             print(f"{method.name}: final plan {_plan_line(built[method.name])}")
     if args.check_prediction:
-        check_predictions(methods, built, results)
+        check_predictions(methods, built, results, costs_before)
     return 0
 
 
@@ -163,9 +166,9 @@ def _plan_line(cascade) -> str:
     )
 
 
-def check_predictions(methods, built, results) -> None:
-    """Each auto plan's predicted decode speed, with forward costs measured again now, against
-    the decode speed measured in the timed runs (median over trials)."""
+def check_predictions(methods, built, results, costs_before) -> None:
+    """Each auto plan's predicted decode speed, with forward costs measured right before and
+    right after the timed runs, against the decode speed measured in them (median over trials)."""
     import statistics
 
     for method in methods:
@@ -173,17 +176,20 @@ def check_predictions(methods, built, results) -> None:
         if not method.auto or cascade.plan is None:
             continue
         planner = cascade.autoplan
-        costs = planner.calibrate(rounds=9)
-        predicted = planner.predict(cascade.plan.config, costs)
+        config = cascade.plan.config
+        before = planner.predict(config, costs_before[method.name])
+        after = planner.predict(config, planner.calibrate(rounds=9))
+        predicted = (before.tokens_per_second + after.tokens_per_second) / 2
         measured = results[method.name]
         per_trial = [t / d for t, d in zip(measured.tokens, measured.decode_seconds)]
         decode = statistics.median(per_trial)
         print(
-            f"{method.name}: predicted {predicted.tokens_per_second:.1f} tokens/s (costs measured now; "
-            f"{cascade.plan.prediction.tokens_per_second:.1f} with the costs it planned with), measured "
-            f"{decode:.1f} decode tokens/s (per trial {', '.join(f'{x:.1f}' for x in per_trial)}): "
-            f"predicted / measured {predicted.tokens_per_second / decode:.3f}; tokens per step predicted "
-            f"{predicted.tokens_per_step:.2f}, measured {measured.tokens_per_step:.2f}"
+            f"{method.name}: predicted {predicted:.1f} tokens/s (costs measured before the runs: "
+            f"{before.tokens_per_second:.1f}, after: {after.tokens_per_second:.1f}; with the costs it planned "
+            f"with: {cascade.plan.prediction.tokens_per_second:.1f}), measured {decode:.1f} decode tokens/s "
+            f"(per trial {', '.join(f'{x:.1f}' for x in per_trial)}): predicted / measured "
+            f"{predicted / decode:.3f}; tokens per step predicted {before.tokens_per_step:.2f}, measured "
+            f"{measured.tokens_per_step:.2f}"
         )
 
 
