@@ -292,7 +292,9 @@ def test_gate_walk_follows_the_schedules_mag_first_lengths():
     never = GateModel(gate_runs, threshold=6).stats(1)
     assert never.gated_steps == 0 and never.gated_tokens == 0
     # a stride of 2 from position 6 lands on 8 (match 4): the walk depends on the ordinary steps
-    assert GateModel(gate_runs, threshold=3, adaptive=False, first_length=8).stats(2).gated_tokens == pytest.approx((6 + 3) / 12)
+    assert GateModel(gate_runs, threshold=3, adaptive=False, first_length=8).stats(2).gated_tokens == pytest.approx(
+        (6 + 3) / 12
+    )
 
 
 def test_gate_that_never_fires_leaves_the_prediction_unchanged():
