@@ -71,6 +71,7 @@ def add_parser(subparsers) -> None:
     profile.add_argument("--suite", default="default", help="suite whose csd methods are profiled in generation")
     profile.add_argument("--only", type=_csv(str), default=None, help="glob patterns of methods to profile")
     profile.add_argument("--out", default=None, help="folder for profile.md and profile.json")
+    _add_backend_arguments(profile, profile)
     profile.set_defaults(func=cmd_profile)
 
 
@@ -276,6 +277,7 @@ def cmd_profile(args) -> int:
     from .profile import ProfileConfig, run_profile
 
     cascade_config, target, drafters, flagged = _family(args)
+    backends = _backends(args, ["torch"])
     config = ProfileConfig(
         target=target,
         drafters=drafters,
@@ -293,6 +295,9 @@ def cmd_profile(args) -> int:
         only=args.only,
         extra_methods=[flagged] if flagged is not None else [],
         out=Path(args.out) if args.out else None,
+        backends=tuple(backends),
+        drafter_outtype=args.drafter_outtype or "q8_0",
+        gguf_dir=Path(args.gguf_dir) if args.gguf_dir else None,
     )
     run_profile(config)
     return 0

@@ -128,7 +128,9 @@ class LlamaCppPeer:
             flash_attn=False,  # as LlamaCppRunner: f32 attention, the logits our levels compute
             type_k=llama_cpp.GGML_TYPE_F32,
             type_v=llama_cpp.GGML_TYPE_F32,
-            logits_all=False,  # llama-cpp-python turns it on itself with a draft model
+            # llama-cpp-python turns logits_all on itself with a draft model, but sizes its logits
+            # buffer by this flag: False there overflows once a sequence passes n_batch positions
+            logits_all=draft_model is not None,
             draft_model=draft_model,
             verbose=False,
         )

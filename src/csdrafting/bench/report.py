@@ -490,7 +490,7 @@ def _plot_acceptance(plt, rows, groups, out):
 def _plot_length(plt, rows, groups, out):
     by_run_mode = defaultdict(list)
     for g in groups:
-        by_run_mode[(g.run_id, g.mode)].append(g)
+        by_run_mode[(g.run_id, g.mode, g.backend)].append(g)
     sweeps = [sorted(gs, key=lambda g: g.length) for gs in by_run_mode.values() if len(gs) >= 2]
     if not sweeps:
         return None

@@ -127,7 +127,7 @@ def build_suite(
 
     ``extra_methods`` (from ``--method`` / flags) are added to the suite, replacing a method of
     the same name; ``only`` keeps the methods matching any of its glob patterns (the baselines are
-    always kept); ``modes`` / ``lengths`` override the suite's settings. ``backends`` (default:
+    always kept; a pattern matches a method on every backend); ``modes`` / ``lengths`` override the suite's settings. ``backends`` (default:
     the suite's ``backends``, else torch) says where methods run: peers of a backend not listed
     are dropped, and every csd method that names no backend runs on each one listed (on
     llama.cpp as ``NAME@llama.cpp``).
@@ -168,7 +168,12 @@ def build_suite(
                 methods[method.name] = method
     kept = set(baselines.values())
     if only:
-        methods = {n: m for n, m in methods.items() if n in kept or any(fnmatch.fnmatchcase(n, p) for p in only)}
+        # a pattern names a method on every backend: "csd-full" keeps csd-full@llama.cpp too
+        methods = {
+            n: m
+            for n, m in methods.items()
+            if n in kept or any(fnmatch.fnmatchcase(x, p) for p in only for x in (n, n.removesuffix(LLAMA_SUFFIX)))
+        }
     for baseline in baselines.values():
         if baseline not in methods:
             raise ConfigError(f"the baseline method {baseline!r} is not defined")
