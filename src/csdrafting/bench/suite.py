@@ -7,14 +7,18 @@ defined once, under ``methods``, and suites refer to them by name, so tuning a c
 
 A method spec is a JSON object:
 
-* ``engine``: ``"transformers"`` (a peer) or ``"csd"`` (ours; the default).
+* ``engine``: ``"transformers"`` or ``"llama.cpp"`` (peers) or ``"csd"`` (ours; the default).
 * transformers: ``assistant`` (a drafter's name: assisted generation), ``prompt_lookup_num_tokens``
   (prompt lookup decoding), ``generate_options`` (more keyword arguments for ``model.generate``).
+* llama.cpp: llama-cpp-python's ``Llama.generate`` on the target's GGUF; ``prompt_lookup_num_tokens``
+  (its ``LlamaPromptLookupDecoding`` as draft model).
 * csd: ``drafters`` (a list of drafter names, largest first, or ``"all"``: the default), ``mag``
   (default true), ``k_matrix`` (JSON rows, the shorthand string, or ``"auto"``: the default, a
   starting matrix adapted online), ``lenience`` (default 1.0), ``adaptive`` (true / false / null:
   the library's choice, on for ``"auto"`` and off for an explicit matrix), ``runner``
-  (``auto``/``lean``/``transformers``).
+  (``auto``/``lean``/``transformers``), ``backend`` (``torch`` / ``llama.cpp``: pins the method to
+  one backend; without it the method runs on every backend the run selects, see ``build_suite``).
+  ``drafter_window`` (drafters read only the last N prompt tokens: ``levels/window.py``).
 * derived methods: ``like`` copies another method's spec, then ``without`` removes one drafting
   level (a drafter's name or ``"mag"``) from it, K-matrix included, and ``k00`` sets ``K[0][0]``.
 * ``ablation``: a label; methods that carry one appear in the report's ablation plot.
@@ -44,7 +48,7 @@ LLAMA_SUFFIX = "@llama.cpp"  # a csd method's name on the llama.cpp backend
 TEMPLATE_KEYS = ("drafter", "k00", "lenience")  # "{key}" in a name expands over these
 _TRANSFORMERS_KEYS = {"assistant", "prompt_lookup_num_tokens", "generate_options"}
 _LLAMA_KEYS = {"prompt_lookup_num_tokens"}
-_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner", "backend"}
+_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner", "backend", "drafter_window"}
 _COMMON_KEYS = {"engine", "description", "ablation", "like", "without", "k00"}
 
 
