@@ -443,18 +443,24 @@ class AutoPlanner:
         return Plan(config, source, self._predict(rows, config.mag_first), priors, self.num_observed)
 
     def predict(self, config: CascadeConfig, costs: CostModel | None = None) -> Prediction:
-        """The model's prediction for an explicit ``config`` over this family's levels (a plan's),
-        from what is known of acceptance, with ``costs`` (default: the calibrated ones)."""
-        return self._predict(self.full_rows(config), config.mag_first if config.mag else None, costs)
+        """The model's prediction for an explicit ``config`` over this family's levels (a plan's,
+        or any other over a subset of its drafters: MaG-first lengths as its schedule, static or
+        adaptive, chooses them), from what is known of acceptance, with ``costs`` (default: the
+        calibrated ones)."""
+        mag_first = config.mag_first if config.mag else None
+        adaptive = config.is_auto if config.adaptive is None else bool(config.adaptive)
+        return self._predict(self.full_rows(config), mag_first, costs, adaptive=adaptive)
 
-    def _predict(self, rows, mag_first: int | None, costs: CostModel | None = None) -> Prediction:
+    def _predict(
+        self, rows, mag_first: int | None, costs: CostModel | None = None, adaptive: bool = True
+    ) -> Prediction:
         """The model's prediction for rows over the family (``full_rows``) with MaG first."""
         costs = self.planning_costs(costs)
         if self.observed is None:
             return predict(rows, self._prior_acceptance(), costs)
         acceptance, gated = self.observed
         if mag_first is not None and gated is not None and mag_first in gated.by_threshold:
-            under_gate, gate = gated.model(mag_first)
+            under_gate, gate = gated.model(mag_first, adaptive=adaptive)
             return predict(rows, under_gate, costs, gate=gate)
         return predict(rows, acceptance, costs)
 

@@ -236,9 +236,14 @@ class GatedAcceptance:
     def thresholds(self) -> list[int]:
         return sorted(self.by_threshold)
 
-    def model(self, threshold: int, first_length: int | None = None) -> tuple[Acceptance, GateModel]:
-        """The acceptance and gate model for MaG first at ``threshold``."""
-        gate = GateModel(self.runs, threshold, self.adaptive, first_length)
+    def model(
+        self, threshold: int, first_length: int | None = None, adaptive: bool | None = None
+    ) -> tuple[Acceptance, GateModel]:
+        """The acceptance and gate model for MaG first at ``threshold`` (``adaptive``: the
+        schedule whose MaG-first lengths the gate walks; default: the one the rates were
+        counted under, which is otherwise an approximation)."""
+        adaptive = self.adaptive if adaptive is None else adaptive
+        gate = GateModel(self.runs, threshold, adaptive, first_length)
         return self.by_threshold[threshold], gate
 
     def as_dict(self) -> dict:
