@@ -9,7 +9,8 @@ with `"k_matrix": "auto"` is planned over its drafters when its cascade is built
 timing; `autoplan.py`), and observes its first generations to re-plan: that time is taken out of
 its timed seconds and printed on its own. `--check-prediction` then measures the levels' forward
 costs again, right after the timed runs, and prints the planner's predicted decode tokens/s for
-each `auto` plan next to the measured ones. Example (the comparison behind the shipped default,
+each `auto` plan next to the measured ones, and the same model's prediction for every explicit
+configuration over that plan's levels (where the model is off, and whether the plan is its best). Example (the comparison behind the shipped default,
 2026-11-27):
 
     .venv/bin/python scripts/compare_configs.py --threads 2 --trials 3 \\
