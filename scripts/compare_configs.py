@@ -9,7 +9,8 @@ with `"k_matrix": "auto"` is planned over its drafters when its cascade is built
 timing; `autoplan.py`), and observes its first generations to re-plan: that time is taken out of
 its timed seconds and printed on its own. `--check-prediction` then measures the levels' forward
 costs again, right after the timed runs, and prints the planner's predicted decode tokens/s for
-each `auto` plan next to the measured ones. Example (the comparison behind the shipped default,
+each `auto` plan next to the measured ones, and the same model's prediction for every explicit
+configuration over that plan's levels (where the model is off, and whether the plan is its best). Example (the comparison behind the shipped default,
 2026-11-27):
 
     .venv/bin/python scripts/compare_configs.py --threads 2 --trials 3 \\
@@ -168,29 +169,49 @@ def _plan_line(cascade) -> str:
 
 def check_predictions(methods, built, results, costs_before) -> None:
     """Each auto plan's predicted decode speed, with forward costs measured right before and
-    right after the timed runs, against the decode speed measured in them (median over trials)."""
-    import statistics
-
+    right after the timed runs, against the decode speed measured in them (median over trials);
+    then, with the same model and costs, every explicit configuration over the auto family's
+    levels (is the plan's choice the one the model ranks first, and where is the model off?)."""
     for method in methods:
         cascade = built[method.name]
         if not method.auto or cascade.plan is None:
             continue
         planner = cascade.autoplan
-        config = cascade.plan.config
-        before = planner.predict(config, costs_before[method.name])
-        after = planner.predict(config, planner.calibrate(rounds=9))
-        predicted = (before.tokens_per_second + after.tokens_per_second) / 2
-        measured = results[method.name]
-        per_trial = [t / d for t, d in zip(measured.tokens, measured.decode_seconds)]
-        decode = statistics.median(per_trial)
-        print(
-            f"{method.name}: predicted {predicted:.1f} tokens/s (costs measured before the runs: "
-            f"{before.tokens_per_second:.1f}, after: {after.tokens_per_second:.1f}; with the costs it planned "
-            f"with: {cascade.plan.prediction.tokens_per_second:.1f}), measured {decode:.1f} decode tokens/s "
-            f"(per trial {', '.join(f'{x:.1f}' for x in per_trial)}): predicted / measured "
-            f"{predicted / decode:.3f}; tokens per step predicted {before.tokens_per_step:.2f}, measured "
-            f"{measured.tokens_per_step:.2f}"
+        after_costs = planner.calibrate(rounds=9)
+        _print_check(
+            method.name, cascade, planner, cascade.plan.config, costs_before[method.name], after_costs, results
         )
+        print(f"  the same model and costs on the other configurations ({method.name}'s acceptance):")
+        for other in methods:
+            config = built[other.name].config
+            if (
+                other.auto
+                or not set(config.drafters) <= set(planner.config.drafters)
+                or config.mag > planner.config.mag
+            ):
+                continue
+            _print_check(
+                f"  {other.name}", cascade, planner, config, costs_before[method.name], after_costs, results, other.name
+            )
+
+
+def _print_check(label, cascade, planner, config, costs_before, costs_after, results, name=None) -> None:
+    import statistics
+
+    before = planner.predict(config, costs_before)
+    after = planner.predict(config, costs_after)
+    predicted = (before.tokens_per_second + after.tokens_per_second) / 2
+    measured = results[name or label]
+    per_trial = [t / d for t, d in zip(measured.tokens, measured.decode_seconds)]
+    decode = statistics.median(per_trial)
+    planned = "" if name else f"; with the costs it planned with: {cascade.plan.prediction.tokens_per_second:.1f}"
+    print(
+        f"{label}: predicted {predicted:.1f} tokens/s (costs measured before the runs: "
+        f"{before.tokens_per_second:.1f}, after: {after.tokens_per_second:.1f}{planned}), measured {decode:.1f} "
+        f"decode tokens/s (per trial {', '.join(f'{x:.1f}' for x in per_trial)}): predicted / measured "
+        f"{predicted / decode:.3f}; tokens per step predicted {before.tokens_per_step:.2f}, measured "
+        f"{measured.tokens_per_step:.2f}"
+    )
 
 
 if __name__ == "__main__":

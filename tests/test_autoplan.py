@@ -212,3 +212,26 @@ def test_levels_from_models_are_identified_by_name_and_size(monkeypatch, tmp_pat
     planner = autoplan.AutoPlanner(levels, CascadeConfig(target="target", drafters=["near"]))
     identity = planner.key["levels"][1]
     assert identity["name"] == "near" and identity["num_params"] > 0 and "files" not in identity
+
+
+def test_the_cache_key_holds_each_levels_runner_and_the_cache_version(monkeypatch, tmp_path):
+    """Costs belong to a backend: the same model behind another runner (llama.cpp) is another
+    cache entry, and so is a cache written by another version of the cost model."""
+    plan_automatically(monkeypatch, tmp_path, COSTS)
+    config = CascadeConfig(target="target", drafters=["near"])
+
+    def planner(runner_name: str | None = None):
+        levels = family()[:2]
+        if runner_name is not None:
+            levels[1].runner_name = runner_name
+        return autoplan.AutoPlanner(Levels.from_models(levels[0], [levels[1]], names=["target", "near"]), config)
+
+    torch_planner, llama_planner = planner(), planner("llama.cpp")
+    assert torch_planner.key["version"] == autoplan.CACHE_VERSION
+    assert [lv["runner"] for lv in llama_planner.key["levels"]] == [
+        torch_planner.key["levels"][0]["runner"],
+        "llama.cpp",
+    ]
+    assert torch_planner.cache_path != llama_planner.cache_path
+    monkeypatch.setattr(autoplan, "CACHE_VERSION", autoplan.CACHE_VERSION + 1)
+    assert planner().cache_path != torch_planner.cache_path

@@ -35,6 +35,7 @@ from csdrafting.tune.planner import (
     canonical,
     draft_bound,
     expand,
+    fit_context,
     predict,
     reduce,
     search,
@@ -217,7 +218,7 @@ def test_renewal_counts_start_where_the_last_draft_ended():
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """One small ``csd tune`` run: one prompt, 24 new tokens, one trial."""
+    """One small ``csd tune`` run: one prompt, 64 new tokens, one trial."""
     from csdrafting.cli import main
 
     folder = tmp_path_factory.mktemp("tune")
@@ -226,7 +227,7 @@ def tuned(tmp_path_factory):
     output, report, plot = folder / "tuned.json", folder / "report.json", folder / "tune.png"
     code = main(
         [
-            "tune", "--prompts", str(prompts), "--max-new-tokens", "24", "--trials", "1", "--cost-rounds", "3",
+            "tune", "--prompts", str(prompts), "--max-new-tokens", "64", "--trials", "1", "--cost-rounds", "3",
             "--output", str(output), "--report", str(report), "--plot", str(plot),
         ]
     )  # fmt: skip
@@ -297,6 +298,53 @@ def test_gate_walk_follows_the_schedules_mag_first_lengths():
     )
 
 
+def test_gate_starts_at_row_0s_total_when_it_exceeds_the_schedules_start():
+    """The schedule's first MaG-first draft is max(start, row 0's total) (8 adaptive, 24
+    static): the model walks the same lengths. One long MaG run (match 5, run 30) then nothing:
+    an adaptive gate with K row 0 totalling 12 accepts 12 in its first draft, not 8."""
+    match_lengths = np.array([5] * 40)
+    runs = np.array([max(30 - i, 0) for i in range(40)])
+    gate = GateModel(MagRuns((match_lengths,), (runs,)), threshold=3)
+    long_rows = ((8, 4), (0, 0))
+    assert gate.for_rows(((2, 1), (0, 0))) is gate  # row 0 below the start: the start
+    longer = gate.for_rows(long_rows)
+    assert longer.first_length == 12 and gate.for_rows(long_rows) is longer
+    assert longer.stats(1).draft_lengths != gate.stats(1).draft_lengths  # the walk differs...
+    assert longer.stats(1) == GateModel(gate.runs, 3, first_length=12).stats(1)  # ...as the schedule's
+    static = GateModel(gate.runs, 3, adaptive=False)
+    assert static.for_rows(long_rows) is static  # 24 > 12
+    assert static.for_rows(((20, 10), (0, 0))).first_length == 30
+    # predict() applies it: the same as handing it the gate with that first length
+    costs = CostModel((linear("target", 12e-3, 1.5e-3), linear("d1", 4e-3, 0.4e-3)), mag_seconds=50e-6)
+    acceptance = Acceptance.constant(("target", "d1", "mag"), True, {(0, 1): 0.6, (0, 2): 0.4, (1, 2): 0.4})
+    via_rows = predict(long_rows, acceptance, costs, gate=gate)
+    explicit = predict(long_rows, acceptance, costs, gate=GateModel(gate.runs, 3, first_length=12))
+    assert via_rows.tokens_per_second == pytest.approx(explicit.tokens_per_second)
+    assert via_rows.tokens_per_second != pytest.approx(
+        predict(long_rows, acceptance, costs, gate=GateModel(gate.runs, 3, first_length=8)).tokens_per_second
+    )
+
+
+def test_context_fit_separates_per_forward_and_per_token_costs():
+    """t(n, ctx) = a(n) + (f + s n) ctx: two contexts recover f and s; at_context prices a
+    forward by both (a per-token-only slope would charge a 16-token forward 16 times the
+    one-token shift)."""
+    forward, slope = 2e-6, 0.1e-6
+    near = {n: 1e-3 + 1e-4 * n for n in (1, 4, 16)}
+    far = {n: near[n] + (forward + slope * n) * 300 for n in near}
+    assert fit_context(near, far, 300) == (pytest.approx(forward), pytest.approx(slope))
+    # noise can make one coefficient negative: it is clamped and the other refitted
+    assert fit_context({1: 1.0, 16: 1.0}, {1: 1.3, 16: 1.0}, 100) == (pytest.approx(0.0015), 0.0)
+    assert fit_context({1: 1.0, 16: 1.0}, {1: 1.0, 16: 1.6}, 100) == (0.0, pytest.approx(0.006 * 16 / 257))
+    assert fit_context(near, far, 0) == (0.0, 0.0)
+    level = LevelCost("target", (1, 16), (near[1], near[16]), slope, forward)
+    costs = CostModel((level,), reference_context=100).at_context(400)
+    assert costs.levels[0](1) == pytest.approx(far[1])
+    assert costs.levels[0](16) == pytest.approx(far[16])
+    assert costs.reference_context == 400
+    assert LevelCost.from_dict(level.as_dict()) == level
+
+
 def test_gate_that_never_fires_leaves_the_prediction_unchanged():
     gate = GateModel(MagRuns((np.zeros(50, dtype=np.int64),), (np.zeros(50, dtype=np.int64),)), threshold=3)
     k = [[2, 1, 4], [0, 1, 3], [0, 0, 3]]
@@ -326,7 +374,7 @@ def test_gated_model_matches_the_replay_of_real_traces(tuned):
         (((0, 1, 1), (0, 0, 0), (0, 0, 1)), 3),
         (((0, 0, 0), (0, 0, 0), (0, 0, 0)), 2),  # MaG first over plain decoding
     ):
-        acceptance, gate = gated.model(threshold, first_length=max(8, sum(rows[0])))
+        acceptance, gate = gated.model(threshold)  # predict() starts it as the schedule does
         model = predict(rows, acceptance, profile.costs, gate=gate)
         replay = replayer.run(rows, 1.0, threshold)
         assert replay.matches

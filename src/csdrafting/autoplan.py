@@ -6,7 +6,10 @@
 
 1. **Costs** (at load). Each neural level's seconds per forward-and-review by the number of new
    tokens (12 counts from 1 to 32, 5 interleaved rounds after a warm-up, ``tune/measure.py``'s
-   measurement made short), one MaG proposal, the review alone, and the cascade's own overhead
+   measurement made short) after 192 cached tokens, and at 1, 4 and 16 tokens after three times
+   that context, which fits how a forward's cost grows with the context (per forward and per
+   token, ``planner.LevelCost``: plans price forwards at the context observed in generations),
+   one MaG proposal, the review alone, and the cascade's own overhead
    per step and per drafter review (from replays of a short plain generation). About a second
    on the pycode family; cached as JSON under ``$XDG_CACHE_HOME/csdrafting`` (or
    ``~/.cache/csdrafting``), keyed by the CPU model, torch version, thread count, dtype,
@@ -82,6 +85,7 @@ from .tune.planner import (
     LevelCost,
     Prediction,
     SearchSpace,
+    fit_context,
     nominal_share,
     predict,
     reduce,
@@ -90,11 +94,13 @@ from .tune.planner import (
 )
 
 ENV_PLAN = "CSDRAFTING_AUTO_PLAN"  # "off" (or 0/false/no): "auto" is resolve()'s fixed start
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: forward costs fitted in the context with two parameters (planner.LevelCost)
 COST_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # where forward costs are measured
 COST_ROUNDS = 5
 COST_CONTEXT = 192  # cached tokens before the timed forwards (a prompt plus part of an output)
-SLOPE_TOKENS = (1, 8)  # token counts also timed at 3x that context, for the slope in the context
+# token counts also timed at 3x that context: per context position, what a forward pays once and
+# what each of its tokens pays (planner.fit_context)
+CONTEXT_TOKENS = (1, 4, 16)
 MIN_OBSERVED_TOKENS = 256  # output tokens observed before the plan is made from them
 PRIOR_NEURAL = 0.6  # acceptance assumed for a neural drafter before any is observed
 PRIOR_MAG = 0.4  # and for MaG
@@ -336,20 +342,16 @@ class AutoPlanner:
         sequence = [rng.randrange(target.vocab_size) for _ in range(length)]  # token values barely matter
         params = SamplingParams()
         tables = measure_costs(family, sequence, context, params, tokens=tokens, rounds=rounds, warmup=1)
-        # the slope in the context length, from a second, longer context (plans use the observed one)
-        longer = min(family.max_context - max(SLOPE_TOKENS) - 1, len(sequence) - max(SLOPE_TOKENS), 3 * context)
+        # the context fit, from a second, longer context (plans use the observed context)
+        longer = min(family.max_context - max(CONTEXT_TOKENS) - 1, len(sequence) - max(CONTEXT_TOKENS), 3 * context)
         far = {}
         if longer > context:
-            far = measure_costs(family, sequence, longer, params, tokens=SLOPE_TOKENS, rounds=rounds, warmup=0)
-        neural = [target, *family.drafters]
+            far = measure_costs(family, sequence, longer, params, tokens=CONTEXT_TOKENS, rounds=rounds, warmup=0)
         level_costs = []
-        for level in neural:
+        for level in [target, *family.drafters]:
             table = tables[level.name]
-            slope = 0.0
-            if far:
-                slope = sum((far[level.name][t] - table[t]) / ((longer - context) * t) for t in SLOPE_TOKENS)
-                slope = max(0.0, slope / len(SLOPE_TOKENS))
-            level_costs.append(LevelCost(level.name, tokens, tuple(table[t] for t in tokens), slope))
+            forward, slope = fit_context(table, far[level.name], longer - context) if far else (0.0, 0.0)
+            level_costs.append(LevelCost(level.name, tokens, tuple(table[t] for t in tokens), slope, forward))
         level_costs = tuple(level_costs)
         prompt = sequence[: min(64, family.max_context // 2)]
         mag_seconds = measure_mag_seconds(family, Trajectory(prompt, sequence[len(prompt) : len(prompt) + 64]))
@@ -441,18 +443,24 @@ class AutoPlanner:
         return Plan(config, source, self._predict(rows, config.mag_first), priors, self.num_observed)
 
     def predict(self, config: CascadeConfig, costs: CostModel | None = None) -> Prediction:
-        """The model's prediction for an explicit ``config`` over this family's levels (a plan's),
-        from what is known of acceptance, with ``costs`` (default: the calibrated ones)."""
-        return self._predict(self.full_rows(config), config.mag_first if config.mag else None, costs)
+        """The model's prediction for an explicit ``config`` over this family's levels (a plan's,
+        or any other over a subset of its drafters: MaG-first lengths as its schedule, static or
+        adaptive, chooses them), from what is known of acceptance, with ``costs`` (default: the
+        calibrated ones)."""
+        mag_first = config.mag_first if config.mag else None
+        adaptive = config.is_auto if config.adaptive is None else bool(config.adaptive)
+        return self._predict(self.full_rows(config), mag_first, costs, adaptive=adaptive)
 
-    def _predict(self, rows, mag_first: int | None, costs: CostModel | None = None) -> Prediction:
+    def _predict(
+        self, rows, mag_first: int | None, costs: CostModel | None = None, adaptive: bool = True
+    ) -> Prediction:
         """The model's prediction for rows over the family (``full_rows``) with MaG first."""
         costs = self.planning_costs(costs)
         if self.observed is None:
             return predict(rows, self._prior_acceptance(), costs)
         acceptance, gated = self.observed
         if mag_first is not None and gated is not None and mag_first in gated.by_threshold:
-            under_gate, gate = gated.model(mag_first)
+            under_gate, gate = gated.model(mag_first, adaptive=adaptive)
             return predict(rows, under_gate, costs, gate=gate)
         return predict(rows, acceptance, costs)
 

@@ -9,7 +9,9 @@ does not treat the gate as an independent per-step coin. It walks each recorded 
 * at output position ``i``, if MaG's match there is at least ``N`` tokens, the step is gated: its
   draft has ``L`` tokens (the schedule's MaG-first length: fixed for a static schedule; for an
   adaptive one ``L0`` at the start of a generation, then about twice what the previous gated
-  draft got accepted, within bounds, as ``schedule.py`` does), the target accepts the first
+  draft got accepted, within bounds, as ``schedule.py`` does; ``L0`` and the fixed length are
+  the schedule's start, 8 adaptive or 24 static, or row 0's total of K when that is longer),
+  the target accepts the first
   ``a = min(run_i, L)`` of them (``run_i``: how many of MaG's proposed tokens continue the
   output), and the walk moves on ``a + 1`` positions;
 * otherwise the cascade drafts as the K-matrix says, and the walk moves on the cascade's expected
@@ -135,6 +137,7 @@ class GateModel:
     first_length: int | None = None  # the first gated draft of a generation (static: every one);
     # None: the schedule's own start
     _stats: dict[int, GateStats] = field(default_factory=dict, repr=False)
+    _variants: dict[int, GateModel] = field(default_factory=dict, repr=False)  # by first length
 
     def stats(self, stride: int) -> GateStats:
         """The walk with ordinary steps moving ``stride`` positions (memoised)."""
@@ -166,6 +169,21 @@ class GateModel:
         result = GateStats(steps / total, tokens / total, {k: v / total for k, v in sorted(histogram.items())})
         self._stats[stride] = result
         return result
+
+    def for_rows(self, rows) -> GateModel:
+        """This gate as the schedule runs it over K ``rows``: its first MaG-first draft (every
+        one, static) is the schedule's start or row 0's total of K, whichever is longer
+        (``StaticSchedule.__init__``). A ``first_length`` given explicitly is kept."""
+        if self.first_length is not None:
+            return self
+        start = ADAPTIVE_START if self.adaptive else STATIC_START
+        first = max(start, sum(rows[0]) if rows else 0)
+        if first == start:
+            return self
+        variant = self._variants.get(first)
+        if variant is None:
+            variant = self._variants[first] = GateModel(self.runs, self.threshold, self.adaptive, first)
+        return variant
 
     def mixture(self, tokens_per_step: float) -> tuple[float, float, dict[int, float]]:
         """(gated steps, gated tokens, draft-length histogram) per position when ordinary steps

@@ -3,7 +3,8 @@
 **Costs.** For every neural level, the seconds of one forward-and-review as the cascade runs it
 (``level.next_token_logits`` over ``T`` new tokens after a cached context, then the review of
 ``T - 1`` draft tokens) for every ``T`` in 1..32, at a reference context (the prompts' mean
-length plus half the generation), and at a quarter of it for the slope in the context length.
+length plus half the generation), and at a quarter of it for the context fit (``T`` = 1 and 8:
+seconds per context position per forward and per token, ``planner.fit_context``).
 Calls are interleaved (every level and ``T`` once per round, in shuffled order) after untimed
 warm-up rounds; each cell is the median of its rounds. Costs are not smoothed: on a CPU they are
 not even monotone in ``T`` (matrix kernels favour some shapes: 16 tokens can cost less than 15).
@@ -55,7 +56,7 @@ from .. import verify
 from ..levels.mag import MaG
 from ..sampling import SamplingParams, warp
 from .gate import GateLengths, GateModel, GateWalker, MagRuns
-from .planner import Acceptance, CostModel, LevelCost
+from .planner import Acceptance, CostModel, LevelCost, fit_context
 from .replay import Trace, make_trace
 
 COST_TOKENS = tuple(range(1, 33))  # every count: kernels favour some shapes (16 tokens can beat 15)
@@ -235,9 +236,14 @@ class GatedAcceptance:
     def thresholds(self) -> list[int]:
         return sorted(self.by_threshold)
 
-    def model(self, threshold: int, first_length: int | None = None) -> tuple[Acceptance, GateModel]:
-        """The acceptance and gate model for MaG first at ``threshold``."""
-        gate = GateModel(self.runs, threshold, self.adaptive, first_length)
+    def model(
+        self, threshold: int, first_length: int | None = None, adaptive: bool | None = None
+    ) -> tuple[Acceptance, GateModel]:
+        """The acceptance and gate model for MaG first at ``threshold`` (``adaptive``: the
+        schedule whose MaG-first lengths the gate walks; default: the one the rates were
+        counted under, which is otherwise an approximation)."""
+        adaptive = self.adaptive if adaptive is None else adaptive
+        gate = GateModel(self.runs, threshold, adaptive, first_length)
         return self.by_threshold[threshold], gate
 
     def as_dict(self) -> dict:
@@ -580,13 +586,8 @@ def measure(
     for level in [cascade.target, *cascade.drafters]:
         table = tables[level.name]
         seconds = [table[t] for t in COST_TOKENS]  # not smoothed: the cost is not monotone in T
-        near = slopes_at[level.name]
-        slope = (
-            statistics.mean([(table[t] - near[t]) / ((context - short) * t) for t in (1, 8) if context > short])
-            if context > short
-            else 0.0
-        )
-        levels.append(LevelCost(level.name, COST_TOKENS, tuple(seconds), max(0.0, slope)))
+        forward, slope = fit_context(slopes_at[level.name], table, context - short)
+        levels.append(LevelCost(level.name, COST_TOKENS, tuple(seconds), slope, forward))
     mag_seconds = measure_mag_seconds(cascade, longest)
     review = measure_review_costs(cascade.target.vocab_size, params)
     costs = CostModel(tuple(levels), mag_seconds, 0.0, context, review, 0.0)

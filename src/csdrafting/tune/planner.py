@@ -12,7 +12,8 @@ to level ``r`` as a reviewer. ``n`` is the number of drafting levels (the K-matr
 Inputs (measured by ``measure.py``)
 -----------------------------------
 * ``cost_v(T)``: seconds of one forward-and-review of neural level ``v`` running ``T`` new
-  tokens (at the reference context); ``m_s``: one MaG proposal; ``o``: per target step;
+  tokens (at the reference context; other contexts by a two-parameter linear fit,
+  ``LevelCost``); ``m_s``: one MaG proposal; ``o``: per target step;
   ``o_r``: bookkeeping per drafter review. Plain decoding costs ``cost_0(1) + o`` per token.
 * ``alpha_{r,v,k}(i)``: the probability that reviewer ``r`` accepts the ``i``-th token of a run
   of draft positions filled by level ``v``, given it accepted the ones before, when ``v`` fills
@@ -111,12 +112,18 @@ MAX_RATE = 0.995  # no measured rate is trusted to be 1: runs of identical text 
 
 @dataclass(frozen=True)
 class LevelCost:
-    """Seconds of one forward (and review) of a neural level, by the number of tokens it runs."""
+    """Seconds of one forward (and review) of a neural level, by the number of tokens it runs.
+
+    In the context length the cost is linear with two parameters (``fit_context``):
+    ``t(n, ctx) = a(n) + (context_forward + context_slope * n) * (ctx - reference)``, ``a`` the
+    measured table. One forward pays the context once whatever its width (the KV cache is read,
+    the mask built), and each of its ``n`` tokens pays it again (attention scores)."""
 
     name: str
     tokens: tuple[int, ...]  # increasing token counts that were measured
     seconds: tuple[float, ...]  # non-decreasing seconds per forward at those counts
     context_slope: float = 0.0  # extra seconds per (token x context position) past the reference
+    context_forward: float = 0.0  # and per (forward x context position), whatever its token count
 
     def __call__(self, num_tokens: float) -> float:
         """Linear interpolation; beyond the last measured count, the last segment's slope."""
@@ -136,17 +143,53 @@ class LevelCost:
         """Average cost of one more token over 1..8 tokens (what catch-up tokens cost)."""
         return max(0.0, (self(8) - self(1)) / 7)
 
+    def shifted(self, shift: int) -> LevelCost:
+        """This level's costs ``shift`` context positions past its reference."""
+        seconds = tuple(
+            max(s + (self.context_forward + self.context_slope * t) * shift, 0.0)
+            for t, s in zip(self.tokens, self.seconds)
+        )
+        return replace(self, seconds=seconds)
+
     def as_dict(self) -> dict:
         return {
             "name": self.name,
             "tokens": list(self.tokens),
             "seconds": list(self.seconds),
             "context_slope": self.context_slope,
+            "context_forward": self.context_forward,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> LevelCost:
-        return cls(data["name"], tuple(data["tokens"]), tuple(data["seconds"]), data.get("context_slope", 0.0))
+        return cls(
+            data["name"],
+            tuple(data["tokens"]),
+            tuple(data["seconds"]),
+            data.get("context_slope", 0.0),
+            data.get("context_forward", 0.0),
+        )
+
+
+def fit_context(near: dict[int, float], far: dict[int, float], distance: int) -> tuple[float, float]:
+    """``(context_forward, context_slope)`` of ``LevelCost`` from seconds per forward by token
+    count measured at two contexts ``distance`` positions apart (``far`` the longer): the
+    least-squares line of (far - near) / distance against the token count, both coefficients
+    kept non-negative (a cost does not fall as the context grows; timing noise can say so)."""
+    counts = sorted(set(near) & set(far))
+    if distance <= 0 or not counts:
+        return 0.0, 0.0
+    xs = [float(n) for n in counts]
+    ys = [(far[n] - near[n]) / distance for n in counts]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+    forward = mean_y - slope * mean_x
+    if slope < 0:  # all per forward
+        return max(mean_y, 0.0), 0.0
+    if forward < 0:  # all per token: the line through the origin
+        return 0.0, max(sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0)
+    return forward, slope
 
 
 @dataclass(frozen=True)
@@ -165,20 +208,12 @@ class CostModel:
         return self.levels[0](1) + self.step_seconds
 
     def at_context(self, context: int) -> CostModel:
-        """The costs at ``context`` cached tokens instead of the reference context: each level's
-        seconds shifted by its ``context_slope`` x tokens x (context - reference)."""
+        """The costs at ``context`` cached tokens instead of the reference context (each level's
+        two-parameter context fit, ``LevelCost``)."""
         shift = context - self.reference_context
         if not shift or not self.reference_context:
             return self
-        levels = tuple(
-            LevelCost(
-                level.name,
-                level.tokens,
-                tuple(max(s + level.context_slope * t * shift, 0.0) for t, s in zip(level.tokens, level.seconds)),
-                level.context_slope,
-            )
-            for level in self.levels
-        )
+        levels = tuple(level.shifted(shift) for level in self.levels)
         return replace(self, levels=levels, reference_context=context)
 
     def as_dict(self) -> dict:
@@ -564,6 +599,8 @@ def predict(
     rates measured on the drafts that gate leaves to the cascade. K may be all zeros then:
     plain decoding except where MaG's match is long enough."""
     rows = tuple(tuple(row) for row in (k_matrix.rows if isinstance(k_matrix, KMatrix) else k_matrix))
+    if gate is not None:
+        gate = gate.for_rows(rows)  # the schedule's first MaG-first length depends on row 0
     num_levels = len(acceptance.names)
     plain = costs.plain_seconds_per_token
     if not rows or not any(rows[0]):
