@@ -10,6 +10,9 @@ The step walks the K-matrix (see ``kmatrix.py``):
    MaG contributes tokens by proposing them directly.
 3. The target runs the whole draft in one forward and verifies it exactly (lenience 1).
 
+With ``tree_budget`` set, step 3 verifies a token tree instead of the chain: the chain plus MaG's
+alternative continuations (``tree.py`` says why only the target verifies trees).
+
 In sampling mode every draft token travels with the distribution it was drawn from (a point mass
 for MaG, the induced law ``pi`` of ``verify.py`` for a neural reviewer's tokens) because the
 next review's acceptance test is exact only against that distribution.
@@ -27,7 +30,8 @@ from .levels.base import NeuralLevel
 from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
-from .stats import LevelStats, ReviewCounters
+from .stats import LevelStats, ReviewCounters, TreeCounters
+from .tree import DraftTree
 
 
 class Draft:
@@ -67,8 +71,10 @@ class CascadeStep:
         schedule: StaticSchedule,
         lenience: float,
         eos_ids: frozenset[int],
+        tree_budget: int | None = None,
     ) -> None:
         self.levels = levels
+        self.tree_budget = tree_budget  # max nodes of the target's draft tree; None: chains
         self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -88,6 +94,7 @@ class CascadeStep:
         for level in self.levels:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
+        self.tree_counters = TreeCounters() if self.tree_budget else None
         self._one_hot_cache: dict[int, torch.Tensor] = {}
 
     def prefill(self, prompt_ids: list[int]) -> None:
@@ -107,15 +114,74 @@ class CascadeStep:
         speculative = self.schedule.speculate()
         gated = self._mag_first(ids, max_tokens - 1) if speculative else None
         draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
-        outcome = self._review(0, ids, draft, lenience=1.0)
-        num_accepted = outcome.num_accepted
+        if speculative and self.tree_budget and self.mag_index is not None:
+            tokens, origins, num_accepted = self._verify_tree(ids, draft, max_tokens - 1)
+        else:
+            outcome = self._review(0, ids, draft, lenience=1.0)
+            num_accepted = outcome.num_accepted
+            tokens = draft.tokens[:num_accepted] + [outcome.next_token]
+            origins = draft.origins[:num_accepted] + [0]
         if gated:
             self.schedule.after_mag_first(num_accepted)
-        tokens = draft.tokens[:num_accepted] + [outcome.next_token]
-        origins = draft.origins[:num_accepted] + [0]
         # the review read its result back to the host (.tolist()), so the clock is synchronised
         self.schedule.after_step(time.perf_counter() - started, len(tokens), speculative)
         return tokens, origins
+
+    def _verify_tree(self, ids: list[int], draft: Draft, limit: int) -> tuple[list[int], list[int], int]:
+        """The target verifies the chain ``draft`` merged with MaG's alternatives, in one forward.
+        Returns the emitted tokens, their origins and how many of the chain's tokens were accepted
+        (what the schedule learns from, as for a chain)."""
+        tree = self._grow_tree(ids, draft, limit)
+        target = self.levels[0]
+        timed = self.schedule.times_levels
+        if timed:
+            started, tokens_before = time.perf_counter(), target.counters.num_tokens_run
+        logits = target.tree_logits(ids, tree.tokens, tree.parents)  # (N + 1, V)
+        if self.params.greedy:
+            outcome = verify.verify_tree_greedy(logits, tree.tokens, tree.parents)
+        else:
+            probs = warp(logits, self.params)  # (N + 1, V)
+            outcome = verify.verify_tree_sampled(probs, tree.tokens, tree.parents, tree.laws, self.generator)
+        path = outcome.path
+        target.commit_path(path)
+        if timed:  # the verification read its result back to the host: the clock is synchronised
+            num_run = target.counters.num_tokens_run - tokens_before
+            self.schedule.after_forward(0, num_run, time.perf_counter() - started)
+        num_chain_accepted = tree.chain_prefix(path)
+        # the target's review counters see the line it followed: the path, then the child it rejected
+        children = verify.tree_children(tree.parents)[path[-1] + 1 if path else 0]
+        line = path + children[:1]
+        if line:
+            self.reviews[0].record([self.names[tree.origins[n]] for n in line], len(path))
+        self.tree_counters.record(len(tree), tree.num_chain, len(path), num_chain_accepted)
+        if self.schedule.size:
+            self.schedule.after_review(0, draft.segments, num_chain_accepted)
+        tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
+        return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
+
+    def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree:
+        """The chain, then MaG's alternatives at the root and under each chain node (in that
+        order) until the node budget is spent. Alternatives are as deep as the chain below them
+        (at least 2 tokens), never past ``limit`` nor past an EOS when stopping there."""
+        tree = DraftTree(max_nodes=max(self.tree_budget, len(draft)), max_depth=limit)
+        tree.add_chain(draft.tokens, draft.origins, draft.probs)
+        if limit <= 0:
+            return tree
+        mag = self.levels[self.mag_index]
+        stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
+        for depth in range(len(draft) + 1):
+            if len(tree) >= tree.max_nodes or depth >= limit:
+                break
+            if depth and draft.tokens[depth - 1] in stop_ids:
+                break
+            context = ids + draft.tokens[:depth]
+            length = max(2, len(draft) - depth)
+            # at the root the chain may itself be MaG's longest match: ask for one branch more
+            for branch in mag.propose_many(context, self.num_committed, length, self.MAX_BRANCHES):
+                tree.add_branch(depth - 1, branch, self.mag_index, stop_ids)
+        return tree
+
+    MAX_BRANCHES = 3  # MaG continuations asked for at each chain node
 
     def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
         """MaG's draft for the target when its match is long enough to trust, else None. The
@@ -224,6 +290,7 @@ class CascadeStep:
                     num_params=level.num_params,
                     runner=level.runner_name,
                     review=self.reviews[i] if kind != "mag" else None,
+                    tree=self.tree_counters if i == 0 else None,
                 )
             )
         return tuple(out)
