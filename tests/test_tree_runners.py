@@ -65,4 +65,6 @@ def test_table_runner_without_tree_forward_uses_one_forward_per_path():
     for node in range(len(TOKENS)):
         assert torch.equal(logits[node + 1], level.logits_after(context + path_ids(node)))
     level.commit_path([0, 1])
-    assert torch.equal(level.next_token_logits(context + [11, 12, 50], 1)[0], level.logits_after(context + [11, 12, 50]))
+    assert torch.equal(
+        level.next_token_logits(context + [11, 12, 50], 1)[0], level.logits_after(context + [11, 12, 50])
+    )

@@ -144,6 +144,8 @@ class Cascade:
             "lenience": self.lenience,
             "adaptive": self.adaptive,
             "mag_first": self.mag_first,
+            "tree": self._step.tree_budget is not None,
+            "tree_budget": self._step.tree_budget,
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,
