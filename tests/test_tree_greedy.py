@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from csdrafting import CascadeConfig, ConfigError
-from tiny import TableLevel, copy_model, random_table, hf_greedy, make_cascade, noisy_copy, tiny_gpt2, tiny_llama
+from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
 
 # repeats with different continuations: MaG finds several earlier occurrences of a suffix
 PROMPT = [5, 17, 33, 2, 81, 5, 17, 40, 7, 5, 17, 33, 9, 5, 17, 2, 81, 5]

@@ -18,7 +18,8 @@ import torch
 from csdrafting import verify
 from csdrafting.sampling import SamplingParams, warp
 from csdrafting.tree import DraftTree
-from tiny import chisquare_pvalue, sequential_tree_verifier as sequential
+from tiny import chisquare_pvalue
+from tiny import sequential_tree_verifier as sequential
 
 VOCAB = 4
 ACCEPT_P = 1e-3

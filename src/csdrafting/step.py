@@ -37,24 +37,34 @@ from .tree import DraftTree
 class Draft:
     """Draft tokens, the level each was first proposed by, and (sampling) the law it follows."""
 
-    __slots__ = ("tokens", "origins", "probs", "segments")
+    __slots__ = ("tokens", "origins", "probs", "segments", "seconds")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.origins: list[int] = []
         self.probs: list[torch.Tensor | None] = []  # (V,) per token; None = point mass
         self.segments: list[Segment] = []  # which K-matrix column filled which positions
+        # trees only: per token, the proposing drafter's best other choice at that position (None:
+        # MaG's token); deterministic given the drafted tokens, so a point mass in a tree
+        self.seconds: list[int | None] = []
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, tokens: list[int], origins: list[int], probs: list[torch.Tensor | None]) -> None:
+    def add(
+        self,
+        tokens: list[int],
+        origins: list[int],
+        probs: list[torch.Tensor | None],
+        seconds: list[int | None] | None = None,
+    ) -> None:
         self.tokens.extend(tokens)
         self.origins.extend(origins)
         self.probs.extend(probs)
+        self.seconds.extend(seconds if seconds is not None else [None] * len(tokens))
 
     def cut(self, length: int) -> None:
-        del self.tokens[length:], self.origins[length:], self.probs[length:]
+        del self.tokens[length:], self.origins[length:], self.probs[length:], self.seconds[length:]
         self.segments = [(c, start, min(end, length)) for c, start, end in self.segments if start < length]
 
 
@@ -117,7 +127,7 @@ class CascadeStep:
         if speculative and self.tree_budget and self.mag_index is not None:
             tokens, origins, num_accepted = self._verify_tree(ids, draft, max_tokens - 1)
         else:
-            outcome = self._review(0, ids, draft, lenience=1.0)
+            outcome, _ = self._review(0, ids, draft, lenience=1.0)
             num_accepted = outcome.num_accepted
             tokens = draft.tokens[:num_accepted] + [outcome.next_token]
             origins = draft.origins[:num_accepted] + [0]
@@ -160,15 +170,21 @@ class CascadeStep:
         return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
 
     def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree:
-        """The chain, then MaG's alternatives at the root and under each chain node (in that
-        order) until the node budget is spent. Alternatives are as deep as the chain below them
-        (at least 2 tokens), never past ``limit`` nor past an EOS when stopping there."""
+        """The chain; the drafters' second choices beside the chain's tokens; then MaG's
+        alternatives at the root and under each chain node (in that order) until the node budget
+        is spent. MaG's are as deep as the chain below them (at least 2 tokens), never past
+        ``limit`` nor past an EOS when stopping there."""
         tree = DraftTree(max_nodes=max(self.tree_budget, len(draft)), max_depth=limit)
         tree.add_chain(draft.tokens, draft.origins, draft.probs)
         if limit <= 0:
             return tree
         mag = self.levels[self.mag_index]
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
+        for depth, (second, origin) in enumerate(zip(draft.seconds, draft.origins)):
+            if depth and draft.tokens[depth - 1] in stop_ids:
+                break
+            if second is not None:
+                tree.add_branch(depth - 1, [second], origin, stop_ids)
         for depth in range(len(draft) + 1):
             if len(tree) >= tree.max_nodes or depth >= limit:
                 break
@@ -227,12 +243,19 @@ class CascadeStep:
             draft.add(tokens, [level_index] * need, [None] * need)
             return
         sub = self._fill(level_index, context, room - 1)  # room - 1: leave space for its own token
-        outcome = self._review(level_index, context, sub, self.lenience)
+        outcome, logits = self._review(level_index, context, sub, self.lenience)
         num_accepted = outcome.num_accepted
         probs = list(outcome.token_probs) if outcome.token_probs is not None else [None] * (num_accepted + 1)
-        draft.add(sub.tokens[:num_accepted] + [outcome.next_token], sub.origins[:num_accepted] + [level_index], probs)
+        tokens = sub.tokens[:num_accepted] + [outcome.next_token]
+        seconds = None
+        if self.tree_budget:
+            top2 = logits[: num_accepted + 1].topk(2, dim=-1).indices.tolist()  # (n, 2)
+            seconds = [b if a == token else a for token, (a, b) in zip(tokens, top2)]
+        draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, seconds)
 
-    def _review(self, level_index: int, context: list[int], draft: Draft, lenience: float) -> verify.ReviewOutcome:
+    def _review(
+        self, level_index: int, context: list[int], draft: Draft, lenience: float
+    ) -> tuple[verify.ReviewOutcome, torch.Tensor]:
         """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
         level = self.levels[level_index]
         timed = self.schedule.times_levels
@@ -252,7 +275,7 @@ class CascadeStep:
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
         if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)
             self.schedule.after_review(level_index, draft.segments, outcome.num_accepted)
-        return outcome
+        return outcome, logits
 
     def _stack_probs(self, draft: Draft, like: torch.Tensor) -> torch.Tensor:
         """(K, V) draft laws; point masses (MaG) become one-hot rows."""
