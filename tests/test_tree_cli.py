@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 
 from csdrafting.cli import main
+from csdrafting.tree import TreeSwitch
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SMALL = str(MODELS_DIR / "pycode-1m")
 PROMPT = "def f(x):\n    return x\n\ndef g(x):\n    return"
+
+
+@pytest.fixture(autouse=True)
+def trees_always(monkeypatch):
+    monkeypatch.setattr(TreeSwitch, "PROBE_STEPS", 0)  # no clock-driven chain probes
 
 
 def run(capsys, argv):

@@ -73,6 +73,7 @@ class TreeCounters:
     num_accepted: int = 0  # accepted path lengths, summed
     num_branch_wins: int = 0  # trees whose accepted path went beyond the chain's accepted prefix
     num_branch_tokens: int = 0  # accepted tokens that were not the chain's
+    num_chain_steps: int = 0  # speculative steps that verified a chain (trees did not pay: TreeSwitch)
 
     def record(self, num_nodes: int, num_chain: int, num_accepted: int, num_chain_accepted: int) -> None:
         self.num_trees += 1

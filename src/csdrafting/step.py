@@ -31,7 +31,7 @@ from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
 from .stats import LevelStats, ReviewCounters, TreeCounters
-from .tree import DraftTree
+from .tree import DraftTree, TreeSwitch
 
 
 class Draft:
@@ -85,6 +85,8 @@ class CascadeStep:
     ) -> None:
         self.levels = levels
         self.tree_budget = tree_budget  # max nodes of the target's draft tree; None: chains
+        self.tree_switch = TreeSwitch()  # trees only where they cost less per token than chains
+        self._tree_step = False  # whether the current step verifies a tree
         self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -105,6 +107,7 @@ class CascadeStep:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
         self.tree_counters = TreeCounters() if self.tree_budget else None
+        self.tree_switch.begin(use_timing=params.greedy or params.seed is None)
         self._one_hot_cache: dict[int, torch.Tensor] = {}
 
     def prefill(self, prompt_ids: list[int]) -> None:
@@ -122,9 +125,11 @@ class CascadeStep:
         started = time.perf_counter()
         self.num_committed = len(ids)
         speculative = self.schedule.speculate()
+        self._tree_step = bool(speculative and self.tree_budget and self.mag_index is not None)
+        self._tree_step = self._tree_step and self.tree_switch.use_tree()
         gated = self._mag_first(ids, max_tokens - 1) if speculative else None
         draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
-        if speculative and self.tree_budget and self.mag_index is not None:
+        if self._tree_step:
             tokens, origins, num_accepted = self._verify_tree(ids, draft, max_tokens - 1)
         else:
             outcome, _ = self._review(0, ids, draft, lenience=1.0)
@@ -134,7 +139,11 @@ class CascadeStep:
         if gated:
             self.schedule.after_mag_first(num_accepted)
         # the review read its result back to the host (.tolist()), so the clock is synchronised
-        self.schedule.after_step(time.perf_counter() - started, len(tokens), speculative)
+        seconds = time.perf_counter() - started
+        self.schedule.after_step(seconds, len(tokens), speculative)
+        if speculative and self.tree_budget:
+            self.tree_switch.after_step(self._tree_step, seconds, len(tokens))
+            self.tree_counters.num_chain_steps += not self._tree_step
         return tokens, origins
 
     def _verify_tree(self, ids: list[int], draft: Draft, limit: int) -> tuple[list[int], list[int], int]:
@@ -248,7 +257,7 @@ class CascadeStep:
         probs = list(outcome.token_probs) if outcome.token_probs is not None else [None] * (num_accepted + 1)
         tokens = sub.tokens[:num_accepted] + [outcome.next_token]
         seconds = None
-        if self.tree_budget:
+        if self._tree_step:
             top2 = logits[: num_accepted + 1].topk(2, dim=-1).indices.tolist()  # (n, 2)
             seconds = [b if a == token else a for token, (a, b) in zip(tokens, top2)]
         draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, seconds)

@@ -92,3 +92,60 @@ class DraftTree:
         while n < len(path) and path[n] == n and n < self.num_chain:
             n += 1
         return n
+
+
+class TreeSwitch:
+    """Trees or chains, by measured cost per emitted token (the schedule's whole-speculation
+    switch, one level up): a few chain steps first measure the chain's cost; tree steps are then
+    judged against it, and where a tree costs more per token than a chain the step verifies chains
+    for a while (doubling back-off) and retries. It reads only the clock and past steps, so it
+    changes speed, never output; with ``use_timing`` off (seeded sampling must be reproducible)
+    trees are always on."""
+
+    DECAY = 0.9  # decayed sums: recent steps weigh most
+    PROBE_STEPS = 4  # chain steps that measure the chain's cost (at the start, and again later)
+    JUDGE_AFTER = 8  # tree steps before the first judgement
+    RECHECK_EVERY = 64  # tree steps between two re-measurements of the chain
+    FIRST_BACKOFF, MAX_BACKOFF = 16, 256  # chain steps after trees lost
+
+    def __init__(self) -> None:
+        self.use_timing = False
+        self.backoff = self.FIRST_BACKOFF
+        self.chain_time = self.chain_tokens = self.tree_time = self.tree_tokens = 0.0
+        self.chain_steps_left = 0
+        self.tree_steps = 0
+
+    def begin(self, use_timing: bool) -> None:
+        """A new generation; what was measured carries over when timing is on."""
+        if use_timing and not self.use_timing:
+            self.chain_steps_left = self.PROBE_STEPS
+        self.use_timing = use_timing
+        if not use_timing:
+            self.chain_steps_left = 0
+
+    def use_tree(self) -> bool:
+        return self.chain_steps_left == 0
+
+    def after_step(self, tree: bool, seconds: float, num_tokens: int) -> None:
+        if not self.use_timing:
+            return
+        decay = self.DECAY
+        if not tree:
+            self.chain_time = decay * self.chain_time + seconds
+            self.chain_tokens = decay * self.chain_tokens + num_tokens
+            self.chain_steps_left = max(self.chain_steps_left - 1, 0)
+            if self.chain_steps_left == 0:
+                self.tree_time = self.tree_tokens = 0.0
+                self.tree_steps = 0
+            return
+        self.tree_time = decay * self.tree_time + seconds
+        self.tree_tokens = decay * self.tree_tokens + num_tokens
+        self.tree_steps += 1
+        if self.tree_steps < self.JUDGE_AFTER or self.chain_tokens == 0:
+            return
+        if self.tree_time / self.tree_tokens > self.chain_time / self.chain_tokens:
+            self.chain_steps_left = self.backoff  # trees do not pay here: chains for a while
+            self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
+        elif self.tree_steps >= self.RECHECK_EVERY:
+            self.chain_steps_left = self.PROBE_STEPS  # the chain's cost may have changed
+            self.backoff = self.FIRST_BACKOFF
