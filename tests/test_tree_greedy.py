@@ -181,3 +181,15 @@ def test_tree_switch_falls_back_to_chains_where_trees_cost_more_and_retries(monk
     assert switch.use_tree() and switch.backoff == TreeSwitch.FIRST_BACKOFF
     switch.begin(use_timing=False)  # seeded sampling: no clock, always trees
     assert switch.use_tree()
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_tree_stays_inside_the_context(runner):
+    """Near the end of the context a tree holds no more nodes than the positions left."""
+    model = tiny_llama(4, max_positions=32)
+    prompt = [10, 11, 12, 10, 11, 13, 10, 11, 12, 10]  # repeats: MaG has alternatives
+    reference = hf_greedy(model, prompt, 22)
+    cascade = make_cascade(
+        model, [noisy_copy(model, 5, 0.05)], k_matrix=[[2, 4], [0, 3]], runner=runner, tree=True, eos_token_ids=[]
+    )
+    assert cascade.generate(prompt, 22, ignore_eos=True).token_ids == reference  # fills the context exactly

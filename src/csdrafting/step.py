@@ -183,7 +183,10 @@ class CascadeStep:
         alternatives at the root and under each chain node (in that order) until the node budget
         is spent. MaG's are as deep as the chain below them (at least 2 tokens), never past
         ``limit`` nor past an EOS when stopping there."""
-        tree = DraftTree(max_nodes=max(self.tree_budget, len(draft)), max_depth=limit)
+        # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
+        # (the chain always fits: the request was checked against the context)
+        room = self.levels[0].max_positions - len(ids)
+        tree = DraftTree(max_nodes=max(min(self.tree_budget, room), len(draft)), max_depth=limit)
         tree.add_chain(draft.tokens, draft.origins, draft.probs)
         if limit <= 0:
             return tree
