@@ -26,6 +26,7 @@ from tiny import (
     make_cascade,
     plan_automatically,
     random_table,
+    sequential_tree_verifier,
 )
 
 VOCAB = 3
@@ -60,6 +61,7 @@ class Config:
     unrelated: bool = False  # d1 unrelated to the target (many rejections: broken reviewers show)
     adaptive: bool = False  # online adaptation of the schedule (deterministic per seed when seeded)
     mag_first: int | None = None  # MaG's draft straight to the target after a match this long
+    tree: bool = False  # the target verifies token trees (chain + MaG alternatives)
 
 
 DEFAULT_K = KMatrix.default(2, True).as_lists()  # passed explicitly: a static schedule, deterministic per seed
@@ -170,6 +172,41 @@ CONFIGS = [
         mag_first=2,
     ),
     Config(
+        "tree: MaG alone, K=[[2]], T=1.3",
+        0,
+        True,
+        [[2]],
+        1.0,
+        SamplingParams(1.3),
+        num_tokens=4,
+        origins=("mag",),
+        tree=True,
+    ),
+    Config(
+        "tree: unrelated drafter + MaG, K=[[2, 1], [0, 1]], T=1, top_k=2",
+        1,
+        True,
+        [[2, 1], [0, 1]],
+        1.0,
+        SamplingParams(1.0, top_k=2),
+        unrelated=True,
+        num_tokens=4,
+        origins=("d1", "mag"),
+        tree=True,
+    ),
+    Config(
+        "tree: 2 drafters + MaG, l=3, T=0.7, top_p=0.95",
+        2,
+        True,
+        [[1, 1, 1], [0, 1, 1], [0, 0, 1]],
+        3.0,
+        SamplingParams(0.7, top_p=0.95),
+        num_tokens=4,
+        origins=("d1", "d2", "mag"),
+        reviewers=("d1", "d2"),
+        tree=True,
+    ),
+    Config(
         "unrelated drafter, K=[[2]], T=1", 1, False, [[2]], 1.0, SamplingParams(1.0), unrelated=True, origins=("d1",)
     ),
     Config(
@@ -199,6 +236,7 @@ def sample(config: Config, seed_offset: int = 0):
         eos_token_ids=[],
         adaptive=config.adaptive,
         mag_first=config.mag_first,
+        tree=config.tree,
     )
     p = config.params
     counts = Counter()
@@ -216,6 +254,8 @@ def sample(config: Config, seed_offset: int = 0):
         assert len(result.token_ids) == config.num_tokens and result.finish_reason == "length"
         counts[tuple(result.token_ids)] += 1
         target_review = result.stats.levels[0].review
+        if config.tree:
+            totals["branch_wins"] += result.stats.levels[0].tree.num_branch_wins
         totals["drafted"] += target_review.num_drafted
         totals["accepted"] += target_review.num_accepted
         for origin, n in target_review.drafted_by_origin.items():
@@ -240,6 +280,8 @@ def test_cascade_samples_the_target_distribution(config):
         assert totals["drafted:" + origin] > 0, (origin, totals)
     for reviewer in config.reviewers:  # the vertical cascade ran: drafters reviewed smaller levels' drafts
         assert totals["reviewed_by:" + reviewer] > 0, (reviewer, totals)
+    if config.tree:  # alternative branches really won some verifications
+        assert totals["branch_wins"] > 0, totals
     # the reference law is not degenerate: many outcomes are likely, so a wrong law would show
     assert sum(prob > 0.01 for prob in expected.values()) >= 6
 
@@ -276,6 +318,28 @@ def test_whole_cascade_rejects_broken_reviewer(monkeypatch, name, reviewer, conf
     assert totals["drafted"] > 0
     expected = exact_joint(target, PROMPT, config.num_tokens, config.params)
     assert chisquare_pvalue(counts, expected) < REJECT_P
+
+
+# the duplicate-candidate mutant needs merged candidates often enough to show; the verify-level
+# test (test_tree_verify.py) builds them on purpose and rejects it there
+TREE_MUTANTS = ["p_not_updated", "residual_from_wrong_node"]
+
+
+@pytest.mark.parametrize("mutant", TREE_MUTANTS)
+def test_whole_cascade_with_trees_rejects_broken_tree_verifier(monkeypatch, mutant):
+    monkeypatch.setattr(step_module.verify, "verify_tree_sampled", sequential_tree_verifier(mutant))
+    config = CONFIG_BY_NAME["tree: unrelated drafter + MaG, K=[[2, 1], [0, 1]], T=1, top_k=2"]
+    counts, totals, target = sample(config)
+    assert totals["branch_wins"] > 0
+    expected = exact_joint(target, PROMPT, config.num_tokens, config.params)
+    assert chisquare_pvalue(counts, expected) < REJECT_P
+
+
+def test_whole_cascade_with_the_sequential_tree_reference_samples_the_target(monkeypatch):
+    monkeypatch.setattr(step_module.verify, "verify_tree_sampled", sequential_tree_verifier())
+    config = CONFIG_BY_NAME["tree: unrelated drafter + MaG, K=[[2, 1], [0, 1]], T=1, top_k=2"]
+    counts, _, target = sample(config)
+    assert chisquare_pvalue(counts, exact_joint(target, PROMPT, config.num_tokens, config.params)) > ACCEPT_P
 
 
 class FakeClock:

@@ -186,6 +186,45 @@ def broken_reviewer(accept_rule="exact", after_reject="residual", carry="exact")
     return review
 
 
+# -- a plain sequential reference and its mutants (one rule each, each a plausible mistake) ------
+
+
+def sequential_tree_verifier(mutant: str | None = None):
+    """Recursive rejection sampling written the slow, literal way; ``mutant`` breaks one rule."""
+
+    def verify_tree(probs, tokens, parents, draft_laws, generator):
+        children = verify.tree_children(parents)
+        path, row = [], 0
+        while True:
+            p = probs[row]
+            chosen = None
+            last_tried = None
+            for child in children[row]:
+                x = tokens[child]
+                for i, law in enumerate(draft_laws[child]):
+                    q = law if law is not None else torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]).double()
+                    # the mutant tries a merged duplicate (a node's second candidate) against the
+                    # node's own p, as if the first try of that token had not happened
+                    law_p = probs[row] if mutant == "duplicate_tried_twice" and i > 0 else p
+                    accept = min(1.0, float(law_p[x] / q[x])) if q[x] > 0 else 0.0
+                    last_tried = child
+                    if float(torch.rand((), generator=generator, dtype=torch.float64)) < accept:
+                        chosen = child
+                        break
+                    if mutant != "p_not_updated":
+                        p = verify.residual(p, q)
+                if chosen is not None:
+                    break
+            if chosen is None:
+                if mutant == "residual_from_wrong_node" and last_tried is not None:
+                    p = verify.residual(probs[last_tried + 1], torch.zeros_like(p))
+                return verify.TreeOutcome(path, int(torch.multinomial(p, 1, generator=generator)))
+            path.append(chosen)
+            row = chosen + 1
+
+    return verify_tree
+
+
 # -- tiny real transformers models --------------------------------------------------------------
 
 

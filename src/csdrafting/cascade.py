@@ -76,7 +76,9 @@ class Cascade:
         else:
             schedule = StaticSchedule(resolved.k_matrix, resolved.mag_first)
         step_levels = [target, *drafters] + ([self.mag] if self.mag is not None else [])
-        self._step = CascadeStep(step_levels, schedule, resolved.lenience, self.eos_token_ids)
+        self._step = CascadeStep(
+            step_levels, schedule, resolved.lenience, self.eos_token_ids, tree_budget=resolved.tree_budget
+        )
 
     @classmethod
     def from_config(cls, config: CascadeConfig | dict | str | Path) -> Cascade:
@@ -102,6 +104,8 @@ class Cascade:
         device: str = "cpu",
         dtype: str = "float32",
         runner: str = "auto",
+        tree: bool = False,
+        tree_budget: int | None = None,
     ) -> Cascade:
         """Load a target and drafters from local Hugging Face folders (a front end over
         ``CascadeConfig``; the arguments are its fields)."""
@@ -117,6 +121,8 @@ class Cascade:
             device=device,
             dtype=dtype,
             runner=runner,
+            tree=tree,
+            tree_budget=tree_budget,
         )
         return cls.from_config(config)
 
@@ -138,6 +144,8 @@ class Cascade:
             "lenience": self.lenience,
             "adaptive": self.adaptive,
             "mag_first": self.mag_first,
+            "tree": self._step.tree_budget is not None,
+            "tree_budget": self._step.tree_budget,
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,

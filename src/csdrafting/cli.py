@@ -61,6 +61,15 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lenience", type=float, default=None, help="how leniently drafters review smaller drafters (>= 1; default 1)"
     )
+    group.add_argument(
+        "--tree",
+        action="store_true",
+        default=None,
+        help="the target verifies a token tree: the draft plus MaG's alternative continuations (needs MaG)",
+    )
+    group.add_argument(
+        "--tree-budget", type=int, default=None, metavar="N", help="at most N draft-tree nodes (implies --tree)"
+    )
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32)")
     group.add_argument(
@@ -123,6 +132,10 @@ def config_from_args(args, model_flags: bool = True):
             changes[name] = getattr(args, name)
     if args.adaptive is not None:
         changes["adaptive"] = args.adaptive == "on"
+    if getattr(args, "tree_budget", None) is not None:
+        changes["tree"], changes["tree_budget"] = True, args.tree_budget
+    elif getattr(args, "tree", None):
+        changes["tree"] = True
     return replace(config, **changes)  # validated as a whole: a K-matrix must fit the levels
 
 

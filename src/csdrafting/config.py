@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .kmatrix import KMatrix
 
 AUTO = "auto"
+DEFAULT_TREE_BUDGET = 16  # tree=True: max draft-tree nodes (pycode-22m turns compute-bound near 16 on a CPU)
 AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
@@ -49,7 +50,9 @@ class CascadeConfig:
     ``kmatrix.py``; its size must be the number of drafters plus one for MaG when on).
     ``adaptive`` (default: on with ``"auto"``) adapts draft lengths online; ``mag_first`` lets a
     MaG suffix match of that many tokens draft alone for a step (default: ``AUTO_MAG_FIRST``
-    with ``"auto"``, off otherwise).
+    with ``"auto"``, off otherwise). ``tree`` has the target verify a token tree (the chain plus
+    MaG's alternatives, ``tree.py``) of at most ``tree_budget`` nodes (default
+    ``DEFAULT_TREE_BUDGET``); it needs MaG.
     """
 
     target: str | None = None
@@ -64,6 +67,8 @@ class CascadeConfig:
     dtype: str = "float32"
     runner: str = "auto"
     backend: str = "torch"
+    tree: bool = False
+    tree_budget: int | None = None
 
     def __post_init__(self) -> None:
         # normalise in place (the dataclass is frozen, hence object.__setattr__) and validate
@@ -81,6 +86,7 @@ class CascadeConfig:
         _check_choice("runner", self.runner, RUNNERS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_device(self.device)
+        _check_tree(self.tree, self.tree_budget, self.mag)
 
     @property
     def num_drafting_levels(self) -> int:
@@ -103,7 +109,8 @@ class CascadeConfig:
             mag_first = AUTO_MAG_FIRST
         if not self.mag or k_matrix.size == 0:
             mag_first = None  # nothing to gate (MaG off, or plain decoding)
-        return ResolvedConfig(k_matrix, self.lenience, adaptive, mag_first)
+        tree_budget = (self.tree_budget or DEFAULT_TREE_BUDGET) if self.tree else None
+        return ResolvedConfig(k_matrix, self.lenience, adaptive, mag_first, tree_budget)
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -158,6 +165,7 @@ class ResolvedConfig:
     lenience: float
     adaptive: bool
     mag_first: int | None
+    tree_budget: int | None = None  # None: the target verifies chains
 
 
 # -- validation helpers --------------------------------------------------------------------------
@@ -203,6 +211,17 @@ def _lenience(value) -> float:
 def _check_mag_first(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"mag_first must be a positive integer (a match length) or None, got {value!r}")
+
+
+def _check_tree(tree, budget, mag: bool) -> None:
+    _check_bool("tree", tree)
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConfigError(f"tree_budget must be a positive integer (draft-tree nodes) or None, got {budget!r}")
+        if not tree:
+            raise ConfigError("tree_budget needs tree=true")
+    if tree and not mag:
+        raise ConfigError("tree=true needs MaG (mag=true): the tree's alternative branches come from MaG")
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:

@@ -62,6 +62,34 @@ class ReviewCounters:
         return data
 
 
+@dataclass
+class TreeCounters:
+    """The target's draft trees (``tree.py``): their sizes, accepted path lengths, and how often
+    the accepted path left the chain (an alternative branch won)."""
+
+    num_trees: int = 0
+    num_nodes: int = 0
+    num_chain_nodes: int = 0
+    num_accepted: int = 0  # accepted path lengths, summed
+    num_branch_wins: int = 0  # trees whose accepted path went beyond the chain's accepted prefix
+    num_branch_tokens: int = 0  # accepted tokens that were not the chain's
+    num_chain_steps: int = 0  # speculative steps that verified a chain (trees did not pay: TreeSwitch)
+
+    def record(self, num_nodes: int, num_chain: int, num_accepted: int, num_chain_accepted: int) -> None:
+        self.num_trees += 1
+        self.num_nodes += num_nodes
+        self.num_chain_nodes += num_chain
+        self.num_accepted += num_accepted
+        self.num_branch_wins += num_accepted > num_chain_accepted
+        self.num_branch_tokens += num_accepted - num_chain_accepted
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["mean_tree_size"] = self.num_nodes / self.num_trees if self.num_trees else None
+        data["mean_accepted_path"] = self.num_accepted / self.num_trees if self.num_trees else None
+        return data
+
+
 @dataclass(frozen=True)
 class LevelStats:
     """One level's share of a generation. ``kind``: "target", "drafter" or "mag"."""
@@ -74,10 +102,12 @@ class LevelStats:
     num_params: int
     runner: str
     review: ReviewCounters | None = None  # for reviewers (the target and neural drafters)
+    tree: TreeCounters | None = None  # the target's, when it verified token trees
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["review"] = self.review.as_dict() if self.review is not None else None
+        data["tree"] = self.tree.as_dict() if self.tree is not None else None
         return data
 
 

@@ -10,6 +10,9 @@ The step walks the K-matrix (see ``kmatrix.py``):
    MaG contributes tokens by proposing them directly.
 3. The target runs the whole draft in one forward and verifies it exactly (lenience 1).
 
+With ``tree_budget`` set, step 3 verifies a token tree instead of the chain: the chain plus MaG's
+alternative continuations (``tree.py`` says why only the target verifies trees).
+
 In sampling mode every draft token travels with the distribution it was drawn from (a point mass
 for MaG, the induced law ``pi`` of ``verify.py`` for a neural reviewer's tokens) because the
 next review's acceptance test is exact only against that distribution.
@@ -27,30 +30,41 @@ from .levels.base import NeuralLevel
 from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
-from .stats import LevelStats, ReviewCounters
+from .stats import LevelStats, ReviewCounters, TreeCounters
+from .tree import DraftTree, TreeSwitch
 
 
 class Draft:
     """Draft tokens, the level each was first proposed by, and (sampling) the law it follows."""
 
-    __slots__ = ("tokens", "origins", "probs", "segments")
+    __slots__ = ("tokens", "origins", "probs", "segments", "seconds")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.origins: list[int] = []
         self.probs: list[torch.Tensor | None] = []  # (V,) per token; None = point mass
         self.segments: list[Segment] = []  # which K-matrix column filled which positions
+        # trees only: per token, the proposing drafter's best other choice at that position (None:
+        # MaG's token); deterministic given the drafted tokens, so a point mass in a tree
+        self.seconds: list[int | None] = []
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, tokens: list[int], origins: list[int], probs: list[torch.Tensor | None]) -> None:
+    def add(
+        self,
+        tokens: list[int],
+        origins: list[int],
+        probs: list[torch.Tensor | None],
+        seconds: list[int | None] | None = None,
+    ) -> None:
         self.tokens.extend(tokens)
         self.origins.extend(origins)
         self.probs.extend(probs)
+        self.seconds.extend(seconds if seconds is not None else [None] * len(tokens))
 
     def cut(self, length: int) -> None:
-        del self.tokens[length:], self.origins[length:], self.probs[length:]
+        del self.tokens[length:], self.origins[length:], self.probs[length:], self.seconds[length:]
         self.segments = [(c, start, min(end, length)) for c, start, end in self.segments if start < length]
 
 
@@ -67,8 +81,12 @@ class CascadeStep:
         schedule: StaticSchedule,
         lenience: float,
         eos_ids: frozenset[int],
+        tree_budget: int | None = None,
     ) -> None:
         self.levels = levels
+        self.tree_budget = tree_budget  # max nodes of the target's draft tree; None: chains
+        self.tree_switch = TreeSwitch()  # trees only where they cost less per token than chains
+        self._tree_step = False  # whether the current step verifies a tree
         self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -88,6 +106,8 @@ class CascadeStep:
         for level in self.levels:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
+        self.tree_counters = TreeCounters() if self.tree_budget else None
+        self.tree_switch.begin(use_timing=params.greedy or params.seed is None)
         self._one_hot_cache: dict[int, torch.Tensor] = {}
 
     def prefill(self, prompt_ids: list[int]) -> None:
@@ -105,17 +125,91 @@ class CascadeStep:
         started = time.perf_counter()
         self.num_committed = len(ids)
         speculative = self.schedule.speculate()
+        self._tree_step = bool(speculative and self.tree_budget and self.mag_index is not None)
+        self._tree_step = self._tree_step and self.tree_switch.use_tree()
         gated = self._mag_first(ids, max_tokens - 1) if speculative else None
         draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
-        outcome = self._review(0, ids, draft, lenience=1.0)
-        num_accepted = outcome.num_accepted
+        if self._tree_step:
+            tokens, origins, num_accepted = self._verify_tree(ids, draft, max_tokens - 1)
+        else:
+            outcome, _ = self._review(0, ids, draft, lenience=1.0)
+            num_accepted = outcome.num_accepted
+            tokens = draft.tokens[:num_accepted] + [outcome.next_token]
+            origins = draft.origins[:num_accepted] + [0]
         if gated:
             self.schedule.after_mag_first(num_accepted)
-        tokens = draft.tokens[:num_accepted] + [outcome.next_token]
-        origins = draft.origins[:num_accepted] + [0]
         # the review read its result back to the host (.tolist()), so the clock is synchronised
-        self.schedule.after_step(time.perf_counter() - started, len(tokens), speculative)
+        seconds = time.perf_counter() - started
+        self.schedule.after_step(seconds, len(tokens), speculative)
+        if speculative and self.tree_budget:
+            self.tree_switch.after_step(self._tree_step, seconds, len(tokens))
+            self.tree_counters.num_chain_steps += not self._tree_step
         return tokens, origins
+
+    def _verify_tree(self, ids: list[int], draft: Draft, limit: int) -> tuple[list[int], list[int], int]:
+        """The target verifies the chain ``draft`` merged with MaG's alternatives, in one forward.
+        Returns the emitted tokens, their origins and how many of the chain's tokens were accepted
+        (what the schedule learns from, as for a chain)."""
+        tree = self._grow_tree(ids, draft, limit)
+        target = self.levels[0]
+        timed = self.schedule.times_levels
+        if timed:
+            started, tokens_before = time.perf_counter(), target.counters.num_tokens_run
+        logits = target.tree_logits(ids, tree.tokens, tree.parents)  # (N + 1, V)
+        if self.params.greedy:
+            outcome = verify.verify_tree_greedy(logits, tree.tokens, tree.parents)
+        else:
+            probs = warp(logits, self.params)  # (N + 1, V)
+            outcome = verify.verify_tree_sampled(probs, tree.tokens, tree.parents, tree.laws, self.generator)
+        path = outcome.path
+        target.commit_path(path)
+        if timed:  # the verification read its result back to the host: the clock is synchronised
+            num_run = target.counters.num_tokens_run - tokens_before
+            self.schedule.after_forward(0, num_run, time.perf_counter() - started)
+        num_chain_accepted = tree.chain_prefix(path)
+        # the target's review counters see the line it followed: the path, then the child it rejected
+        children = verify.tree_children(tree.parents)[path[-1] + 1 if path else 0]
+        line = path + children[:1]
+        if line:
+            self.reviews[0].record([self.names[tree.origins[n]] for n in line], len(path))
+        self.tree_counters.record(len(tree), tree.num_chain, len(path), num_chain_accepted)
+        if self.schedule.size:
+            self.schedule.after_review(0, draft.segments, num_chain_accepted)
+        tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
+        return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
+
+    def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree:
+        """The chain; the drafters' second choices beside the chain's tokens; then MaG's
+        alternatives at the root and under each chain node (in that order) until the node budget
+        is spent. MaG's are as deep as the chain below them (at least 2 tokens), never past
+        ``limit`` nor past an EOS when stopping there."""
+        # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
+        # (the chain always fits: the request was checked against the context)
+        room = self.levels[0].max_positions - len(ids)
+        tree = DraftTree(max_nodes=max(min(self.tree_budget, room), len(draft)), max_depth=limit)
+        tree.add_chain(draft.tokens, draft.origins, draft.probs)
+        if limit <= 0:
+            return tree
+        mag = self.levels[self.mag_index]
+        stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
+        for depth, (second, origin) in enumerate(zip(draft.seconds, draft.origins)):
+            if depth and draft.tokens[depth - 1] in stop_ids:
+                break
+            if second is not None:
+                tree.add_branch(depth - 1, [second], origin, stop_ids)
+        for depth in range(len(draft) + 1):
+            if len(tree) >= tree.max_nodes or depth >= limit:
+                break
+            if depth and draft.tokens[depth - 1] in stop_ids:
+                break
+            context = ids + draft.tokens[:depth]
+            length = max(2, len(draft) - depth)
+            # at the root the chain may itself be MaG's longest match: ask for one branch more
+            for branch in mag.propose_many(context, self.num_committed, length, self.MAX_BRANCHES):
+                tree.add_branch(depth - 1, branch, self.mag_index, stop_ids)
+        return tree
+
+    MAX_BRANCHES = 3  # MaG continuations asked for at each chain node
 
     def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
         """MaG's draft for the target when its match is long enough to trust, else None. The
@@ -161,12 +255,19 @@ class CascadeStep:
             draft.add(tokens, [level_index] * need, [None] * need)
             return
         sub = self._fill(level_index, context, room - 1)  # room - 1: leave space for its own token
-        outcome = self._review(level_index, context, sub, self.lenience)
+        outcome, logits = self._review(level_index, context, sub, self.lenience)
         num_accepted = outcome.num_accepted
         probs = list(outcome.token_probs) if outcome.token_probs is not None else [None] * (num_accepted + 1)
-        draft.add(sub.tokens[:num_accepted] + [outcome.next_token], sub.origins[:num_accepted] + [level_index], probs)
+        tokens = sub.tokens[:num_accepted] + [outcome.next_token]
+        seconds = None
+        if self._tree_step:
+            top2 = logits[: num_accepted + 1].topk(2, dim=-1).indices.tolist()  # (n, 2)
+            seconds = [b if a == token else a for token, (a, b) in zip(tokens, top2)]
+        draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, seconds)
 
-    def _review(self, level_index: int, context: list[int], draft: Draft, lenience: float) -> verify.ReviewOutcome:
+    def _review(
+        self, level_index: int, context: list[int], draft: Draft, lenience: float
+    ) -> tuple[verify.ReviewOutcome, torch.Tensor]:
         """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
         level = self.levels[level_index]
         timed = self.schedule.times_levels
@@ -186,7 +287,7 @@ class CascadeStep:
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
         if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)
             self.schedule.after_review(level_index, draft.segments, outcome.num_accepted)
-        return outcome
+        return outcome, logits
 
     def _stack_probs(self, draft: Draft, like: torch.Tensor) -> torch.Tensor:
         """(K, V) draft laws; point masses (MaG) become one-hot rows."""
@@ -224,6 +325,7 @@ class CascadeStep:
                     num_params=level.num_params,
                     runner=level.runner_name,
                     review=self.reviews[i] if kind != "mag" else None,
+                    tree=self.tree_counters if i == 0 else None,
                 )
             )
         return tuple(out)

@@ -136,3 +136,126 @@ def review_sampled(
         pi = induced_probs(head[:num_positions], draft_probs[:num_positions], lenience)
         token_probs = pi if next_probs is None else torch.cat([pi, next_probs.unsqueeze(0)])
     return ReviewOutcome(num_accepted, next_token, token_probs)
+
+
+# -- token trees -----------------------------------------------------------------------------------
+#
+# A draft tree has nodes 0..N-1 in topological order (a parent before its children); ``parents[i]``
+# is node i's parent (-1: a child of the root, the committed context). Siblings are tried in node
+# order. Row 0 of the reviewer's logits / probs is the law after the context; row i + 1 the law
+# after node i's path. Trees are verified only by the target (lenience 1): see ``step.py`` for why.
+#
+# Sampling is recursive rejection sampling (SpecInfer's multi-draft speculative sampling). At a
+# node with reviewer law p, each candidate (token x, law q it was drawn from) is tried in turn:
+# accept with probability min(1, p(x) / q(x)); after a rejection p <- normalise(max(p - q, 0)).
+# When every candidate is rejected the recovered token is drawn from what is left of p. Proof
+# sketch (per round j with current law p_j): P(emit y in round j) = min(q_j, p_j)(y), P(reject) =
+# sum max(p_j - q_j, 0), and by induction the later rounds emit exactly p_{j+1} = the normalised
+# residual; so the node emits min(q_j, p_j) + (1 - beta_j) p_{j+1} = p_j, that is p. The only
+# requirement: given everything decided before round j (earlier candidates, their rejections),
+# candidate j's token follows q_j. A deterministic candidate (MaG, a drafter's argmax) is a point
+# mass given that history however it depends on it, so it is exact wherever it is tried. A random
+# candidate must be tried only once and before anything chosen with knowledge of its value: a
+# drawn token retried against the residual is the same draw counted twice (biased; a mutant in
+# the tests). Point masses reduce to "draw y from the current p, descend if y is a child".
+
+
+@dataclass(frozen=True)
+class TreeOutcome:
+    """The result of a tree verification: ``path`` the accepted nodes, root to deepest, then the
+    recovered or bonus token ``next_token``; ``num_accepted == len(path)``."""
+
+    path: list[int]
+    next_token: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.path)
+
+
+def tree_children(parents: list[int]) -> list[list[int]]:
+    """children[i + 1]: node i's children in try order; children[0]: the root's."""
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for node, parent in enumerate(parents):
+        if parent >= node:
+            raise ValueError(f"tree nodes must follow their parents: node {node} has parent {parent}")
+        children[parent + 1].append(node)
+    return children
+
+
+def verify_tree_greedy(reviewer_logits: torch.Tensor, tokens: list[int], parents: list[int]) -> TreeOutcome:
+    """Greedy: from the root, descend into the child whose token is the reviewer's argmax;
+    ``reviewer_logits`` (N + 1, V). The emitted tokens are exactly plain greedy decoding's."""
+    top = reviewer_logits.argmax(dim=-1).tolist()  # (N + 1,)
+    children = tree_children(parents)
+    path: list[int] = []
+    row = 0
+    while True:
+        nxt = next((c for c in children[row] if tokens[c] == top[row]), None)
+        if nxt is None:
+            return TreeOutcome(path, top[row])
+        path.append(nxt)
+        row = nxt + 1
+
+
+def verify_tree_sampled(
+    reviewer_probs: torch.Tensor,
+    tokens: list[int],
+    parents: list[int],
+    draft_probs: list[list[torch.Tensor | None]],
+    generator: torch.Generator | None,
+) -> TreeOutcome:
+    """Recursive rejection sampling over a tree (see the proof sketch above).
+
+    reviewer_probs: (N + 1, V) the target's warped laws per row. draft_probs[i]: node i's
+    candidates in try order, each the law (V,) its token was drawn from, or None for a point mass
+    (a token proposed deterministically); a node proposed both by a drafter and by MaG carries two.
+    """
+    children = tree_children(parents)
+    path: list[int] = []
+    row = 0
+    while True:
+        p = reviewer_probs[row]
+        chosen = None
+        pending: list[int] = []  # children only point masses remain for
+        for child in children[row]:
+            x = tokens[child]
+            for law in draft_probs[child]:
+                if law is None:
+                    pending.append(child)
+                    continue
+                if pending:
+                    # a random candidate after point masses: settle those first (one draw from p)
+                    chosen, p = _settle_point_masses(p, pending, tokens, generator)
+                    pending = []
+                    if chosen is not None:
+                        break
+                law = law.to(p.dtype)
+                q_x = float(law[x])
+                accept = min(1.0, float(p[x]) / q_x) if q_x > 0 else 0.0
+                if float(torch.rand((), generator=generator, dtype=torch.float64)) < accept:
+                    chosen = child
+                    break
+                p = residual(p, law)
+            if chosen is not None:
+                break
+        if chosen is None and pending:
+            chosen, p = _settle_point_masses(p, pending, tokens, generator)
+        if chosen is None:
+            return TreeOutcome(path, int(torch.multinomial(p, 1, generator=generator)))
+        path.append(chosen)
+        row = chosen + 1
+
+
+def _settle_point_masses(p, pending, tokens, generator) -> tuple[int | None, torch.Tensor]:
+    """Point-mass candidates tried one after another, in one draw: y ~ p; a pending child with
+    token y is accepted, else every pending token is rejected and p loses their mass."""
+    y = int(torch.multinomial(p, 1, generator=generator))
+    for child in pending:
+        if tokens[child] == y:
+            return child, p
+    rest = p.clone()
+    rest[[tokens[c] for c in pending]] = 0
+    # conditioning on y not being a pending token; y itself is a valid draw from that law, but the
+    # rounds after must see the residual, so the draw is discarded and the residual returned
+    return None, rest / rest.sum()

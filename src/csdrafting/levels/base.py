@@ -40,6 +40,11 @@ class Runner(Protocol):
         """Run ``token_ids`` at positions ``start..``, forgetting cached positions ``>= start``;
         return logits (num_logits, V) for the last ``num_logits`` of them."""
 
+    # Optional, for token trees (``memo.py`` falls back to one forward per branch without them):
+    # ``forward_tree(token_ids, parents, start, num_logits)``: token i attends to the cache before
+    # ``start`` and its ancestors, at position start + depth, its keys and values in slot start + i;
+    # ``keep(base, slots)``: move slots base + slots[j] to base + j (an accepted path into place).
+
 
 @runtime_checkable
 class NeuralLevel(Protocol):

@@ -161,13 +161,8 @@ class LlamaRunner:
         """Run ``token_ids`` (T) at positions start..start+T-1; return logits (num_logits, V)
         for the last ``num_logits`` of them. KV entries at positions >= start are overwritten.
         """
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # (T,)
-        num_new = input_ids.shape[0]
+        num_new = len(token_ids)
         end = start + num_new
-        self._reserve(end)
-        x = F.embedding(input_ids, self.embed)  # (T, E)
-        cos = self.cos[start:end]  # (T, D): broadcasts over (1, H, T, D)
-        signed_sin = self.signed_sin[start:end]
         # One query attends to every cached key; a whole prompt is plain causal attention. Other
         # multi-token forwards need a mask: additive (0 / -inf), built once here, because SDPA
         # would otherwise convert a boolean mask in every layer (same bits either way).
@@ -176,6 +171,50 @@ class LlamaRunner:
             query_pos = torch.arange(start, end, device=self.device).unsqueeze(-1)  # (T, 1)
             hidden = torch.arange(end, device=self.device).unsqueeze(0) > query_pos  # (T, S)
             mask = torch.zeros(hidden.shape, device=self.device, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
+        return self._run(token_ids, start, slice(start, end), mask, causal, num_logits)
+
+    @torch.inference_mode()
+    def forward_tree(self, token_ids: list[int], parents: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """Run a tree of T tokens whose keys and values go to slots start..start+T-1; token i's
+        parent is token ``parents[i]`` (-1: the cached position start - 1). Each token attends to
+        the cache before ``start`` and to its ancestors, at RoPE position start + depth. Returns
+        logits (num_logits, V) for the last ``num_logits`` tokens; ``keep`` then compacts a path."""
+        num_new = len(token_ids)
+        depths: list[int] = []
+        visible = [[False] * num_new for _ in range(num_new)]  # visible[i][j]: token i sees token j
+        for i, parent in enumerate(parents):
+            depths.append(depths[parent] + 1 if parent >= 0 else 0)
+            if parent >= 0:
+                visible[i][:i] = visible[parent][:i]
+            visible[i][i] = True
+        block = torch.tensor(visible, device=self.device)  # (T, T)
+        mask = torch.zeros((num_new, start + num_new), device=self.device, dtype=self.dtype)  # (T, S)
+        mask[:, start:].masked_fill_(~block, float("-inf"))
+        positions = torch.tensor(depths, dtype=torch.long, device=self.device) + start  # (T,)
+        return self._run(token_ids, start, positions, mask, False, num_logits)
+
+    @torch.inference_mode()
+    def keep(self, base: int, slots: list[int]) -> None:
+        """Move the keys and values at slots ``base + slots[j]`` to ``base + j`` (an accepted tree
+        path into its positions; ``slots`` increasing, ``slots[j] >= j``); later slots are free."""
+        if slots == list(range(len(slots))):
+            return  # already in place
+        source = torch.tensor(slots, dtype=torch.long, device=self.device) + base
+        target = slice(base, base + len(slots))
+        # the gather on the right copies before the write, so overlapping ranges are safe
+        self.k_cache[:, :, target] = self.k_cache[:, :, source]
+        self.v_cache[:, :, target] = self.v_cache[:, :, source]
+
+    def _run(self, token_ids, start, positions, mask, causal, num_logits) -> torch.Tensor:
+        """The layers over ``token_ids`` written to slots start..; ``positions`` (a slice or (T,)
+        indices) select the RoPE rows; ``mask`` (T, S) additive or None."""
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # (T,)
+        num_new = input_ids.shape[0]
+        end = start + num_new
+        self._reserve(end)
+        x = F.embedding(input_ids, self.embed)  # (T, E)
+        cos = self.cos[positions]  # (T, D): broadcasts over (1, H, T, D)
+        signed_sin = self.signed_sin[positions]
         gqa = self.num_kv_heads != self.num_heads
         mm_qkv, mm_o_add, mm_gate_up, mm_down_add = self._layer_kernels[kernels.bucket_index(num_new)]
         num_qk = self.num_heads + self.num_kv_heads

@@ -152,3 +152,27 @@ class MaG:
             else:
                 proposal.append(tail[-1])  # no statistics at all: repeat (any guess is lossless)
         return Proposal(proposal, max(first_match_length, 0))
+
+    def propose_many(self, ids: list[int], num_committed: int, num_tokens: int, max_branches: int) -> list[list[int]]:
+        """Up to ``max_branches`` distinct continuations (each at most ``num_tokens``) of ``ids``,
+        for a draft tree: after the latest occurrence of the longest matching suffix, then of
+        shorter suffixes (whose latest occurrences may be elsewhere and continue differently).
+        Only committed tokens are read; no bigram fallback (the chain already has MaG's guess)."""
+        self.counters.num_forwards += 1
+        self.observe(ids, num_committed)
+        index = self._index
+        tail = ids[-self.max_ngram :]
+        ends = []
+        for n in range(1, len(tail) + 1):  # existence is monotone in n: stop at the first miss
+            end = index.get(tuple(tail[-n:]))
+            if end is None:
+                break
+            ends.append(end)
+        branches: list[list[int]] = []
+        for end in reversed(ends):  # longest suffix first
+            follow = ids[end + 1 : min(end + 1 + num_tokens, num_committed)]
+            if follow and follow not in branches:
+                branches.append(follow)
+                if len(branches) == max_branches:
+                    break
+        return branches

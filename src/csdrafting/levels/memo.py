@@ -8,6 +8,13 @@ that decides which cached positions are kept:
 * catch-up: a drafter whose whole draft was accepted has not run the last token it proposed nor
   the target's bonus token; the next call feeds them together with the new draft tokens.
 
+Token trees (``tree_logits`` then ``commit_path``): the target runs a draft tree in one forward;
+afterwards the cache holds the context in order and the tree's nodes after it, so ``_ids`` is the
+context alone until ``commit_path`` moves the accepted path's keys and values into place (runners
+with ``keep``) and extends ``_ids`` by the path. Runners without ``forward_tree`` (llama.cpp: it
+would need one sequence id per branch) get the tree's logits from one forward per root-to-leaf
+path, exact and slower.
+
 Any ``Runner`` (the lean torch runner, transformers, llama.cpp, a replay of recorded logits, a
 lookup table in the tests) gets this bookkeeping by being wrapped in this class.
 """
@@ -49,6 +56,8 @@ class PrefixMemoLevel:
         self.max_positions = int(runner.max_positions)
         self.num_params = int(runner.num_params)
         self._ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self._tree_base: int | None = None  # after tree_logits: the slot of node 0 (runners with trees)
+        self._tree_tokens: list[int] = []
         self.counters = LevelCounters()
 
     def reset(self) -> None:
@@ -72,6 +81,62 @@ class PrefixMemoLevel:
         self.counters.num_forwards += 1
         self.counters.num_tokens_run += len(ids) - start
         return logits
+
+    def tree_logits(self, context: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """Logits (N + 1, V) for a draft tree after ``context``: row 0 after the context, row
+        i + 1 after node i's path (``tokens``, ``parents`` as in ``verify.py``)."""
+        start = min(common_prefix_length(self._ids, context), len(context) - 1)
+        catch_up = context[start:]  # at least the last context token, whose logits are row 0
+        num_catch_up = len(catch_up)
+        # one block: the catch-up as a chain, then the nodes (a root child hangs off its last token)
+        block_parents = list(range(-1, num_catch_up - 1)) + [
+            num_catch_up - 1 if parent < 0 else num_catch_up + parent for parent in parents
+        ]
+        num_logits = len(tokens) + 1
+        forward_tree = getattr(self.runner, "forward_tree", None)
+        if forward_tree is not None:
+            logits = forward_tree(catch_up + tokens, block_parents, start, num_logits)
+            self.counters.num_tokens_run += num_catch_up + len(tokens)
+            self._tree_base = len(context)
+        else:
+            logits = self._tree_by_paths(context, start, tokens, parents)
+            self._tree_base = None
+        self._ids = list(context)  # in order in the cache; the nodes sit after it until committed
+        self._tree_tokens = tokens
+        self.counters.num_forwards += 1
+        return logits
+
+    def _tree_by_paths(self, context: list[int], start: int, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """Tree logits from one linear forward per root-to-leaf path (runners without tree attention)."""
+        rows: list[torch.Tensor | None] = [None] * (len(tokens) + 1)
+        is_parent = set(parents)
+        for leaf in (node for node in range(len(tokens)) if node not in is_parent):
+            path = [leaf]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            path.reverse()
+            ids = context + [tokens[n] for n in path]
+            begin = min(common_prefix_length(self._ids, ids), len(context) - 1, start)
+            logits = self.runner.forward(ids[begin:], begin, len(path) + 1)  # (len(path) + 1, V)
+            self._ids = ids
+            self.counters.num_tokens_run += len(ids) - begin
+            for i, row in enumerate([-1] + path):
+                rows[row + 1] = logits[i]
+        if len(tokens) == 0:
+            rows[0] = self.next_token_logits(context, 1)[0]
+            self.counters.num_forwards -= 1  # counted by the caller
+        return torch.stack(rows)  # (N + 1, V)
+
+    def commit_path(self, path: list[int]) -> None:
+        """After ``tree_logits``: the accepted nodes ``path`` become the cached continuation of the
+        context (moved into place where the runner can), the other nodes are forgotten."""
+        if self._tree_base is None or not path:
+            return
+        keep = getattr(self.runner, "keep", None)
+        if keep is None:
+            return  # the context stays cached; the path is run again in the next forward
+        keep(self._tree_base, path)  # node i's entries sit in slot len(context) + i
+        self._ids = self._ids + [self._tree_tokens[n] for n in path]
 
     def prefill(self, ids: list[int]) -> None:
         """Cache ``ids`` without asking for logits (the prompt, before the first step)."""

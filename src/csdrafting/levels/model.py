@@ -54,6 +54,48 @@ class TransformersRunner:
         self.length = start + len(token_ids)
         return out.logits[0, out.logits.shape[1] - num_logits :]  # (N, V)
 
+    @torch.inference_mode()
+    def forward_tree(self, token_ids: list[int], parents: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """A tree of tokens in one forward (``LlamaRunner.forward_tree``): a custom 4-D float
+        mask (transformers passes a 4-D mask through as it is) and position ids start + depth."""
+        if start < self.length:
+            self.cache.crop(start - self.length)
+        elif start > self.length:
+            raise RuntimeError(f"cache holds {self.length} positions, cannot start at {start}")
+        num_new = len(token_ids)
+        depths: list[int] = []
+        visible = [[False] * num_new for _ in range(num_new)]  # visible[i][j]: token i sees token j
+        for i, parent in enumerate(parents):
+            depths.append(depths[parent] + 1 if parent >= 0 else 0)
+            if parent >= 0:
+                visible[i][:i] = visible[parent][:i]
+            visible[i][i] = True
+        block = torch.tensor(visible, device=self.device)  # (T, T)
+        mask = torch.zeros((1, 1, num_new, start + num_new), device=self.device, dtype=self.dtype)  # (1, 1, T, S)
+        mask[..., start:].masked_fill_(~block, torch.finfo(self.dtype).min)
+        positions = torch.tensor(depths, dtype=torch.long, device=self.device) + start  # (T,)
+        out = self.model(
+            input_ids=torch.tensor([token_ids], dtype=torch.long, device=self.device),
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            position_ids=positions.unsqueeze(0),
+            logits_to_keep=max(num_logits, 1),
+        )
+        self.length = start + num_new
+        return out.logits[0, out.logits.shape[1] - num_logits :]  # (N, V)
+
+    @torch.inference_mode()
+    def keep(self, base: int, slots: list[int]) -> None:
+        """Keep the cache entries at ``base + slots[j]`` as positions ``base + j``; drop the rest."""
+        index = torch.cat(
+            [torch.arange(base, device=self.device), torch.tensor(slots, dtype=torch.long, device=self.device) + base]
+        )
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self.length = base + len(slots)
+
 
 def make_runner(model: torch.nn.Module, runner: str = "auto", own_weights: bool = False):
     """The lean runner where it computes the model exactly, else transformers' forward.
