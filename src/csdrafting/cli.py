@@ -74,15 +74,13 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backend",
         default=None,
-        choices=["torch", "llama.cpp"],
         help="how model folders run: torch (default) or llama.cpp (converted to GGUF once and cached; "
         "needs the llama extra). A .gguf path always runs on llama.cpp",
     )
     group.add_argument(
         "--drafter-outtype",
         default=None,
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="GGUF type drafter folders are converted to on llama.cpp (default: q8_0; the target keeps its precision)",
+        help="f32, f16, bf16 or q8_0: GGUF type drafter folders are converted to on llama.cpp (default: q8_0; the target keeps its precision)",
     )
 
 

@@ -147,7 +147,7 @@ def load_levels(config: CascadeConfig) -> Levels:
         raise ConfigError(f"llama.cpp levels run on the CPU: use device 'cpu', not {config.device!r}")
     for path, backend in zip(paths, backends):
         check_level_path(path, backend)
-    tokenizer = load_tokenizer(config.target) if not is_gguf(config.target) else LlamaCppTokenizer(config.target)
+    tokenizer = target_tokenizer(config.target)
     vocab = None  # the target's vocabulary, read once when a level needs comparing
     for path in config.drafters:
         vocab = check_same_tokenizer(tokenizer, path, vocab)
@@ -176,6 +176,18 @@ def load_levels(config: CascadeConfig) -> Levels:
     )
 
 
+def has_hf_tokenizer(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def target_tokenizer(path: str):
+    """The HF tokenizer beside the target (kept when a folder is converted for llama.cpp), else the
+    GGUF's own vocabulary; None for a folder without one (the cascade then takes token ids)."""
+    if is_gguf(path):
+        return LlamaCppTokenizer(path)
+    return load_tokenizer(path) if has_hf_tokenizer(path) else None
+
+
 def check_level_path(path: str, backend: str) -> None:
     if is_gguf(path):
         if not Path(path).is_file():
@@ -196,7 +208,8 @@ def hf_eos_ids(folder: str, tokenizer) -> list[int]:
             continue
         if eos is not None:
             return [eos] if isinstance(eos, int) else list(eos)
-    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [eos]
 
 
 def load_bigram(config: CascadeConfig) -> BigramTable | None:
@@ -265,13 +278,10 @@ def check_same_tokenizer(target_tokenizer, drafter_path, target_vocab: dict | No
     else:
         folder = Path(drafter_path)
         check_model_folder(folder)
-        has_tokenizer = any(
-            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-        )
-        if not has_tokenizer:
+        if not has_hf_tokenizer(folder):
             return target_vocab  # nothing to compare; the vocabulary size is still checked when levels load
         drafter_tokenizer = load_tokenizer(folder)
-    if getattr(target_tokenizer, "has_vocabulary", True) is False:
+    if target_tokenizer is None or getattr(target_tokenizer, "has_vocabulary", True) is False:
         return target_vocab
     target_vocab = target_vocab if target_vocab is not None else target_tokenizer.get_vocab()
     if drafter_tokenizer.get_vocab() != target_vocab:
