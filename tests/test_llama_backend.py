@@ -22,7 +22,7 @@ import torch
 from csdrafting import Cascade, CascadeConfig, ConfigError, ModelLoadError
 from csdrafting.cli import main
 from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR
-from tiny import noisy_copy, tiny_llama
+from tiny import broken_reviewer, chisquare_pvalue, noisy_copy, tiny_llama
 
 HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
 pytestmark = pytest.mark.skipif(
@@ -310,6 +310,64 @@ def test_the_identity_check_rejects_a_broken_verifier(ggufs, monkeypatch):
     with pytest.raises(AssertionError, match="outputs part at"):
         for prompt, result in zip(PROMPTS, run_cascade(config)):
             assert_identical_up_to_near_ties(result.token_ids, llama_plain_greedy(ggufs["target"], prompt, NUM_NEW))
+
+
+# -- sampling through verify.py on llama.cpp levels --------------------------------------------
+
+SAMPLING = {"temperature": 1.0, "top_k": 4}  # at most 4 x 4 outcomes over two tokens
+NUM_SAMPLES = 3000
+
+
+def exact_two_token_law(gguf_path, prompt: list[int]) -> dict[tuple[int, int], float]:
+    """The target's warped law of two tokens after ``prompt``, from one-token llama.cpp forwards."""
+    from csdrafting.levels.llamacpp import LlamaCppRunner
+    from csdrafting.sampling import SamplingParams, warp
+
+    params = SamplingParams(**SAMPLING)
+    runner = LlamaCppRunner(gguf_path)
+    first = warp(runner.forward(prompt, 0, 1), params)[0]
+    law = {}
+    for a in first.nonzero().flatten().tolist():
+        second = warp(runner.forward([a], len(prompt), 1), params)[0]
+        for b in second.nonzero().flatten().tolist():
+            law[(a, b)] = float(first[a] * second[b])
+    runner.close()
+    return law
+
+
+def sample_two_tokens(cascade, prompt: list[int]) -> tuple[dict, int]:
+    counts: dict[tuple[int, int], int] = {}
+    num_drafted = 0
+    for seed in range(NUM_SAMPLES):
+        result = cascade.generate(prompt, 2, seed=seed, ignore_eos=True, **SAMPLING)
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        num_drafted += result.stats.levels[0].review.num_drafted
+    return counts, num_drafted
+
+
+@pytest.fixture(scope="module")
+def sampling_cascade(ggufs):
+    # the noisy drafter (q8_0) overlaps the target's law: accept rules and residuals both matter
+    config = CascadeConfig(target=str(ggufs["target"]), drafters=(str(ggufs["noisy"]),), k_matrix=[[2, 1], [0, 1]])
+    return Cascade.from_config(config), exact_two_token_law(ggufs["target"], PROMPTS[0])
+
+
+def test_sampled_cascade_has_the_target_distribution(sampling_cascade):
+    cascade, law = sampling_cascade
+    counts, num_drafted = sample_two_tokens(cascade, PROMPTS[0])
+    assert num_drafted >= NUM_SAMPLES  # every generation reviewed a draft
+    assert chisquare_pvalue(counts, law) > 1e-3
+
+
+def test_sampling_check_rejects_a_broken_reviewer(sampling_cascade, monkeypatch):
+    """Mutant kept in the suite: accepting a draft token with probability p(x), ignoring q(x)."""
+    from csdrafting import verify
+
+    monkeypatch.setattr(verify, "review_sampled", broken_reviewer(accept_rule="p_only"))
+    cascade, law = sampling_cascade
+    counts, _ = sample_two_tokens(cascade, PROMPTS[0])
+    assert chisquare_pvalue(counts, law) < 1e-8
 
 
 # -- bad input ----------------------------------------------------------------------------------
