@@ -382,6 +382,7 @@ def test_config_validates_backend_and_drafter_outtype():
 
 
 def one_error_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # drop what building the models printed
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -419,6 +420,20 @@ def test_cli_bad_input_is_one_error_line(family, ggufs, tmp_path, capsys, monkey
     err = one_error_line(capsys, [*gen, "--target", str(family["target"]), "--backend", "llama.cpp"])
     assert "pip install -e '.[llama]'" in err
     assert "pip install -e '.[llama]'" in one_error_line(capsys, [*gen, "--target", str(ggufs["target"])])
+
+
+def test_cli_generate_on_llama_cpp(capsys, tmp_path):
+    """The real command path: a converted folder as target, a config file naming the backend."""
+    config = tmp_path / "csd.json"
+    config.write_text(
+        json.dumps({"target": str(MODELS_DIR / "pycode-1m"), "backend": "llama.cpp", "drafter_outtype": "f16"})
+    )
+    argv = ["generate", "--config", str(config), "--prompt", "import os\n", "--max-new-tokens", "6", "--json"]
+    assert main([*argv, "--threads", "1"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["config"]["level_runners"] == {"pycode-1m": "llama.cpp"} and len(payload["token_ids"]) == 6
+    assert main([*argv, "--backend", "torch"]) == 0  # the flag overrides the file
+    assert json.loads(capsys.readouterr().out)["config"]["runner"] != "llama.cpp"
 
 
 def test_vocabulary_text_mismatch_between_backends(pycode_gguf, tmp_path):
