@@ -3,6 +3,7 @@ lines carry what the report needs, the report and the profile are written. No ti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -103,7 +104,9 @@ def test_suite_templates_and_derived_methods():
 def test_method_flag_overrides_and_errors():
     data = load_suite_file(None)
     extra = [parse_method_flag('csd-full={"k_matrix": "3,1,4;1,3;3"}'), parse_method_flag('x={"lenience": 2}')]
-    suite = build_suite(data, "default", ["pycode-5m", "pycode-1m"], extra_methods=extra, only=["csd-full", "x"])
+    suite = build_suite(
+        data, "default", ["pycode-5m", "pycode-1m"], extra_methods=extra, only=["csd-full", "x"], backends=["torch"]
+    )
     methods = {m.name: m.spec for m in suite.methods}
     assert set(methods) == {"hf-plain", "csd-full", "x"}  # the baseline is always kept
     assert methods["csd-full"]["k_matrix"] == "3,1,4;1,3;3"
@@ -171,7 +174,8 @@ def test_cascade_config_file_becomes_a_method(family, tmp_path):
     config.write_text(json.dumps({"drafters": [str(family["tiny-copy"])], "k_matrix": [[3, 2], [0, 2]]}))
     results = tmp_path / "config.jsonl"
     rc = main(["bench", *_model_args(family), "--config", str(config), "--suite", "smoke", "--only", "csd-config",
-               "--modes", "greedy-fixed", "--num-prompts", "1", "--warmup", "0", "--output", str(results)])  # fmt: skip
+               "--modes", "greedy-fixed", "--num-prompts", "1", "--warmup", "0", "--output", str(results),
+               "--backends", "torch"])  # fmt: skip
     assert rc == 0
     rows = {r["method"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert set(rows) == {"hf-plain", "csd-config"}
@@ -219,3 +223,117 @@ def test_profile(family, tmp_path, capsys):
     assert all(lv["calls"] > 0 for lv in generation["csd-full"]["levels"])
     out = capsys.readouterr().out
     assert "runner overhead" in out and "kernel per weight" in out and "where a forward goes" in out
+
+
+# -- llama.cpp backend -------------------------------------------------------------------------
+
+HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
+needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python / gguf not installed")
+
+
+def test_suite_backends():
+    data = load_suite_file(None)
+    both = build_suite(data, "default", ["pycode-5m", "pycode-1m"], backends=["torch", "llama.cpp"])
+    methods = {m.name: m for m in both.methods}
+    assert methods["llama-plain"].backend == "llama.cpp" and methods["hf-plain"].backend == "torch"
+    assert methods["llama-prompt-lookup"].spec["prompt_lookup_num_tokens"] == 10
+    # every csd method runs on both backends; each is compared with its own backend's plain decoding
+    assert methods["csd-full"].spec["backend"] == "torch"
+    assert methods["csd-full@llama.cpp"].spec["backend"] == "llama.cpp"
+    assert methods["csd-full@llama.cpp"].spec["k_matrix"] == methods["csd-full"].spec["k_matrix"]
+    assert both.baseline_of(methods["csd-full@llama.cpp"]) == "llama-plain"
+    assert both.baseline_of(methods["csd-full"]) == both.baseline == "hf-plain"
+    torch_only = {m.name for m in build_suite(data, "default", ["pycode-1m"], backends=["torch"]).methods}
+    assert not any("llama" in name for name in torch_only) and "hf-plain" in torch_only
+    llama_only = build_suite(data, "llama", ["pycode-1m"])  # the suite's own backends: llama.cpp
+    assert llama_only.baseline == "llama-plain" and all(m.backend == "llama.cpp" for m in llama_only.methods)
+    # --only keeps both baselines and names a method on every backend; a pinned method runs only there
+    full = build_suite(data, "default", ["pycode-1m"], only=["csd-full"], backends=["torch", "llama.cpp"])
+    assert [m.name for m in full.methods] == ["hf-plain", "llama-plain", "csd-full", "csd-full@llama.cpp"]
+    pinned = ("x", {"drafters": [], "k_matrix": [[2]], "backend": "llama.cpp"})
+    only = build_suite(data, "default", [], extra_methods=[pinned], only=["x"], backends=["torch", "llama.cpp"])
+    assert [m.name for m in only.methods] == ["hf-plain", "llama-plain", "x"]
+    with pytest.raises(ConfigError, match="unknown backend"):
+        build_suite(data, "default", [], backends=["onnx"])
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        build_suite(data, "default", [], extra_methods=[("y", {"backend": "onnx"})])
+    with pytest.raises(ConfigError, match="unknown keys"):
+        build_suite(data, "default", [], extra_methods=[("z", {"engine": "llama.cpp", "assistant": "a"})])
+
+
+def test_llama_backend_needs_the_extra(family, monkeypatch, capsys):
+    import csdrafting.bench.llama as bench_llama
+
+    monkeypatch.setattr(bench_llama, "llama_available", lambda: False)
+    assert main(["bench", *_model_args(family), "--backends", "llama.cpp", "--suite", "smoke"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e '.[llama]'" in err[0]
+
+
+@needs_llama
+def test_bench_llama_backend(family, tmp_path, capsys):
+    """llama.cpp peers and our methods on llama.cpp levels: greedy rows equal llama.cpp's plain
+    decoding, GGUFs convert once into the cache, the report checks issue #9's bars."""
+    import csdrafting.bench.llama as bench_llama
+
+    gguf_dir = tmp_path / "gguf"
+    results = tmp_path / "llama.jsonl"
+    rc = main(["bench", *_model_args(family), "--backends", "llama.cpp", "--suite", "smoke", "--gguf-dir",
+               str(gguf_dir), "--output", str(results), "--report", str(tmp_path / "report")])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    assert methods[:2] == ["llama-plain", "llama-prompt-lookup"] and "csd-full@llama.cpp" in methods
+    assert not any(r["backend"] == "torch" for r in rows)
+    for row in rows:
+        assert ROW_FIELDS <= set(row) and row["baseline"] == "llama-plain"
+        assert row["levels"][0]["num_forwards"] > 0 and row["tokens_per_second"] > 0
+        if row["stop"] == "fixed":
+            assert row["num_new_tokens"] == 8
+        if row["decoding"] == "greedy":
+            assert row["matches_baseline"] is True, (row["method"], row["prompt_id"], row["first_mismatch"])
+    by = {(r["method"], r["prompt_id"], r["mode"]): r for r in rows}
+    copy = by[("csd-sd-tiny-copy@llama.cpp", "a", "greedy-fixed")]
+    # the target's weights in q8_0: mostly agrees (not always: quantized); the drafter ran
+    assert copy["acceptance_rate"] >= 0.5 and copy["num_forwards"]["tiny-copy"] > 0
+    lookup = by[("llama-prompt-lookup", "a", "greedy-fixed")]
+    assert lookup["config"]["prompt_lookup_num_tokens"] == 10
+    # target f32, drafters q8_0 by default, each converted once
+    assert sorted(p.name.split("-")[1] for p in gguf_dir.glob("*.gguf")) == ["copy", "rand", "target"]
+    assert any(p.name.startswith("tiny-target-f32-") for p in gguf_dir.glob("*.gguf"))
+    assert any(p.name.startswith("tiny-copy-q8_0-") for p in gguf_dir.glob("*.gguf"))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "on llama.cpp" in report and "vs MaG alone" in report and "token-identical to llama-plain" in report
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr("csdrafting.convert.convert", no_conversion)
+    try:
+        path = bench_llama.cached_gguf(family["tiny-target"], "f32", gguf_dir)
+    finally:
+        monkeypatch.undo()
+    assert path.is_file() and path.parent == gguf_dir
+
+
+@needs_llama
+def test_profile_llama_backend(family, tmp_path, capsys):
+    args = [a for a in _model_args(family) if a != "--no-progress"]
+    rc = main(["bench", "profile", *args, "--backends", "llama.cpp", "--tokens", "1,3", "--repeats", "2",
+               "--max-new-tokens", "6", "--only", "csd-full,csd-plain", "--gguf-dir", str(tmp_path / "gguf"),
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert {(r["level"], r["new_tokens"]) for r in result["per_forward"]} == {
+        (n, k) for n in ("tiny-target", "tiny-copy", "tiny-rand") for k in (1, 3)
+    }
+    for r in result["per_forward"]:
+        assert r["runner"] == "llama.cpp" and r["hf_forward_ms"] is None
+        # the library's call sits inside the runner's forward, which sits inside the level's call
+        assert 0 < r["llama_decode_ms"] <= r["median_ms"]["backend_forward"] and r["next_token_logits_ms"] > 0
+    assert not result["kernels"] and not result["forward_split"]  # the torch lean runner's views only
+    generation = {g["method"]: g for g in result["in_generation"]}
+    assert set(generation) == {"csd-full@llama.cpp", "csd-plain@llama.cpp"}
+    assert all(lv["calls"] > 0 for lv in generation["csd-full@llama.cpp"]["levels"])
+    assert "llama_decode" in capsys.readouterr().out

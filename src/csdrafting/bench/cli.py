@@ -18,6 +18,9 @@ examples:
   csd bench --method 'csd-k3={"k_matrix": [[3,1,4],[0,1,3],[0,0,3]]}' --only 'hf-plain,csd-*'
   csd bench report runs/bench-*.jsonl --out runs/report
   csd bench profile --tokens 1,4,8
+  csd bench --suite llama                    llama.cpp peers and our methods on llama.cpp levels (the llama extra)
+  csd bench --backends llama.cpp --only 'llama-*,csd-full*'
+  csd bench profile --backends torch,llama.cpp
 """
 
 
@@ -68,6 +71,7 @@ def add_parser(subparsers) -> None:
     profile.add_argument("--suite", default="default", help="suite whose csd methods are profiled in generation")
     profile.add_argument("--only", type=_csv(str), default=None, help="glob patterns of methods to profile")
     profile.add_argument("--out", default=None, help="folder for profile.md and profile.json")
+    _add_backend_arguments(profile, profile)
     profile.set_defaults(func=cmd_profile)
 
 
@@ -108,6 +112,41 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--report", metavar="DIR", help="also write the report to DIR when the run ends")
     group.add_argument("--save-tokens", action="store_true", help="record every row's token ids")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend_arguments(parser, group)
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser, group) -> None:
+    group.add_argument(
+        "--backends",
+        type=_csv(str),
+        default=None,
+        help="where our methods run, comma-separated: torch, llama.cpp (default: the suite's; llama.cpp is "
+        "left out when llama-cpp-python is not installed). Peers run when their library's backend is listed",
+    )
+    group.add_argument("--gguf-dir", default=None, help="cache of converted GGUFs (default: ~/.cache/csdrafting/gguf)")
+    # the cascade flags may define it (the loader's drafter output type): add it only where they do not
+    if "--drafter-outtype" not in parser._option_string_actions:
+        group.add_argument(
+            "--drafter-outtype",
+            default=None,
+            choices=("f32", "f16", "bf16", "q8_0"),
+            help="GGUF type of llama.cpp drafters (default: q8_0); the target stays f32",
+        )
+
+
+def _backends(args, suite_backends: list[str] | None) -> list[str]:
+    """The backends to run: --backends, else --backend when the cascade flags have it, else the
+    suite's, without llama.cpp when its library is missing (an explicit request for it errs)."""
+    from .llama import check_backends, llama_available
+
+    explicit = args.backends or ([args.backend] if getattr(args, "backend", None) else None)
+    if explicit:
+        return check_backends(explicit)
+    backends = list(suite_backends or ["torch"])
+    if "llama.cpp" in backends and not llama_available():
+        print("csd bench: llama-cpp-python is not installed, skipping the llama.cpp methods")
+        backends.remove("llama.cpp")
+    return check_backends(backends or ["torch"])
 
 
 def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
@@ -171,14 +210,16 @@ def cmd_bench(args) -> int:
     extra = [parse_method_flag(text) for text in args.method]
     if flagged is not None:
         extra.append(flagged)
+    data = load_suite_file(args.suite_file)
     suite = build_suite(
-        load_suite_file(args.suite_file),
+        data,
         args.suite,
         [Path(d).name for d in drafters],
         extra_methods=extra,
         only=args.only,
         modes=args.modes,
         lengths=args.lengths,
+        backends=_backends(args, data["suites"].get(args.suite, {}).get("backends")),
     )
     prompts_file = args.prompts or str(DEFAULT_PROMPTS_FILE)
     prompts = load_prompts(prompts_file, args.num_prompts)
@@ -206,6 +247,8 @@ def cmd_bench(args) -> int:
         progress=not args.no_progress,
         save_tokens=args.save_tokens,
         prompts_file=prompts_file,
+        drafter_outtype=args.drafter_outtype or "q8_0",
+        gguf_dir=Path(args.gguf_dir) if args.gguf_dir else None,
     )
     if args.temperature <= 0 and any(m.startswith("sampling") for m in suite.modes):
         raise ConfigError("--temperature must be > 0 for the sampling modes")
@@ -234,6 +277,7 @@ def cmd_profile(args) -> int:
     from .profile import ProfileConfig, run_profile
 
     cascade_config, target, drafters, flagged = _family(args)
+    backends = _backends(args, ["torch"])
     config = ProfileConfig(
         target=target,
         drafters=drafters,
@@ -251,6 +295,9 @@ def cmd_profile(args) -> int:
         only=args.only,
         extra_methods=[flagged] if flagged is not None else [],
         out=Path(args.out) if args.out else None,
+        backends=tuple(backends),
+        drafter_outtype=args.drafter_outtype or "q8_0",
+        gguf_dir=Path(args.gguf_dir) if args.gguf_dir else None,
     )
     run_profile(config)
     return 0

@@ -12,6 +12,9 @@ Two measurements, for every neural level (target and drafters):
    the projections and the attention (each timed alone, over every layer, with the runner's own
    kernels, weights and cache), and what is left: the small ops (norms, RoPE, cache writes,
    views) and Python, i.e. per-op overhead; with the forward's op count from torch.profiler.
+   **llama.cpp** (``--backends llama.cpp``): per forward, the time inside ``llama_decode`` (the
+   library's graph), ``LlamaCppRunner.forward`` around it (batch filling, ``seq_rm``, the logits
+   copy: the runner's overhead) and the level call; no transformers forward or kernel split.
 3. **In generation**: for each of our methods of a suite, one greedy generation with timers
    around every level's ``next_token_logits`` and backend forward and MaG's ``propose``; the rest
    of the decode time is the cascade logic (drafting schedule, verification, output).
@@ -51,6 +54,9 @@ class ProfileConfig:
     only: list[str] | None = None
     extra_methods: list[tuple[str, dict]] = field(default_factory=list)
     out: Path | None = None
+    backends: tuple[str, ...] = ("torch",)
+    drafter_outtype: str = "q8_0"
+    gguf_dir: Path | None = None
 
 
 def _timed(fn, repeats: int, synchronize, setup=None) -> tuple[float, float]:
@@ -130,6 +136,68 @@ def _per_forward_at(models, name: str, prompt_ids: list[int], num_new: int, repe
         "runner_overhead_ms": level_ms[0] - backend_ms[0],
         "median_ms": {"hf_forward": hf_ms[1], "backend_forward": backend_ms[1], "next_token_logits": level_ms[1]},
     }
+
+
+def llama_per_forward(models, name: str, prompt_ids: list[int], tokens: list[int], repeats: int) -> list[dict]:
+    """Per-forward rows of ``name``'s llama.cpp level: llama_decode alone, the runner's forward
+    around it, the level call around that (ms, best of the repeats)."""
+    levels = models.llama_levels()
+    level = next(lv for lv in (levels.target, *levels.drafters) if lv.name == name)
+    runner = level.runner
+    lib = runner._lib
+    real_decode = lib.llama_decode
+    decode_times: list[float] = []
+
+    def timed_decode(context, batch):
+        started = time.perf_counter()
+        status = real_decode(context, batch)
+        decode_times.append(time.perf_counter() - started)
+        return status
+
+    rows = []
+    for num_new in tokens:
+        if num_new < 1 or num_new >= len(prompt_ids):
+            raise ConfigError(f"--tokens values must be in 1..{len(prompt_ids) - 1}, got {num_new}")
+        start = len(prompt_ids) - num_new
+        new_ids = list(prompt_ids[start:])
+        level.reset()
+        level.prefill(prompt_ids[:start])
+        lib.llama_decode = timed_decode  # the runner calls it through the module: time the library alone
+        try:
+            decode_times.clear()
+            backend_ms = _timed(
+                lambda ids=new_ids, at=start, n=num_new: runner.forward(ids, at, n), repeats, models.synchronize
+            )
+            decode_ms = min(decode_times) * 1000, statistics.median(decode_times) * 1000
+        finally:
+            lib.llama_decode = real_decode
+        level.reset()
+        level.prefill(prompt_ids[:start])
+        level_ms = _timed(lambda n=num_new: level.next_token_logits(prompt_ids, n), repeats, models.synchronize)
+        level.reset()
+        rows.append(
+            {
+                "level": name,
+                "runner": level.runner_name,
+                "gguf": runner.path.name,
+                "num_params": runner.num_params,
+                "context": start,
+                "new_tokens": num_new,
+                "repeats": repeats,
+                "hf_forward_ms": None,
+                "llama_decode_ms": decode_ms[0],
+                "backend_forward_ms": backend_ms[0],
+                "next_token_logits_ms": level_ms[0],
+                "runner_overhead_ms": level_ms[0] - backend_ms[0],
+                "llama_runner_overhead_ms": backend_ms[0] - decode_ms[0],
+                "median_ms": {
+                    "llama_decode": decode_ms[1],
+                    "backend_forward": backend_ms[1],
+                    "next_token_logits": level_ms[1],
+                },  # fmt: skip
+            }
+        )
+    return rows
 
 
 def kernel_rows(models, name: str) -> list[dict]:
@@ -396,13 +464,18 @@ def render(micro: list[dict], generation: list[dict], header: str) -> list[str]:
         "forward: our runner's forward alone; `next_token_logits`: the whole level call. runner overhead "
         "= `next_token_logits` − backend forward: what our level adds around each model call.",
         "",
-        "| level | runner | context | new tokens | transformers forward | backend forward | next_token_logits | runner overhead |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "For llama.cpp rows, `llama_decode`: the library's call alone; the backend forward adds the "
+        "runner's batch filling, cache removal and logits copy.",
+        "",
+        "| level | runner | context | new tokens | transformers forward | llama_decode | backend forward "
+        "| next_token_logits | runner overhead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in micro:
         lines.append(
-            f"| {r['level']} | {r['runner']} | {r['context']} | {r['new_tokens']} | {r['hf_forward_ms']:.3f} "
-            f"| {r['backend_forward_ms']:.3f} | {r['next_token_logits_ms']:.3f} | {r['runner_overhead_ms']:.3f} |"
+            f"| {r['level']} | {r['runner']} | {r['context']} | {r['new_tokens']} | {_fmt(r['hf_forward_ms'])} "
+            f"| {_fmt(r.get('llama_decode_ms'))} | {r['backend_forward_ms']:.3f} | {r['next_token_logits_ms']:.3f} "
+            f"| {r['runner_overhead_ms']:.3f} |"
         )
     if generation:
         lines += [
@@ -433,27 +506,44 @@ def _fmt(value) -> str:
 def run_profile(config: ProfileConfig, log=print) -> dict:
     from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
     from .runner import Models, device_name, environment
-    from .suite import build_suite, load_suite_file
+    from .suite import LLAMA_SUFFIX, build_suite, load_suite_file
 
     if config.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {config.repeats}")
-    models = Models(config.target, config.drafters, config.device, config.dtype, config.bigram, config.runner)
+    models = Models(
+        config.target,
+        config.drafters,
+        config.device,
+        config.dtype,
+        config.bigram,
+        config.runner,
+        config.drafter_outtype,
+        config.gguf_dir,
+    )
     prompts = load_prompts(config.prompts_file or DEFAULT_PROMPTS_FILE)
     if not 0 <= config.prompt_index < len(prompts):
         raise ConfigError(f"--prompt-index must be in 0..{len(prompts) - 1}")
     prompt_ids = list(models.tokenizer(prompts[config.prompt_index]["text"])["input_ids"])
     micro, choices, splits = [], [], []
     for name in [models.target_name, *models.drafter_names]:
-        micro.extend(per_forward(models, name, prompt_ids, list(config.tokens), config.repeats))
-        choices.extend(kernel_rows(models, name))
-        splits.extend(forward_split(models, name, prompt_ids, list(config.tokens), config.repeats))
+        if "torch" in config.backends:
+            micro.extend(per_forward(models, name, prompt_ids, list(config.tokens), config.repeats))
+            choices.extend(kernel_rows(models, name))
+            splits.extend(forward_split(models, name, prompt_ids, list(config.tokens), config.repeats))
+        if "llama.cpp" in config.backends:
+            micro.extend(llama_per_forward(models, name, prompt_ids, list(config.tokens), config.repeats))
 
     suite = build_suite(
-        load_suite_file(config.suite_file), config.suite, models.drafter_names, extra_methods=config.extra_methods
+        load_suite_file(config.suite_file),
+        config.suite,
+        models.drafter_names,
+        extra_methods=config.extra_methods,
+        backends=list(config.backends),
     )
     methods = [m for m in suite.methods if m.engine == "csd"]
     if config.only:
-        methods = [m for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in config.only)]
+        names = {m.name: (m.name, m.name.removesuffix(LLAMA_SUFFIX)) for m in methods}  # as --only in csd bench
+        methods = [m for m in methods if any(fnmatch.fnmatchcase(x, p) for p in config.only for x in names[m.name])]
     generation = in_generation(models, methods, prompt_ids, config.max_new_tokens)
 
     env = environment(models.device, config.dtype)

@@ -25,6 +25,10 @@ TARGET_VS_PEERS = 1.7  # best CS Drafting / fastest transformers assisted or pro
 TARGET_VS_SINGLE = 1.1  # best cascade / faster of MaG alone and the best single-drafter SD (ours)
 TARGET_SAMPLING = 1.7  # best CS Drafting / transformers plain sampling
 TARGET_OUR_PLAIN = 1.0  # our plain decoding / transformers plain generate
+# issue #9, on llama.cpp levels against llama-cpp-python (CPU, f32 target, 128 new tokens, greedy)
+LLAMA_TARGET_VS_PLAIN = 1.7  # best CS Drafting / llama.cpp plain decoding
+LLAMA_TARGET_VS_PEERS = 1.5  # best CS Drafting / llama-cpp-python prompt lookup
+LLAMA_TARGET_VS_MAG = 1.15  # best cascade / MaG alone, same backend
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -48,10 +52,12 @@ def _median(values):
 
 
 class Group:
-    """The rows of one run, mode and generation length."""
+    """The rows of one run, mode, generation length and backend (speedups are over that backend's
+    plain decoding: transformers' or llama.cpp's)."""
 
-    def __init__(self, run_id: str, mode: str, length: int, rows: list[dict]) -> None:
+    def __init__(self, run_id: str, mode: str, length: int, rows: list[dict], backend: str = "torch") -> None:
         self.run_id, self.mode, self.length, self.rows = run_id, mode, length, rows
+        self.backend = backend
         self.baseline = rows[0].get("baseline", "hf-plain")
         self.methods = list(dict.fromkeys(r["method"] for r in rows))
         self.by_method: dict[str, list[dict]] = defaultdict(list)
@@ -62,7 +68,8 @@ class Group:
     @property
     def label(self) -> str:
         suite = self.rows[0].get("suite")
-        return f"{self.mode}, {self.length} new tokens" + (f" (suite {suite})" if suite else "")
+        where = " on llama.cpp" if self.backend == "llama.cpp" else ""
+        return f"{self.mode}, {self.length} new tokens{where}" + (f" (suite {suite})" if suite else "")
 
     def row(self, method: str) -> dict:
         return self.by_method[method][0]
@@ -88,6 +95,18 @@ class Group:
             if o is None or not o.get("tokens_per_second") or r.get("tokens_per_second") is None:
                 return None
             return r["tokens_per_second"] / o["tokens_per_second"]
+
+        return self.per_prompt(method, key)
+
+    def decode_ratio(self, method: str, other: str) -> dict[str, float]:
+        """Per prompt: decode-only tokens/s (after the first token) of ``method`` over ``other``."""
+        others = {(r["prompt_id"], r["trial"]): r for r in self.by_method.get(other, [])}
+
+        def key(r):
+            o = others.get((r["prompt_id"], r["trial"]))
+            if o is None or not o.get("decode_seconds") or not r.get("decode_seconds"):
+                return None
+            return o["decode_seconds"] / r["decode_seconds"]  # the same number of tokens after the first
 
         return self.per_prompt(method, key)
 
@@ -124,8 +143,8 @@ class Group:
 def groups_of(rows: list[dict]) -> list[Group]:
     keyed: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        keyed[(r["run_id"], r["mode"], r["max_new_tokens"])].append(r)
-    return [Group(run, mode, length, rs) for (run, mode, length), rs in keyed.items()]
+        keyed[(r["run_id"], r["mode"], r["max_new_tokens"], r.get("backend", "torch"))].append(r)
+    return [Group(run, mode, length, rs, backend) for (run, mode, length, backend), rs in keyed.items()]
 
 
 def num_drafting_levels(row: dict) -> int:
@@ -205,7 +224,9 @@ def criteria(groups: list[Group]) -> list[str]:
         peers = [m for m, n in levels.items() if n == -1 and m != group.baseline]
         best_cascade, best_speed = _best(group, cascades)
         checks = []
-        if group.mode == "greedy-fixed":
+        if group.backend == "llama.cpp":
+            checks = _llama_checks(group, levels, best_cascade, best_speed) if group.mode == "greedy-fixed" else []
+        elif group.mode == "greedy-fixed":
             if best_cascade is not None:
                 checks.append(_check(f"best cascade ({best_cascade}) vs {group.baseline}", best_speed, TARGET_VS_PLAIN))
                 best_peer, _ = _best(group, peers)
@@ -239,6 +260,32 @@ def criteria(groups: list[Group]) -> list[str]:
             lines.extend(f"- {c}" for c in checks)
             lines.append("")
     return lines
+
+
+def _llama_checks(group: Group, levels: dict, best_cascade: str | None, best_speed: float | None) -> list[str]:
+    """Issue #9's bars on llama.cpp levels: vs llama.cpp plain, vs prompt lookup, vs MaG alone;
+    each also decode-only (after the first token), since the prompt's prefill is the same work
+    for every method and bounds the end-to-end ratios."""
+    checks = []
+    if best_cascade is not None:
+        best_peer, _ = _best(group, [m for m, n in levels.items() if n == -1 and m != group.baseline])
+        mags = [m for m, n in levels.items() if n == 1 and not (group.row(m).get("config") or {}).get("drafters")]
+        best_mag, _ = _best(group, mags)
+        bars = [
+            (f"best cascade ({best_cascade}) vs {group.baseline}", group.baseline, LLAMA_TARGET_VS_PLAIN),
+            (f"{best_cascade} vs fastest peer ({best_peer})", best_peer, LLAMA_TARGET_VS_PEERS),
+            (f"{best_cascade} vs MaG alone ({best_mag})", best_mag, LLAMA_TARGET_VS_MAG),
+        ]
+        for what, other, target in bars:
+            if other is None:
+                continue
+            ratio = _median(group.ratio(best_cascade, other).values())
+            decode = _median(group.decode_ratio(best_cascade, other).values())
+            checks.append(_check(what, ratio, target) + f"; decode only {_fmt(decode)}×")
+    greedy_rows = [r for r in group.rows if r.get("matches_baseline") is not None]
+    matched = sum(r["matches_baseline"] for r in greedy_rows)
+    checks.append(f"greedy rows token-identical to {group.baseline}: {matched}/{len(greedy_rows)}")
+    return checks
 
 
 def _check(what: str, value: float | None, target: float) -> str:
@@ -351,7 +398,7 @@ def _main_groups(groups: list[Group]) -> list[Group]:
     """One group per (run, mode): the run's most common length (the sweep's 128 if present)."""
     by_key = defaultdict(list)
     for g in groups:
-        by_key[(g.run_id, g.mode)].append(g)
+        by_key[(g.run_id, g.mode, g.backend)].append(g)
     chosen = []
     for gs in by_key.values():
         lengths = [g.length for g in gs]
@@ -461,7 +508,7 @@ def _plot_acceptance(plt, rows, groups, out):
 def _plot_length(plt, rows, groups, out):
     by_run_mode = defaultdict(list)
     for g in groups:
-        by_run_mode[(g.run_id, g.mode)].append(g)
+        by_run_mode[(g.run_id, g.mode, g.backend)].append(g)
     sweeps = [sorted(gs, key=lambda g: g.length) for gs in by_run_mode.values() if len(gs) >= 2]
     if not sweeps:
         return None

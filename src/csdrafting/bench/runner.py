@@ -17,6 +17,7 @@ whether their tokens equal the baseline's (transformers plain ``generate``) for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -178,7 +179,17 @@ class Models:
     packed into a form the module cannot run) and transformers' methods are measured as users run
     them, not on our layout."""
 
-    def __init__(self, target: str, drafters: list[str], device: str, dtype: str, bigram: str | None, runner: str):
+    def __init__(
+        self,
+        target: str,
+        drafters: list[str],
+        device: str,
+        dtype: str,
+        bigram: str | None,
+        runner: str,
+        drafter_outtype: str = "q8_0",
+        gguf_dir: Path | None = None,
+    ):
         from ..levels.mag import BigramTable
         from ..loading import DTYPES, check_same_tokenizer, load_model, load_tokenizer, resolve_device
 
@@ -225,6 +236,34 @@ class Models:
         self.num_forwards = dict.fromkeys(self.modules, 0)
         for name, module in self.modules.items():
             module.register_forward_pre_hook(self._counter(name))
+        self.drafter_outtype = drafter_outtype
+        self.gguf_dir = gguf_dir
+        self._llama_levels = None
+
+    def gguf(self, name: str) -> Path:
+        """The GGUF file of model ``name`` (target f32, drafters at ``drafter_outtype``), converted once."""
+        from .llama import TARGET_OUTTYPE, cached_gguf
+
+        outtype = TARGET_OUTTYPE if name == self.target_name else self.drafter_outtype
+        return cached_gguf(self.paths[name], outtype, self.gguf_dir)
+
+    def llama_levels(self):
+        """One ``Levels`` over llama.cpp runners of every model, shared by the llama.cpp methods
+        (a configuration selects its drafters by name)."""
+        from .llama import llama_levels
+
+        if self._llama_levels is None:
+            names = [self.target_name, *self.drafter_names]
+            self._llama_levels = llama_levels(
+                self.gguf(self.target_name),
+                [self.gguf(n) for n in self.drafter_names],
+                names,
+                self.tokenizer,
+                self.bigram,
+                self.eos_token_ids,
+                n_threads=torch.get_num_threads(),
+            )
+        return self._llama_levels
 
     def _counter(self, name: str):
         def hook(module, args):
@@ -425,6 +464,7 @@ class CascadeMethod:
 
         spec = method.spec
         runner = spec.get("runner")
+        self.backend = method.backend
         self.level_names = [models.target_name, *spec["drafters"]]
         config = CascadeConfig(
             target=models.target_name,
@@ -435,9 +475,20 @@ class CascadeMethod:
             adaptive=spec.get("adaptive"),
             mag_first=spec.get("mag_first"),
         )
-        self.cascade = Cascade(models.levels(spec["drafters"], runner), config)
+        if self.backend == "llama.cpp":
+            levels = models.llama_levels()
+            dtype = {n: str(models.gguf(n).name) for n in self.level_names}  # the GGUFs (f32 target)
+        else:
+            levels = models.levels(spec["drafters"], runner)
+            dtype = models.dtype_name
+        if spec.get("drafter_window") is not None:  # drafters read the prompt's end only: their prefill shrinks
+            from ..levels.window import WindowedLevel
+
+            window = spec["drafter_window"]
+            levels = dataclasses.replace(levels, drafters=tuple(WindowedLevel(d, window) for d in levels.drafters))
+        self.cascade = Cascade(levels, config)
         self.models = models
-        self.config = {"engine": "csd", **self.cascade.describe(), "dtype": models.dtype_name}
+        self.config = {"engine": "csd", **self.cascade.describe(), "dtype": dtype, "backend": self.backend}
         self.config["bigram"] = models.bigram_path if spec["mag"] else None
 
     def generate(self, request: Request) -> Outcome:
@@ -472,6 +523,10 @@ class CascadeMethod:
 def make_runner(method: Method, models: Models):
     if method.engine == "transformers":
         return TransformersMethod(method, models)
+    if method.engine == "llama.cpp":
+        from .llama import LlamaCppPeer
+
+        return LlamaCppPeer(method, models)
     return CascadeMethod(method, models)
 
 
@@ -507,6 +562,8 @@ class BenchConfig:
     progress: bool = True
     save_tokens: bool = False
     prompts_file: str | None = None
+    drafter_outtype: str = "q8_0"  # llama.cpp drafters' GGUF type (the target stays f32)
+    gguf_dir: Path | None = None  # where converted GGUFs are cached (default: the user cache)
 
 
 def _progress(total: int, enabled: bool):
@@ -554,8 +611,22 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     suite = config.suite
     started_at = datetime.datetime.now(datetime.timezone.utc)
     clock_start = time.perf_counter()
-    models = Models(config.target, config.drafters, config.device, config.dtype, config.bigram, config.runner)
+    models = Models(
+        config.target,
+        config.drafters,
+        config.device,
+        config.dtype,
+        config.bigram,
+        config.runner,
+        config.drafter_outtype,
+        config.gguf_dir,
+    )
     env = environment(models.device, config.dtype)
+    if any(m.backend == "llama.cpp" for m in suite.methods):
+        import llama_cpp
+
+        env["llama_cpp_python"] = llama_cpp.__version__
+        env["drafter_outtype"] = config.drafter_outtype
     run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     runners = {m.name: make_runner(m, models) for m in suite.methods}
     methods = list(suite.methods)
@@ -587,7 +658,6 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
         "run_id": run_id,
         "started_at": started_at.isoformat(timespec="seconds"),
         "suite": suite.name,
-        "baseline": suite.baseline,
         "prompts_file": config.prompts_file,
         "env": env,
     }
@@ -641,12 +711,13 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
                 by_method = {t.method.name: t for t in group}
                 p, prompt, ids, length, _, mode = timed.case
                 req = request(ids, length, mode, config.seed + 1000 * timed.trial + p)
-                baseline_tokens = by_method[suite.baseline].result[0].token_ids
                 for method in methods:  # rows in suite order
                     t = by_method[method.name]
                     outcome, mem = t.result
-                    row = _row(common, method, prompt, p, t.trial, mode, req, outcome, t.seconds, mem,
-                               baseline_tokens, models, target_params, config)  # fmt: skip
+                    baseline = suite.baseline_of(method)  # greedy identity: against its backend's plain
+                    baseline_tokens = by_method[baseline].result[0].token_ids
+                    row = _row({**common, "baseline": baseline}, method, prompt, p, t.trial, mode, req, outcome,
+                               t.seconds, mem, baseline_tokens, models, target_params, config)  # fmt: skip
                     row["run_position"] = t.position
                     sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -688,16 +759,21 @@ def _row(
     mismatch = _first_mismatch(outcome.token_ids, baseline_tokens) if greedy else None
     used = [lv["name"] for lv in outcome.levels if lv.get("kind") in ("target", "drafter")]
     runner = method.spec.get("runner") if method.engine == "csd" else None
-    runner_bytes = sum(models.runner_bytes(n, runner) for n in used) if method.engine == "csd" else 0
+    if method.backend == "llama.cpp":  # weights: the GGUF files llama.cpp maps
+        weights_bytes, runner_bytes = sum(models.gguf(n).stat().st_size for n in used), 0
+    else:
+        weights_bytes = sum(models.weight_bytes[n] for n in used)
+        runner_bytes = sum(models.runner_bytes(n, runner) for n in used) if method.engine == "csd" else 0
     row = {
         **common,
         "method": method.name,
         "engine": method.engine,
+        "backend": method.backend,
         "ablation": method.ablation,
         "spec": method.spec,
         "config": outcome.config,
         "models": models.describe(used),
-        "weights_bytes": sum(models.weight_bytes[n] for n in used),
+        "weights_bytes": weights_bytes,
         "runner_bytes": runner_bytes,
         "prompt_id": prompt["id"],
         "prompt_index": p,

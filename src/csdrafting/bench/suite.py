@@ -7,14 +7,18 @@ defined once, under ``methods``, and suites refer to them by name, so tuning a c
 
 A method spec is a JSON object:
 
-* ``engine``: ``"transformers"`` (a peer) or ``"csd"`` (ours; the default).
+* ``engine``: ``"transformers"`` or ``"llama.cpp"`` (peers) or ``"csd"`` (ours; the default).
 * transformers: ``assistant`` (a drafter's name: assisted generation), ``prompt_lookup_num_tokens``
   (prompt lookup decoding), ``generate_options`` (more keyword arguments for ``model.generate``).
+* llama.cpp: llama-cpp-python's ``Llama.generate`` on the target's GGUF; ``prompt_lookup_num_tokens``
+  (its ``LlamaPromptLookupDecoding`` as draft model).
 * csd: ``drafters`` (a list of drafter names, largest first, or ``"all"``: the default), ``mag``
   (default true), ``k_matrix`` (JSON rows, the shorthand string, or ``"auto"``: the default, a
   starting matrix adapted online), ``lenience`` (default 1.0), ``adaptive`` (true / false / null:
   the library's choice, on for ``"auto"`` and off for an explicit matrix), ``runner``
-  (``auto``/``lean``/``transformers``).
+  (``auto``/``lean``/``transformers``), ``backend`` (``torch`` / ``llama.cpp``: pins the method to
+  one backend; without it the method runs on every backend the run selects, see ``build_suite``).
+  ``drafter_window`` (drafters read only the last N prompt tokens: ``levels/window.py``).
 * derived methods: ``like`` copies another method's spec, then ``without`` removes one drafting
   level (a drafter's name or ``"mag"``) from it, K-matrix included, and ``k00`` sets ``K[0][0]``.
 * ``ablation``: a label; methods that carry one appear in the report's ablation plot.
@@ -37,10 +41,14 @@ from ..errors import ConfigError
 from ..paths import DEFAULT_SUITE_FILE
 
 MODES = ("greedy-fixed", "greedy-natural", "sampling-fixed", "sampling-natural")
-ENGINES = ("transformers", "csd")
+ENGINES = ("transformers", "csd", "llama.cpp")
+BACKENDS = ("torch", "llama.cpp")
+ENGINE_BACKENDS = {"transformers": "torch", "llama.cpp": "llama.cpp"}  # where each peer runs
+LLAMA_SUFFIX = "@llama.cpp"  # a csd method's name on the llama.cpp backend
 TEMPLATE_KEYS = ("drafter", "k00", "lenience")  # "{key}" in a name expands over these
 _TRANSFORMERS_KEYS = {"assistant", "prompt_lookup_num_tokens", "generate_options"}
-_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner"}
+_LLAMA_KEYS = {"prompt_lookup_num_tokens"}
+_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner", "backend", "drafter_window"}
 _COMMON_KEYS = {"engine", "description", "ablation", "like", "without", "k00"}
 
 
@@ -56,6 +64,11 @@ class Method:
     def ablation(self) -> str | None:
         return self.spec.get("ablation")
 
+    @property
+    def backend(self) -> str:
+        """Where the method's models run: a peer's library, or a csd method's ``backend``."""
+        return ENGINE_BACKENDS.get(self.engine) or self.spec.get("backend") or "torch"
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -63,8 +76,13 @@ class Suite:
     methods: tuple[Method, ...]
     modes: tuple[str, ...]
     lengths: tuple[int, ...]
-    baseline: str
+    baseline: str  # the first backend's plain decoding
     description: str = ""
+    baselines: dict = field(default_factory=dict, hash=False, compare=False)  # backend -> its baseline
+
+    def baseline_of(self, method: Method) -> str:
+        """The method greedy rows are compared with and speedups are over: its backend's plain decoding."""
+        return self.baselines.get(method.backend, self.baseline)
 
 
 def load_suite_file(path: str | Path | None) -> dict:
@@ -107,18 +125,29 @@ def build_suite(
     only: list[str] | None = None,
     modes: list[str] | None = None,
     lengths: list[int] | None = None,
+    backends: list[str] | None = None,
 ) -> Suite:
     """Resolve one suite of ``data`` (a suite file) for the loaded drafters.
 
     ``extra_methods`` (from ``--method`` / flags) are added to the suite, replacing a method of
-    the same name; ``only`` keeps the methods matching any of its glob patterns (the baseline is
-    always kept); ``modes`` / ``lengths`` override the suite's settings.
+    the same name; ``only`` keeps the methods matching any of its glob patterns (the baselines are
+    always kept; a pattern matches a method on every backend); ``modes`` / ``lengths`` override the suite's settings. ``backends`` (default:
+    the suite's ``backends``, else torch) says where methods run: peers of a backend not listed
+    are dropped, and every csd method that names no backend runs on each one listed (on
+    llama.cpp as ``NAME@llama.cpp``).
     """
     suites = data["suites"]
     if suite_name not in suites:
         raise ConfigError(f"no suite {suite_name!r} (the suite file has: {', '.join(suites)})")
     entry = suites[suite_name]
-    baseline = data.get("baseline", "hf-plain")
+    backends = list(backends or entry.get("backends") or ["torch"])
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+    baselines = {"torch": data.get("baseline", "hf-plain"), **data.get("baselines", {})}
+    baselines = {b: baselines[b] for b in backends if b in baselines}
+    if len(baselines) != len(backends):
+        raise ConfigError(f"the suite file names no baseline for backend(s) {set(backends) - set(baselines)}")
     definitions = dict(data["methods"])
     for name, spec in extra_methods:
         definitions[name] = spec
@@ -128,21 +157,31 @@ def build_suite(
     for name, _ in extra_methods:
         if name not in names:
             names.append(name)
-    if baseline not in names:
-        names.insert(0, baseline)
+    for baseline in reversed(baselines.values()):
+        if baseline not in names:
+            names.insert(0, baseline)
     methods: dict[str, Method] = {}
     seen_configs: dict[str, str] = {}
     for pattern in names:
-        for method, from_template in resolver.expand(pattern):
-            key = json.dumps(_config_key(method), sort_keys=True)
-            if from_template and key in seen_configs:
-                continue  # a template reproduced a method already listed (e.g. k00 = csd-full's)
-            seen_configs.setdefault(key, method.name)
-            methods[method.name] = method
+        for resolved, from_template in resolver.expand(pattern):
+            for method in _on_backends(resolved, backends):
+                key = json.dumps(_config_key(method), sort_keys=True)
+                if from_template and key in seen_configs:
+                    continue  # a template reproduced a method already listed (e.g. k00 = csd-full's)
+                seen_configs.setdefault(key, method.name)
+                methods[method.name] = method
+    kept = set(baselines.values())
     if only:
-        methods = {n: m for n, m in methods.items() if n == baseline or any(fnmatch.fnmatchcase(n, p) for p in only)}
-    if baseline not in methods:
-        raise ConfigError(f"the baseline method {baseline!r} is not defined")
+        # a pattern names a method on every backend: "csd-full" keeps csd-full@llama.cpp too
+        methods = {
+            n: m
+            for n, m in methods.items()
+            if n in kept or any(fnmatch.fnmatchcase(x, p) for p in only for x in (n, n.removesuffix(LLAMA_SUFFIX)))
+        }
+    for baseline in baselines.values():
+        if baseline not in methods:
+            raise ConfigError(f"the baseline method {baseline!r} is not defined")
+    baseline = baselines[backends[0]]
 
     modes = list(modes or entry.get("modes") or ["greedy-fixed"])
     for mode in modes:
@@ -161,7 +200,19 @@ def build_suite(
         lengths=tuple(dict.fromkeys(lengths)),
         baseline=baseline,
         description=entry.get("description", ""),
+        baselines=baselines,
     )
+
+
+def _on_backends(method: Method, backends: list[str]) -> list[Method]:
+    """The instances of ``method`` on the selected backends (see ``build_suite``)."""
+    if method.engine != "csd" or "backend" in method.spec:
+        return [method] if method.backend in backends else []
+    out = []
+    for backend in backends:
+        name = method.name if backend == "torch" else method.name + LLAMA_SUFFIX
+        out.append(Method(name, method.engine, {**method.spec, "backend": backend}))
+    return out
 
 
 def _config_key(method: Method) -> dict:
@@ -236,12 +287,16 @@ class _Resolver:
         engine = spec.setdefault("engine", "csd")
         if engine not in ENGINES:
             raise ConfigError(f"method {name!r}: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        allowed = _COMMON_KEYS | (_TRANSFORMERS_KEYS if engine == "transformers" else _CSD_KEYS)
+        allowed = (
+            _COMMON_KEYS | {"transformers": _TRANSFORMERS_KEYS, "llama.cpp": _LLAMA_KEYS, "csd": _CSD_KEYS}[engine]
+        )
         unknown = set(spec) - allowed - set(TEMPLATE_KEYS)
         if unknown:
             raise ConfigError(f"method {name!r}: unknown keys {sorted(unknown)} for engine {engine!r}")
         if engine == "transformers":
             _check_transformers(name, spec, self.drafters)
+        elif engine == "llama.cpp":
+            _check_lookup(name, spec)
         else:
             spec = _normalize_csd(name, spec, self.drafters)
         return Method(name, engine, spec)
@@ -263,12 +318,16 @@ def _check_transformers(name: str, spec: dict, drafters: list[str]) -> None:
     assistant = spec.get("assistant")
     if assistant is not None and assistant not in drafters:
         raise ConfigError(f"method {name!r}: assistant {assistant!r} is not a loaded drafter ({', '.join(drafters)})")
-    lookup = spec.get("prompt_lookup_num_tokens")
-    if lookup is not None and (isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 1):
-        raise ConfigError(f"method {name!r}: prompt_lookup_num_tokens must be a positive integer")
+    _check_lookup(name, spec)
     options = spec.get("generate_options", {})
     if not isinstance(options, dict):
         raise ConfigError(f"method {name!r}: generate_options must be a JSON object")
+
+
+def _check_lookup(name: str, spec: dict) -> None:
+    lookup = spec.get("prompt_lookup_num_tokens")
+    if lookup is not None and (isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 1):
+        raise ConfigError(f"method {name!r}: prompt_lookup_num_tokens must be a positive integer")
 
 
 def _normalize_csd(name: str, spec: dict, drafters: list[str]) -> dict:
@@ -290,6 +349,8 @@ def _normalize_csd(name: str, spec: dict, drafters: list[str]) -> dict:
     spec.setdefault("lenience", 1.0)
     spec.setdefault("adaptive", None)  # None: the library decides (on for "auto", off for explicit)
     spec.setdefault("mag_first", None)  # None: MaG only drafts through the K-matrix
+    if spec.get("backend", "torch") not in BACKENDS:
+        raise ConfigError(f"method {name!r}: backend must be one of {', '.join(BACKENDS)}, got {spec['backend']!r}")
     without = spec.pop("without", None)
     if without is not None:
         spec = _remove_level(name, spec, without)

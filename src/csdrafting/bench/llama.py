@@ -1,0 +1,202 @@
+"""The llama.cpp side of ``csd bench``: GGUF files for the benchmarked folders, our levels over
+llama.cpp, and llama-cpp-python's own methods as peers.
+
+* GGUFs: every model folder is converted once (``csd convert``) into a cache folder, keyed by the
+  folder's content (config and weight files' names, sizes, modification times) and the output
+  type; the target stays f32 (what an HF float32 folder is), drafters default to q8_0 (a drafter
+  only changes speed, never the output).
+* Levels: ``llama_levels`` builds the cascade's levels over ``LlamaCppRunner``s in memory.
+* Peers: ``Llama.generate`` on the target GGUF, plain (greedy or sampled) and with
+  ``LlamaPromptLookupDecoding`` as its ``draft_model``, with the runner's context settings (same
+  threads, f32 KV cache, flash attention off), so both sides compute the same logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+TARGET_OUTTYPE = "f32"  # the target as given: an HF float32 folder
+DRAFTER_OUTTYPE = "q8_0"  # measured fastest for the pycode drafters (docs/bench.md)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
+
+
+def llama_available() -> bool:
+    """Whether llama-cpp-python and gguf import (the ``llama`` extra)."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def gguf_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "csdrafting" / "gguf"
+
+
+def folder_key(folder: Path, outtype: str) -> str:
+    """A key that changes when the folder's model or tokenizer files change."""
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
+            stat = path.stat()
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    text = json.dumps({"folder": str(folder.resolve()), "files": entries, "outtype": outtype})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_gguf(folder: str | os.PathLike, outtype: str, cache_dir: Path | None = None) -> Path:
+    """The GGUF file of ``folder`` at ``outtype``, converted on first use."""
+    from ..convert import convert
+
+    folder = Path(folder)
+    if folder.suffix == ".gguf":
+        return folder  # already a GGUF: used as given
+    cache_dir = cache_dir or gguf_cache_dir()
+    path = cache_dir / f"{folder.name}-{outtype}-{folder_key(folder, outtype)}.gguf"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        convert(folder, path, outtype)  # writes a .partial file, renamed when complete
+    return path
+
+
+def llama_levels(
+    target: Path,
+    drafters: list[Path],
+    names: list[str],
+    tokenizer,
+    bigram,
+    eos_token_ids: list[int],
+    n_threads: int | None = None,
+):
+    """``Levels`` over llama.cpp runners of GGUF files (target first, then drafters, largest first).
+
+    Becomes ``load_levels(CascadeConfig(..., backend="llama.cpp"))`` once the loader knows the
+    backend; until then the levels are built in memory, which ``Levels`` accepts as they are.
+    """
+    from ..levels.llamacpp import LlamaCppRunner
+    from ..levels.memo import PrefixMemoLevel
+    from ..loading import Levels
+
+    runners = [LlamaCppRunner(path, n_threads=n_threads) for path in [target, *drafters]]
+    levels = [PrefixMemoLevel(name, runner) for name, runner in zip(names, runners)]
+    return Levels.from_models(levels[0], levels[1:], tokenizer, names=names, bigram=bigram, eos_token_ids=eos_token_ids)
+
+
+def check_backends(backends: list[str]) -> list[str]:
+    from .suite import BACKENDS
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}, got {backends}")
+    if "llama.cpp" in backends and not llama_available():
+        raise ConfigError("the llama.cpp backend needs llama-cpp-python and gguf: pip install -e '.[llama]'")
+    return list(dict.fromkeys(backends))
+
+
+class LlamaCppPeer:
+    """A peer: llama-cpp-python's ``Llama.generate`` on the target GGUF, plain or with prompt
+    lookup decoding (``LlamaPromptLookupDecoding(num_pred_tokens=N)`` as ``draft_model``)."""
+
+    def __init__(self, method, models) -> None:
+        import llama_cpp
+
+        self.method = method
+        self.models = models
+        lookup = method.spec.get("prompt_lookup_num_tokens")
+        draft_model = None
+        if lookup is not None:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft_model = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+        threads = torch.get_num_threads()
+        path = models.gguf(models.target_name)
+        self.llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=models.max_context,
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=False,  # as LlamaCppRunner: f32 attention, the logits our levels compute
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+            # llama-cpp-python turns logits_all on itself with a draft model, but sizes its logits
+            # buffer by this flag: False there overflows once a sequence passes n_batch positions
+            logits_all=draft_model is not None,
+            draft_model=draft_model,
+            verbose=False,
+        )
+        self.level_names = [models.target_name]
+        self.config = {
+            "engine": "llama.cpp",
+            "target": models.target_name,
+            "gguf": str(path),
+            "prompt_lookup_num_tokens": lookup,
+            "n_threads": threads,
+            "llama_cpp_python": llama_cpp.__version__,
+        }
+
+    def generate(self, request):
+        from .runner import Outcome
+
+        llm = self.llm
+        eos = set(self.models.eos_token_ids)
+        forwards = 0
+        real_eval = llm.eval
+
+        def counted_eval(tokens):  # one llama_decode per call at these lengths (n_batch = 512)
+            nonlocal forwards
+            forwards += 1
+            return real_eval(tokens)
+
+        llm.eval = counted_eval
+        if request.greedy:
+            options = dict(temp=0.0)
+        else:  # temperature then top-k / top-p only: the warping our sampling applies
+            options = dict(temp=request.temperature, top_k=request.top_k or 0, top_p=request.top_p or 1.0)
+            llm.set_seed(request.seed)
+        llm.reset()  # no KV reuse from the previous generation: every method prefills the prompt
+        tokens: list[int] = []
+        finish = "length"
+        started = time.perf_counter()
+        first_at = None
+        try:
+            for token in llm.generate(request.prompt_ids, min_p=0.0, repeat_penalty=1.0, **options):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                tokens.append(int(token))
+                if not request.fixed_length and token in eos:
+                    finish = "eos"
+                    break
+                if len(tokens) >= request.max_new_tokens:
+                    break
+        finally:
+            del llm.eval
+        wall = time.perf_counter() - started
+        prefill = first_at - started if first_at is not None else None
+        levels = [
+            {
+                "name": self.models.target_name,
+                "kind": "target",
+                "num_forwards": forwards,
+                "num_params": self.models.num_params[self.models.target_name],
+            }
+        ]
+        return Outcome(
+            token_ids=tokens,
+            finish_reason=finish,
+            prefill_seconds=prefill,
+            decode_seconds=wall - prefill if prefill is not None else None,
+            levels=levels,
+            tokens_per_target_step=len(tokens) / forwards if forwards else None,
+            acceptance_rate=None,
+            config=self.config,
+        )
