@@ -121,6 +121,9 @@ def test_gguf_paths_load_with_llama_cpp_whatever_the_backend(ggufs):
     assert described["runner"] == "llama.cpp"
     assert described["level_runners"] == {"target.gguf": "llama.cpp", "noisy.gguf": "llama.cpp"}
     assert cascade.levels.sources == (str(ggufs["target"]), str(ggufs["noisy"]))
+    again = Cascade.from_pretrained(ggufs["target"], [ggufs["noisy"]], backend="llama.cpp", drafter_outtype="f16")
+    assert again.levels.loaded_with.drafter_outtype == "f16"  # no folder to convert: the files load as they are
+    assert again.describe()["level_runners"] == described["level_runners"]
 
 
 def test_hf_folders_convert_once_into_the_cache(family, cache_home, monkeypatch):
