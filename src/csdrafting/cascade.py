@@ -104,11 +104,13 @@ class Cascade:
         device: str = "cpu",
         dtype: str = "float32",
         runner: str = "auto",
+        backend: str = "torch",
+        drafter_outtype: str | None = None,
         tree: bool = False,
         tree_budget: int | None = None,
     ) -> Cascade:
-        """Load a target and drafters from local Hugging Face folders (a front end over
-        ``CascadeConfig``; the arguments are its fields)."""
+        """Load a target and drafters from local Hugging Face folders or ``.gguf`` files (a front
+        end over ``CascadeConfig``; the arguments are its fields)."""
         config = CascadeConfig(
             target=str(target),
             drafters=tuple(str(p) for p in drafters),
@@ -121,6 +123,8 @@ class Cascade:
             device=device,
             dtype=dtype,
             runner=runner,
+            backend=backend,
+            drafter_outtype=drafter_outtype,
             tree=tree,
             tree_budget=tree_budget,
         )
@@ -149,6 +153,7 @@ class Cascade:
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,
+            "level_runners": {level.name: level.runner_name for level in (self.target, *self.drafters)},
             "plan": self.plan.as_dict() if self.plan is not None else None,
         }
 

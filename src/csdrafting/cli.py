@@ -80,6 +80,17 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         "fewer threads avoid stalls where one thread waits for a descheduled peer)",
     )
     group.add_argument("--runner", default=None, choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+    group.add_argument(
+        "--backend",
+        default=None,
+        help="how model folders run: torch (default) or llama.cpp (converted to GGUF once and cached; "
+        "needs the llama extra). A .gguf path always runs on llama.cpp",
+    )
+    group.add_argument(
+        "--drafter-outtype",
+        default=None,
+        help="f32, f16, bf16 or q8_0: GGUF type drafter folders are converted to on llama.cpp (default: q8_0; the target keeps its precision)",
+    )
 
 
 def add_prompt_arguments(group) -> None:
@@ -127,7 +138,17 @@ def config_from_args(args, model_flags: bool = True):
             changes["drafters"] = [str(p) for p in DEFAULT_DRAFTERS]
     if args.no_mag:
         changes["mag"] = False
-    for name in ("bigram", "k_matrix", "lenience", "device", "dtype", "mag_first", "runner"):
+    for name in (
+        "bigram",
+        "k_matrix",
+        "lenience",
+        "device",
+        "dtype",
+        "mag_first",
+        "runner",
+        "backend",
+        "drafter_outtype",
+    ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.adaptive is not None:

@@ -16,6 +16,9 @@ A configuration file is its JSON form::
     }
 
 Relative model paths are resolved against the file's folder first, then the working directory.
+``backend`` ("torch" or "llama.cpp") says how HF folders load; a ``.gguf`` path always loads with
+llama.cpp, so levels of both backends can mix. ``drafter_outtype`` is the GGUF type HF drafter
+folders are converted to on llama.cpp (the target keeps its own precision).
 Unknown keys are an error (a typo must not silently fall back to a default).
 
 ``k_matrix="auto"`` (the default) is resolved into explicit values in one place,
@@ -30,6 +33,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .convert import OUTTYPES  # the GGUF types a drafter may be converted to
 from .errors import ConfigError
 from .kmatrix import KMatrix
 
@@ -38,7 +42,7 @@ DEFAULT_TREE_BUDGET = 16  # tree=True: max draft-tree nodes (pycode-22m turns co
 AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (llama_backend.py)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class CascadeConfig:
     dtype: str = "float32"
     runner: str = "auto"
     backend: str = "torch"
+    drafter_outtype: str | None = None  # GGUF type of converted drafters; None: llama_backend's default
     tree: bool = False
     tree_budget: int | None = None
 
@@ -85,6 +90,8 @@ class CascadeConfig:
         _check_choice("dtype", self.dtype, DTYPE_NAMES)
         _check_choice("runner", self.runner, RUNNERS)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.drafter_outtype is not None:
+            _check_choice("drafter_outtype", self.drafter_outtype, OUTTYPES)
         _check_device(self.device)
         _check_tree(self.tree, self.tree_budget, self.mag)
 

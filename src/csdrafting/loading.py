@@ -8,6 +8,7 @@ another configuration, so trying configurations never reloads a model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,24 @@ import torch
 from .config import CascadeConfig
 from .errors import ConfigError, ModelLoadError
 from .levels.base import NeuralLevel
+from .levels.llamacpp import import_llama_cpp
 from .levels.mag import BigramTable
 from .levels.model import model_level
+from .llama_backend import (
+    DEFAULT_DRAFTER_OUTTYPE,
+    LLAMA_CPP,
+    LlamaCppTokenizer,
+    cached_gguf,
+    is_gguf,
+    level_backend,
+    llama_level,
+    target_outtype,
+)
 
 BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no table is given
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the configuration fields fixed when levels load: another value needs another load
-LOAD_FIELDS = ("device", "dtype", "runner", "backend", "bigram")
+LOAD_FIELDS = ("device", "dtype", "runner", "backend", "drafter_outtype", "bigram")
 
 
 @dataclass(frozen=True)
@@ -122,31 +134,82 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def load_levels(config: CascadeConfig) -> Levels:
-    """Load the target, the drafters, the tokenizer and the bigram table ``config`` names."""
+    """Load the target, the drafters, the tokenizer and the bigram table ``config`` names.
+
+    Each level's backend: llama.cpp for a ``.gguf`` path, else ``config.backend`` (an HF folder on
+    llama.cpp is converted once and cached, see ``llama_backend.py``)."""
     if config.target is None:
         raise ConfigError("the configuration names no target model")
-    device = resolve_device(config.device)
-    torch_dtype = DTYPES[config.dtype]
     paths = [config.target, *config.drafters]
-    for path in paths:
-        check_model_folder(path)
-    tokenizer = load_tokenizer(config.target)
+    backends = [level_backend(path, config.backend) for path in paths]
+    device = resolve_device(config.device)
+    if LLAMA_CPP in backends and device.type != "cpu":
+        raise ConfigError(f"llama.cpp levels run on the CPU: use device 'cpu', not {config.device!r}")
+    for path, backend in zip(paths, backends):
+        check_level_path(path, backend)
+    tokenizer = target_tokenizer(config.target)
+    vocab = None  # the target's vocabulary, read once when a level needs comparing
     for path in config.drafters:
-        check_same_tokenizer(tokenizer, path)
-    models = [load_model(path, device, torch_dtype) for path in paths]
-    # these modules are ours alone: the lean runner may take their weights over
-    levels = [
-        model_level(Path(path).name, model, config.runner, own_weights=True) for path, model in zip(paths, models)
-    ]
+        vocab = check_same_tokenizer(tokenizer, path, vocab)
+    levels, eos = [], None
+    for i, (path, backend) in enumerate(zip(paths, backends)):
+        name = Path(path).name
+        if backend == LLAMA_CPP:
+            outtype = target_outtype(config.dtype) if i == 0 else (config.drafter_outtype or DEFAULT_DRAFTER_OUTTYPE)
+            levels.append(llama_level(name, path if is_gguf(path) else cached_gguf(path, outtype)))
+            continue
+        model = load_model(path, device, DTYPES[config.dtype])
+        if i == 0:
+            eos = eos_ids(model, tokenizer)
+        # these modules are ours alone: the lean runner may take their weights over
+        levels.append(model_level(name, model, config.runner, own_weights=True))
+    if eos is None:  # a llama.cpp target: the HF folder's EOS ids, else the GGUF's end-of-generation ids
+        eos = hf_eos_ids(config.target, tokenizer) if not is_gguf(config.target) else tokenizer.eos_token_ids
     return Levels(
         levels[0],
         tuple(levels[1:]),
         tokenizer,
-        frozenset(eos_ids(models[0], tokenizer)),
+        frozenset(eos),
         load_bigram(config),
         tuple(paths),
         loaded_with=config,
     )
+
+
+def has_hf_tokenizer(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def target_tokenizer(path: str):
+    """The HF tokenizer beside the target (kept when a folder is converted for llama.cpp), else the
+    GGUF's own vocabulary; None for a folder without one (the cascade then takes token ids)."""
+    if is_gguf(path):
+        return LlamaCppTokenizer(path)
+    return load_tokenizer(path) if has_hf_tokenizer(path) else None
+
+
+def check_level_path(path: str, backend: str) -> None:
+    if is_gguf(path):
+        if not Path(path).is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        import_llama_cpp()  # a clear error when the extra is missing, before any model loads
+    else:
+        check_model_folder(path)
+        if backend == LLAMA_CPP:
+            import_llama_cpp()
+
+
+def hf_eos_ids(folder: str, tokenizer) -> list[int]:
+    """EOS ids of an HF folder without loading its weights (generation_config, then config)."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [eos]
 
 
 def load_bigram(config: CascadeConfig) -> BigramTable | None:
@@ -204,19 +267,29 @@ def load_tokenizer(path):
         raise ModelLoadError(f"cannot load tokenizer from {path!s}: {exc}") from None
 
 
-def check_same_tokenizer(target_tokenizer, drafter_path) -> None:
-    """A drafter must tokenize exactly like the target: same vocabulary, same ids."""
-    folder = Path(drafter_path)
-    check_model_folder(folder)
-    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    if not has_tokenizer:
-        return  # nothing to compare; the vocabulary size is still checked when models load
-    drafter_tokenizer = load_tokenizer(folder)
-    if drafter_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+def check_same_tokenizer(target_tokenizer, drafter_path, target_vocab: dict | None = None) -> dict | None:
+    """A drafter must tokenize exactly like the target: same vocabulary, same ids. Works across
+    backends (an HF tokenizer against a GGUF's vocabulary). Returns the target's vocabulary, read
+    once (pass it back for the next drafter)."""
+    if is_gguf(drafter_path):
+        drafter_tokenizer = LlamaCppTokenizer(drafter_path)
+        if not drafter_tokenizer.has_vocabulary:
+            return target_vocab  # token ids only: the vocabulary size is still checked when levels load
+    else:
+        folder = Path(drafter_path)
+        check_model_folder(folder)
+        if not has_hf_tokenizer(folder):
+            return target_vocab  # nothing to compare; the vocabulary size is still checked when levels load
+        drafter_tokenizer = load_tokenizer(folder)
+    if target_tokenizer is None or getattr(target_tokenizer, "has_vocabulary", True) is False:
+        return target_vocab
+    target_vocab = target_vocab if target_vocab is not None else target_tokenizer.get_vocab()
+    if drafter_tokenizer.get_vocab() != target_vocab:
         raise ModelLoadError(
             f"drafter {drafter_path!s} uses a different tokenizer than the target (vocabularies differ): "
             "every level must share the target's tokenizer"
         )
+    return target_vocab
 
 
 def as_level(name: str, model, runner: str) -> NeuralLevel:
