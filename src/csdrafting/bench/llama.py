@@ -1,11 +1,11 @@
 """The llama.cpp side of ``csd bench``: GGUF files for the benchmarked folders, our levels over
 llama.cpp, and llama-cpp-python's own methods as peers.
 
-* GGUFs: every model folder is converted once (``csd convert``) into a cache folder, keyed by the
-  folder's content (config and weight files' names, sizes, modification times) and the output
-  type; the target stays f32 (what an HF float32 folder is), drafters default to q8_0 (a drafter
-  only changes speed, never the output).
-* Levels: ``llama_levels`` builds the cascade's levels over ``LlamaCppRunner``s in memory.
+* GGUFs: every model folder is converted once into the loader's cache (``llama_backend.cached_gguf``:
+  keyed by the folder's content and the output type); the target stays f32 (what an HF float32
+  folder is), drafters default to q8_0 (a drafter only changes speed, never the output).
+* Levels: ``llama_levels`` builds one ``Levels`` over every benchmarked model, shared by the
+  llama.cpp methods (each configuration selects its drafters from it).
 * Peers: ``Llama.generate`` on the target GGUF, plain (greedy or sampled) and with
   ``LlamaPromptLookupDecoding`` as its ``draft_model``, with the runner's context settings (same
   threads, f32 KV cache, flash attention off), so both sides compute the same logits.
@@ -13,19 +13,16 @@ llama.cpp, and llama-cpp-python's own methods as peers.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..llama_backend import DEFAULT_DRAFTER_OUTTYPE, cached_gguf, llama_level  # noqa: F401 (re-exported)
 
 TARGET_OUTTYPE = "f32"  # the target as given: an HF float32 folder
-DRAFTER_OUTTYPE = "q8_0"  # measured fastest for the pycode drafters (docs/bench.md)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
+DRAFTER_OUTTYPE = DEFAULT_DRAFTER_OUTTYPE  # measured fastest for the pycode drafters (llama_backend.py)
 
 
 def llama_available() -> bool:
@@ -38,37 +35,6 @@ def llama_available() -> bool:
     return True
 
 
-def gguf_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "csdrafting" / "gguf"
-
-
-def folder_key(folder: Path, outtype: str) -> str:
-    """A key that changes when the folder's model or tokenizer files change."""
-    entries = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
-            stat = path.stat()
-            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
-    text = json.dumps({"folder": str(folder.resolve()), "files": entries, "outtype": outtype})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cached_gguf(folder: str | os.PathLike, outtype: str, cache_dir: Path | None = None) -> Path:
-    """The GGUF file of ``folder`` at ``outtype``, converted on first use."""
-    from ..convert import convert
-
-    folder = Path(folder)
-    if folder.suffix == ".gguf":
-        return folder  # already a GGUF: used as given
-    cache_dir = cache_dir or gguf_cache_dir()
-    path = cache_dir / f"{folder.name}-{outtype}-{folder_key(folder, outtype)}.gguf"
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        convert(folder, path, outtype)  # writes a .partial file, renamed when complete
-    return path
-
-
 def llama_levels(
     target: Path,
     drafters: list[Path],
@@ -76,19 +42,13 @@ def llama_levels(
     tokenizer,
     bigram,
     eos_token_ids: list[int],
-    n_threads: int | None = None,
 ):
-    """``Levels`` over llama.cpp runners of GGUF files (target first, then drafters, largest first).
-
-    Becomes ``load_levels(CascadeConfig(..., backend="llama.cpp"))`` once the loader knows the
-    backend; until then the levels are built in memory, which ``Levels`` accepts as they are.
-    """
-    from ..levels.llamacpp import LlamaCppRunner
-    from ..levels.memo import PrefixMemoLevel
+    """``Levels`` over llama.cpp levels of GGUF files (target first, then drafters, largest first),
+    with the tokenizer, bigram table and EOS ids the torch methods use, so both backends draft
+    from the same MaG and stop on the same tokens."""
     from ..loading import Levels
 
-    runners = [LlamaCppRunner(path, n_threads=n_threads) for path in [target, *drafters]]
-    levels = [PrefixMemoLevel(name, runner) for name, runner in zip(names, runners)]
+    levels = [llama_level(name, path) for name, path in zip(names, [target, *drafters])]
     return Levels.from_models(levels[0], levels[1:], tokenizer, names=names, bigram=bigram, eos_token_ids=eos_token_ids)
 
 

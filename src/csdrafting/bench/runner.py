@@ -261,7 +261,6 @@ class Models:
                 self.tokenizer,
                 self.bigram,
                 self.eos_token_ids,
-                n_threads=torch.get_num_threads(),
             )
         return self._llama_levels
 
