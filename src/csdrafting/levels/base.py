@@ -17,6 +17,21 @@ NEURAL = "neural"
 MAG = "mag"
 
 
+def tree_layout(parents: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth (T,) and ancestor visibility (T, T) of a token tree given in topological order;
+    ``parents[i]`` is token i's parent (-1: the cached position before the tree). A runner's tree
+    forward puts token i at position start + depth and lets it attend to ``visible[i]`` only."""
+    num_tokens = len(parents)
+    depths: list[int] = []
+    visible = [[False] * num_tokens for _ in range(num_tokens)]  # visible[i][j]: token i sees token j
+    for i, parent in enumerate(parents):
+        depths.append(depths[parent] + 1 if parent >= 0 else 0)
+        if parent >= 0:
+            visible[i][:i] = visible[parent][:i]
+        visible[i][i] = True
+    return torch.tensor(depths, dtype=torch.long, device=device), torch.tensor(visible, device=device)
+
+
 @dataclass
 class LevelCounters:
     """Work one level did in a generation."""

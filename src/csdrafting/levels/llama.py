@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from . import kernels
+from .base import tree_layout
 
 
 def supports(config) -> bool:
@@ -180,17 +181,10 @@ class LlamaRunner:
         the cache before ``start`` and to its ancestors, at RoPE position start + depth. Returns
         logits (num_logits, V) for the last ``num_logits`` tokens; ``keep`` then compacts a path."""
         num_new = len(token_ids)
-        depths: list[int] = []
-        visible = [[False] * num_new for _ in range(num_new)]  # visible[i][j]: token i sees token j
-        for i, parent in enumerate(parents):
-            depths.append(depths[parent] + 1 if parent >= 0 else 0)
-            if parent >= 0:
-                visible[i][:i] = visible[parent][:i]
-            visible[i][i] = True
-        block = torch.tensor(visible, device=self.device)  # (T, T)
+        depths, block = tree_layout(parents, self.device)  # (T,), (T, T)
         mask = torch.zeros((num_new, start + num_new), device=self.device, dtype=self.dtype)  # (T, S)
         mask[:, start:].masked_fill_(~block, float("-inf"))
-        positions = torch.tensor(depths, dtype=torch.long, device=self.device) + start  # (T,)
+        positions = depths + start  # (T,)
         return self._run(token_ids, start, positions, mask, False, num_logits)
 
     @torch.inference_mode()

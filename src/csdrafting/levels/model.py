@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from .base import tree_layout
 from .llama import LlamaRunner
 from .llama import supports as lean_supports
 from .memo import PrefixMemoLevel
@@ -63,17 +64,10 @@ class TransformersRunner:
         elif start > self.length:
             raise RuntimeError(f"cache holds {self.length} positions, cannot start at {start}")
         num_new = len(token_ids)
-        depths: list[int] = []
-        visible = [[False] * num_new for _ in range(num_new)]  # visible[i][j]: token i sees token j
-        for i, parent in enumerate(parents):
-            depths.append(depths[parent] + 1 if parent >= 0 else 0)
-            if parent >= 0:
-                visible[i][:i] = visible[parent][:i]
-            visible[i][i] = True
-        block = torch.tensor(visible, device=self.device)  # (T, T)
+        depths, block = tree_layout(parents, self.device)  # (T,), (T, T)
         mask = torch.zeros((1, 1, num_new, start + num_new), device=self.device, dtype=self.dtype)  # (1, 1, T, S)
         mask[..., start:].masked_fill_(~block, torch.finfo(self.dtype).min)
-        positions = torch.tensor(depths, dtype=torch.long, device=self.device) + start  # (T,)
+        positions = depths + start  # (T,)
         out = self.model(
             input_ids=torch.tensor([token_ids], dtype=torch.long, device=self.device),
             attention_mask=mask,
