@@ -171,7 +171,9 @@ def test_bench_end_to_end(family, tmp_path, capsys):
 
 def test_cascade_config_file_becomes_a_method(family, tmp_path):
     config = tmp_path / "tuned.json"
-    config.write_text(json.dumps({"drafters": [str(family["tiny-copy"])], "k_matrix": [[3, 2], [0, 2]]}))
+    # drafter_window: the bench wraps drafters through the configuration field, as the library does
+    spec = {"drafters": [str(family["tiny-copy"])], "k_matrix": [[3, 2], [0, 2]], "drafter_window": 4}
+    config.write_text(json.dumps(spec))
     results = tmp_path / "config.jsonl"
     rc = main(["bench", *_model_args(family), "--config", str(config), "--suite", "smoke", "--only", "csd-config",
                "--modes", "greedy-fixed", "--num-prompts", "1", "--warmup", "0", "--output", str(results),
@@ -181,6 +183,7 @@ def test_cascade_config_file_becomes_a_method(family, tmp_path):
     assert set(rows) == {"hf-plain", "csd-config"}
     assert rows["csd-config"]["config"]["drafters"] == ["tiny-copy"]
     assert rows["csd-config"]["config"]["k_matrix"] == [[3, 2], [0, 2]]
+    assert rows["csd-config"]["config"]["drafter_window"] == 4
     assert rows["csd-config"]["matches_baseline"] is True
 
 

@@ -307,3 +307,19 @@ def test_names_must_match_the_levels():
     levels = [TableLevel(f"l{i}", random_table(i, 4, "bigram"), "bigram") for i in range(3)]
     with pytest.raises(ConfigError):
         make_cascade(levels[0], levels[1:], names=["target", "only-one-drafter"], mag=False, eos_token_ids=[])
+
+
+def test_drafter_window_flag(capsys):
+    """--drafter-window reaches the configuration (and --json's config); the output is unchanged."""
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser("
+    base = ["generate", "--target", MODELS_DIR / "pycode-5m", "--drafter", SMALL, "--k-matrix", "[[2,1],[0,1]]"]
+    base += ["--prompt", prompt, "--max-new-tokens", 8, "--json"]
+    code, out, _ = run(capsys, [*base, "--drafter-window", 4])
+    assert code == 0
+    windowed = json.loads(out)
+    assert windowed["config"]["drafter_window"] == 4
+    code, out, _ = run(capsys, base)
+    assert code == 0 and json.loads(out)["config"]["drafter_window"] is None
+    assert json.loads(out)["token_ids"] == windowed["token_ids"]
+    code, _, err = run(capsys, [*base, "--drafter-window", 0])
+    assert code == 2 and err.startswith("error: ") and "drafter_window must be a positive integer" in err

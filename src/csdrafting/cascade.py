@@ -18,6 +18,7 @@ from .autoplan import AutoPlanner, Plan, planning_enabled
 from .config import CascadeConfig
 from .errors import GenerationInputError
 from .levels.mag import MaG
+from .levels.window import WindowedLevel
 from .loading import Levels, load_levels
 from .output import GenerationResult, OutputCollector, StreamChunk
 from .sampling import SamplingParams
@@ -58,10 +59,16 @@ class Cascade:
         """Run ``plan`` (or, without one, the configuration as ``resolve()`` makes it explicit)."""
         run = plan.config if plan is not None else self.config
         target, drafters = self.levels.select(run)
+        if run.drafter_window is not None:
+            # wrapped here, per configuration, never at load: the loaded drafter serves configurations
+            # with and without a window (``with_config``), and the planner measures and keys the
+            # loaded levels themselves; the target is never wrapped (its logits are the output)
+            drafters = [WindowedLevel(level, run.drafter_window) for level in drafters]
         resolved = run.resolve()
         self.plan = plan
         self.target = target
         self.drafters = drafters
+        self.drafter_window = run.drafter_window
         self.mag = self._mag if run.mag else None
         self.k_matrix = resolved.k_matrix
         self.lenience = resolved.lenience
@@ -108,6 +115,7 @@ class Cascade:
         drafter_outtype: str | None = None,
         tree: bool = False,
         tree_budget: int | None = None,
+        drafter_window: int | None = None,
     ) -> Cascade:
         """Load a target and drafters from local Hugging Face folders or ``.gguf`` files (a front
         end over ``CascadeConfig``; the arguments are its fields)."""
@@ -127,6 +135,7 @@ class Cascade:
             drafter_outtype=drafter_outtype,
             tree=tree,
             tree_budget=tree_budget,
+            drafter_window=drafter_window,
         )
         return cls.from_config(config)
 
@@ -150,6 +159,7 @@ class Cascade:
             "mag_first": self.mag_first,
             "tree": self._step.tree_budget is not None,
             "tree_budget": self._step.tree_budget,
+            "drafter_window": self.drafter_window,
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,

@@ -91,6 +91,13 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="f32, f16, bf16 or q8_0: GGUF type drafter folders are converted to on llama.cpp (default: q8_0; the target keeps its precision)",
     )
+    group.add_argument(
+        "--drafter-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="drafters read only the last N prompt tokens (less drafter prefill; the output stays the target's)",
+    )
 
 
 def add_prompt_arguments(group) -> None:
@@ -148,6 +155,7 @@ def config_from_args(args, model_flags: bool = True):
         "runner",
         "backend",
         "drafter_outtype",
+        "drafter_window",
     ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)

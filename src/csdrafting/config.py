@@ -19,6 +19,8 @@ Relative model paths are resolved against the file's folder first, then the work
 ``backend`` ("torch" or "llama.cpp") says how HF folders load; a ``.gguf`` path always loads with
 llama.cpp, so levels of both backends can mix. ``drafter_outtype`` is the GGUF type HF drafter
 folders are converted to on llama.cpp (the target keeps its own precision).
+``drafter_window`` (an int, or null) has every neural drafter read only the last that many prompt
+tokens (``levels/window.py``): less drafter prefill, the same output (the target verifies).
 Unknown keys are an error (a typo must not silently fall back to a default).
 
 ``k_matrix="auto"`` (the default) is resolved into explicit values in one place,
@@ -56,7 +58,9 @@ class CascadeConfig:
     MaG suffix match of that many tokens draft alone for a step (default: ``AUTO_MAG_FIRST``
     with ``"auto"``, off otherwise). ``tree`` has the target verify a token tree (the chain plus
     MaG's alternatives, ``tree.py``) of at most ``tree_budget`` nodes (default
-    ``DEFAULT_TREE_BUDGET``); it needs MaG.
+    ``DEFAULT_TREE_BUDGET``); it needs MaG. ``drafter_window`` (default None: the whole prompt)
+    has every neural drafter read only the last that many prompt tokens (and all it generates):
+    cheaper drafter prefill, never a different output, since the target verifies every token.
     """
 
     target: str | None = None
@@ -74,6 +78,7 @@ class CascadeConfig:
     drafter_outtype: str | None = None  # GGUF type of converted drafters; None: llama_backend's default
     tree: bool = False
     tree_budget: int | None = None
+    drafter_window: int | None = None  # drafters read only the last N prompt tokens (levels/window.py)
 
     def __post_init__(self) -> None:
         # normalise in place (the dataclass is frozen, hence object.__setattr__) and validate
@@ -94,6 +99,7 @@ class CascadeConfig:
             _check_choice("drafter_outtype", self.drafter_outtype, OUTTYPES)
         _check_device(self.device)
         _check_tree(self.tree, self.tree_budget, self.mag)
+        _check_drafter_window(self.drafter_window)
 
     @property
     def num_drafting_levels(self) -> int:
@@ -218,6 +224,11 @@ def _lenience(value) -> float:
 def _check_mag_first(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"mag_first must be a positive integer (a match length) or None, got {value!r}")
+
+
+def _check_drafter_window(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"drafter_window must be a positive integer (prompt tokens) or None, got {value!r}")
 
 
 def _check_tree(tree, budget, mag: bool) -> None:

@@ -155,8 +155,9 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
     The models come from --target / --drafter, else from the --config file, else the embedded
     family; the --config file's drafters are loaded too, and with the embedded target so are the
     embedded drafters (the default suite then runs beside a --config that uses only some of them).
-    A --config file or any of --k-matrix / --lenience / --no-mag / --adaptive adds that cascade as
-    the method ``csd-config`` (its drafters: the file's, else the loaded ones).
+    A --config file or any of --k-matrix / --lenience / --no-mag / --adaptive / --mag-first /
+    --drafter-window adds that cascade as the method ``csd-config`` (its drafters: the file's,
+    else the loaded ones).
     """
     from ..cli import DEFAULT_DRAFTERS, DEFAULT_TARGET, config_from_args
     from ..config import CascadeConfig
@@ -178,7 +179,7 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
     drafters = list(unique.values())
     shaped = any(
         getattr(args, name, None) is not None
-        for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive", "mag_first")
+        for name in ("config", "k_matrix", "lenience", "no_mag", "adaptive", "mag_first", "drafter_window")
     )
     extra = None
     if shaped:
@@ -193,6 +194,7 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
                 "lenience": config.lenience,
                 "adaptive": config.adaptive,
                 "mag_first": config.mag_first,
+                "drafter_window": config.drafter_window,
                 "description": "from --config / cascade flags",
             },
         )

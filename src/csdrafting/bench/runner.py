@@ -17,7 +17,6 @@ whether their tokens equal the baseline's (transformers plain ``generate``) for 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
@@ -473,6 +472,7 @@ class CascadeMethod:
             lenience=spec["lenience"],
             adaptive=spec.get("adaptive"),
             mag_first=spec.get("mag_first"),
+            drafter_window=spec.get("drafter_window"),  # drafters read the prompt's end only (levels/window.py)
         )
         if self.backend == "llama.cpp":
             levels = models.llama_levels()
@@ -480,11 +480,6 @@ class CascadeMethod:
         else:
             levels = models.levels(spec["drafters"], runner)
             dtype = models.dtype_name
-        if spec.get("drafter_window") is not None:  # drafters read the prompt's end only: their prefill shrinks
-            from ..levels.window import WindowedLevel
-
-            window = spec["drafter_window"]
-            levels = dataclasses.replace(levels, drafters=tuple(WindowedLevel(d, window) for d in levels.drafters))
         self.cascade = Cascade(levels, config)
         self.models = models
         self.config = {"engine": "csd", **self.cascade.describe(), "dtype": dtype, "backend": self.backend}
