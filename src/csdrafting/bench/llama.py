@@ -150,13 +150,4 @@ class LlamaCppPeer:
                 "num_params": self.models.num_params[self.models.target_name],
             }
         ]
-        return Outcome(
-            token_ids=tokens,
-            finish_reason=finish,
-            prefill_seconds=prefill,
-            decode_seconds=wall - prefill if prefill is not None else None,
-            levels=levels,
-            tokens_per_target_step=len(tokens) / forwards if forwards else None,
-            acceptance_rate=None,
-            config=self.config,
-        )
+        return Outcome.of_peer(tokens, finish, prefill, wall, levels, self.config)

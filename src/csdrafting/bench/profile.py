@@ -510,16 +510,7 @@ def run_profile(config: ProfileConfig, log=print) -> dict:
 
     if config.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {config.repeats}")
-    models = Models(
-        config.target,
-        config.drafters,
-        config.device,
-        config.dtype,
-        config.bigram,
-        config.runner,
-        config.drafter_outtype,
-        config.gguf_dir,
-    )
+    models = Models.for_config(config)
     prompts = load_prompts(config.prompts_file or DEFAULT_PROMPTS_FILE)
     if not 0 <= config.prompt_index < len(prompts):
         raise ConfigError(f"--prompt-index must be in 0..{len(prompts) - 1}")

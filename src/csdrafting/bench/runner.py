@@ -239,6 +239,12 @@ class Models:
         self.gguf_dir = gguf_dir
         self._llama_levels = None
 
+    @classmethod
+    def for_config(cls, config) -> Models:
+        """The models a ``BenchConfig`` or ``ProfileConfig`` names (both carry the same fields)."""
+        fields = ("target", "drafters", "device", "dtype", "bigram", "runner", "drafter_outtype", "gguf_dir")
+        return cls(*(getattr(config, name) for name in fields))
+
     def gguf(self, name: str) -> Path:
         """The GGUF file of model ``name`` (target f32, drafters at ``drafter_outtype``), converted once."""
         from .llama import TARGET_OUTTYPE, cached_gguf
@@ -356,6 +362,24 @@ class Outcome:
     config: dict
     engine_stats: dict | None = None
 
+    @classmethod
+    def of_peer(
+        cls, tokens: list[int], finish: str, prefill: float | None, wall: float, levels: list[dict], config: dict
+    ) -> Outcome:
+        """A peer's generation, timed from outside: the prefill ends at the first new token and
+        each target forward counts as a step (peers report no acceptance)."""
+        target_calls = levels[0]["num_forwards"]
+        return cls(
+            token_ids=tokens,
+            finish_reason=finish,
+            prefill_seconds=prefill,
+            decode_seconds=wall - prefill if prefill is not None else None,
+            levels=levels,
+            tokens_per_target_step=len(tokens) / target_calls if target_calls else None,
+            acceptance_rate=None,
+            config=config,
+        )
+
 
 class _FirstTokenClock:
     """A transformers streamer that notes when the first new token arrives (the prompt comes first)."""
@@ -440,17 +464,7 @@ class TransformersMethod:
             }
             for i, name in enumerate(self.level_names)
         ]
-        target_calls = levels[0]["num_forwards"]
-        return Outcome(
-            token_ids=tokens,
-            finish_reason=finish,
-            prefill_seconds=prefill,
-            decode_seconds=wall - prefill if prefill is not None else None,
-            levels=levels,
-            tokens_per_target_step=len(tokens) / target_calls if target_calls else None,
-            acceptance_rate=None,
-            config=self.config,
-        )
+        return Outcome.of_peer(tokens, finish, prefill, wall, levels, self.config)
 
 
 class CascadeMethod:
@@ -605,16 +619,7 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     suite = config.suite
     started_at = datetime.datetime.now(datetime.timezone.utc)
     clock_start = time.perf_counter()
-    models = Models(
-        config.target,
-        config.drafters,
-        config.device,
-        config.dtype,
-        config.bigram,
-        config.runner,
-        config.drafter_outtype,
-        config.gguf_dir,
-    )
+    models = Models.for_config(config)
     env = environment(models.device, config.dtype)
     if any(m.backend == "llama.cpp" for m in suite.methods):
         import llama_cpp
