@@ -26,8 +26,8 @@
    depend on the plan in use, so a drafter the plan left out is measured too. Once
    ``MIN_OBSERVED_TOKENS`` output tokens have been observed, the planner re-plans from them;
    observing goes on, and once ``FINAL_OBSERVED_TOKENS`` have been observed it re-plans a
-   second and last time from all of them (a short sample ranks the plans poorly: two prompts
-   put the model's tokens per step 10-15% under what ten measure) and observing stops. Every
+   second and last time from all of them (two prompts' worth of acceptance is a small sample
+   to rank plans by) and observing stops. Every
    plan is cached beside the costs and the acceptance it was made from; a later process starts
    from the cached plan, and goes on observing only if that plan is not the final one (until
    then the cache also holds the token ids of every generation observed so far, so that
