@@ -3,9 +3,11 @@ are deterministic), acceptance observed on finished generations, the plan cached
 switch of the adaptive schedule; the output never changes.
 
 * A drafter that costs too much is left out before anything is observed; once enough output is
-  observed the plan is remade from it; every output equals plain greedy decoding of the target.
-* The cache: a second cascade over the same levels reuses costs and plan; a corrupt file is
-  ignored; another thread count is another machine.
+  observed the plan is remade from it, and once more from more output, then observing stops;
+  every output equals plain greedy decoding of the target.
+* The cache: a second cascade over the same levels reuses costs and plan, and observes on only
+  while the cached plan is not the final one; a corrupt file is ignored; another thread count is
+  another machine.
 * The real pycode family: a real (short) calibration, a valid plan, the target's tokens.
 """
 
@@ -62,21 +64,29 @@ def test_prior_plan_leaves_out_a_drafter_that_costs_too_much(monkeypatch, tmp_pa
     assert plan.prediction.speedup > 1.0
 
 
-def test_observed_plan_replaces_the_prior_and_output_never_changes(monkeypatch, tmp_path):
+def test_observed_plan_replaces_the_prior_twice_then_observing_stops(monkeypatch, tmp_path):
+    """40 tokens per generation: re-planned after the 3rd (120 >= 100 tokens) and, for the last
+    time, after the 8th (320 >= 300); nothing is observed after that, and the output never changes."""
     plan_automatically(monkeypatch, tmp_path, COSTS)
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 100)
+    monkeypatch.setattr(autoplan, "FINAL_OBSERVED_TOKENS", 300)
     cascade = auto_cascade()
-    replanned = []
-    for round_number in range(3):
-        for prompt in PROMPTS:
-            result = cascade.generate(prompt, 40, ignore_eos=True)
-            assert result.token_ids == reference(prompt, 40)
-            if result.stats.plan_seconds > 0 and cascade.plan.source == "observed" and not replanned:
-                replanned.append(round_number)
-    assert replanned, "the plan was never remade from observations"
+    replanned = []  # (generation, tokens the new plan was made from)
+    plan_seconds = []
+    for generation in range(12):
+        prompt = PROMPTS[generation % len(PROMPTS)]
+        before = cascade.plan
+        result = cascade.generate(prompt, 40, ignore_eos=True)
+        assert result.token_ids == reference(prompt, 40)
+        plan_seconds.append(result.stats.plan_seconds)
+        if cascade.plan is not before:
+            replanned.append((generation + 1, cascade.plan.num_observed_tokens))
+        assert cascade.autoplan.observing == (generation + 1 < 8)
+    assert replanned == [(3, 120), (8, 320)]
+    assert all(s > 0 for s in plan_seconds[:8]) and plan_seconds[8:] == [0.0] * 4  # observing stopped
+    assert cascade.autoplan.trajectories == []  # nothing kept once the plan is final
     plan = cascade.plan
-    assert plan.source == "observed" and plan.num_observed_tokens >= 100
-    assert not cascade.autoplan.observing  # observing stops once the plan is made from it
+    assert plan.source == "observed" and plan.num_observed_tokens == 320
     assert "far" not in plan.config.drafters  # costly and unrelated: still out
     assert "near" in plan.config.drafters  # cheap and mostly right: pays
     assert all(0.0 < p < 1.0 for row in plan.priors for p in row)
@@ -88,20 +98,24 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
     calls: list = []
     plan_automatically(monkeypatch, tmp_path, COSTS, calls)
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 60)
+    monkeypatch.setattr(autoplan, "FINAL_OBSERVED_TOKENS", 120)
     levels = family()
     first = auto_cascade(levels)
     for prompt in PROMPTS:
         first.generate(prompt, 40, ignore_eos=True)
-    assert first.plan.source == "observed" and len(calls) == 1
+    assert first.plan.source == "observed" and len(calls) == 1 and not first.autoplan.observing
     files = list((tmp_path / "csdrafting").glob("auto-*.json"))
     assert len(files) == 1
     cached = json.loads(files[0].read_text())
+    # the final plan and the observations it was made from, nothing pending
+    assert "pending" not in cached and cached["observed"]["num_tokens"] == 120
+    assert cached["plan"]["num_observed_tokens"] == 120 and cached["plan"]["source"] == "observed"
     assert cached["key"]["cpu"] == autoplan.cpu_model() and cached["key"]["threads"] == torch.get_num_threads()
     assert [level["name"] for level in cached["key"]["levels"]] == ["target", "near", "far"]
     # the same levels again: costs and plan come from the cache, nothing is measured or observed
     second = auto_cascade(levels)
     assert len(calls) == 1 and second.plan.source == "observed" and not second.autoplan.observing
-    assert second.plan.config == first.plan.config
+    assert second.plan.config == first.plan.config and second.plan.num_observed_tokens == 120
     # a corrupt cache is ignored (and rewritten)
     files[0].write_text("{not json")
     third = auto_cascade(levels)
@@ -121,20 +135,41 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
 
 
 def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
-    """One generation per cascade (as one `csd generate` per process): the cache keeps what was
-    observed until there is enough to plan from."""
+    """One generation per cascade (as one `csd generate` per process): the cache keeps every
+    generation observed until the final plan, so processes started between the two re-plans
+    run the first observed plan and go on observing; after the final one nothing is kept."""
     plan_automatically(monkeypatch, tmp_path, COSTS)
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 100)
+    monkeypatch.setattr(autoplan, "FINAL_OBSERVED_TOKENS", 200)
     levels = family()
-    sources = []
-    for prompt in PROMPTS[:3]:
+    path = None
+    seen = []  # per process: (plan at start, tokens it was made from, observing), then the same after
+    pending = []  # generations the cache holds after each process
+    for prompt in PROMPTS + PROMPTS[:2]:
         cascade = auto_cascade(levels)
-        sources.append(cascade.plan.source)
+        start = (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.autoplan.observing)
         cascade.generate(prompt, 40, ignore_eos=True)
-        sources.append(cascade.plan.source)
-    assert sources == ["prior"] * 5 + ["observed"]  # the third generation brings 120 >= 100 tokens
-    cached = json.loads(next((tmp_path / "csdrafting").glob("auto-*.json")).read_text())
-    assert "pending" not in cached and cached["observed"]["num_tokens"] == 120
+        seen.append((start, (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.autoplan.observing)))
+        path = path or next((tmp_path / "csdrafting").glob("auto-*.json"))
+        pending.append(len(json.loads(path.read_text()).get("pending", [])))
+    assert seen == [
+        (("prior", 0, True), ("prior", 0, True)),
+        (("prior", 0, True), ("prior", 0, True)),
+        (("prior", 0, True), ("observed", 120, True)),  # 120 >= 100 tokens: the first plan from them
+        (("observed", 120, True), ("observed", 120, True)),
+        (("observed", 120, True), ("observed", 200, False)),  # 200: the final plan, from all five
+        (("observed", 200, False), ("observed", 200, False)),  # nothing observed any more
+    ]
+    assert pending == [1, 2, 3, 4, 0, 0]
+    cached = json.loads(path.read_text())
+    assert cached["observed"]["num_tokens"] == 200 and cached["plan"]["num_observed_tokens"] == 200
+    # a plan that is not final without the generations it was made from does not fit together:
+    # observations and plan are dropped, the prior plan runs and observing starts again
+    cached["observed"]["num_tokens"] = 120
+    cached["plan"]["num_observed_tokens"] = 120
+    path.write_text(json.dumps(cached))
+    restarted = auto_cascade(levels)
+    assert restarted.plan.source == "prior" and restarted.autoplan.observing and restarted.autoplan.num_observed == 0
 
 
 def test_mag_alone_and_no_drafter_at_all(monkeypatch, tmp_path):

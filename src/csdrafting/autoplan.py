@@ -24,10 +24,14 @@
    choices are the output), which gives every drafter's greedy agreement with the target at
    every position, and MaG's proposals and match lengths along the output. These do not
    depend on the plan in use, so a drafter the plan left out is measured too. Once
-   ``MIN_OBSERVED_TOKENS`` output tokens have been observed, the planner re-plans once from
-   them, the plan is cached beside the costs, and observing stops (a later process starts from
-   the cached plan; until then the cache also holds the token ids of the generations observed
-   so far, so that short-lived processes such as one ``csd generate`` each add their share).
+   ``MIN_OBSERVED_TOKENS`` output tokens have been observed, the planner re-plans from them;
+   observing goes on, and once ``FINAL_OBSERVED_TOKENS`` have been observed it re-plans a
+   second and last time from all of them (two prompts' worth of acceptance is a small sample
+   to rank plans by) and observing stops. Every
+   plan is cached beside the costs and the acceptance it was made from; a later process starts
+   from the cached plan, and goes on observing only if that plan is not the final one (until
+   then the cache also holds the token ids of every generation observed so far, so that
+   short-lived processes such as one ``csd generate`` each add their share).
    A sampled output is observed the same way (a drafter's argmax equal to the sampled token has
    the probability the target accepts that token as a point mass).
 3. **The plan**: the expected-walltime model of ``csd tune`` (``tune/planner.py``), extended
@@ -94,14 +98,19 @@ from .tune.planner import (
 )
 
 ENV_PLAN = "CSDRAFTING_AUTO_PLAN"  # "off" (or 0/false/no): "auto" is resolve()'s fixed start
-CACHE_VERSION = 2  # 2: forward costs fitted in the context with two parameters (planner.LevelCost)
+# 2: forward costs fitted in the context with two parameters (planner.LevelCost); 3: observing goes
+# on after the first re-plan (a cached "observed" plan is final only at FINAL_OBSERVED_TOKENS)
+CACHE_VERSION = 3
 COST_TOKENS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)  # where forward costs are measured
 COST_ROUNDS = 5
 COST_CONTEXT = 192  # cached tokens before the timed forwards (a prompt plus part of an output)
 # token counts also timed at 3x that context: per context position, what a forward pays once and
 # what each of its tokens pays (planner.fit_context)
 CONTEXT_TOKENS = (1, 4, 16)
-MIN_OBSERVED_TOKENS = 256  # output tokens observed before the plan is made from them
+MIN_OBSERVED_TOKENS = 256  # output tokens observed before the plan is first made from them
+# and before it is made again, for the last time (then observing stops): observing costs one
+# forward of every drafter over each generation, after its decoding, so it is kept bounded
+FINAL_OBSERVED_TOKENS = 1024
 PRIOR_NEURAL = 0.6  # acceptance assumed for a neural drafter before any is observed
 PRIOR_MAG = 0.4  # and for MaG
 # a small grid (the model's search runs once per MaG-first threshold, ~1 s in all)
@@ -143,7 +152,8 @@ class Plan:
     """What ``"auto"`` runs: an explicit configuration and where it came from.
 
     ``source``: ``"prior"`` (costs measured, acceptance assumed) or ``"observed"`` (acceptance
-    measured on ``num_observed_tokens`` tokens of earlier generations). ``priors[r][c]``: the
+    measured on ``num_observed_tokens`` tokens of earlier generations; the final plan once they
+    reach ``FINAL_OBSERVED_TOKENS``). ``priors[r][c]``: the
     acceptance each K entry was planned for. ``prediction``: the planner's expectation.
     """
 
@@ -219,17 +229,22 @@ class AutoPlanner:
         self.cache_path = (
             cache_dir() / f"auto-{hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]}.json"
         )
+        # every generation observed while observing (kept across the first re-plan: the last one
+        # measures all of them), and their output tokens
         self.trajectories: list[Trajectory] = []
         self.num_observed = 0
         self.observed: tuple[Acceptance, GatedAcceptance | None] | None = None
+        self.num_measured = 0  # output tokens ``observed`` was measured on
         self.context: int | None = None  # typical cached tokens in observed generations
         cached = self._read_cache()
         self.costs = cached["costs"] if "costs" in cached else self.calibrate()
         if "observed" in cached:
-            self.observed, self.num_observed, self.context = cached["observed"]
-        else:  # generations observed by earlier processes, too few to plan from yet
+            self.observed, self.num_measured, self.context = cached["observed"]
+        if self.observing:  # generations observed by earlier processes, too few for the next plan
             self.trajectories = cached.get("pending", [])
             self.num_observed = sum(len(t.output_ids) for t in self.trajectories)
+        else:
+            self.num_observed = self.num_measured
         plan = self._cached_plan(cached.get("plan"))
         if plan is None:
             plan = self.make_plan()
@@ -257,8 +272,10 @@ class AutoPlanner:
 
     def _read_cache(self) -> dict:
         """What the cache holds for this key: ``costs`` (a ``CostModel``), ``observed``
-        ((acceptance, gated), tokens, context) and ``plan`` (raw); parts that do not parse are
-        left out (and rewritten)."""
+        ((acceptance, gated), tokens, context), ``pending`` (the generations observed so far,
+        while observing goes on) and ``plan`` (raw); parts that do not parse, or observations that
+        do not fit together (a plan that is not final without the generations it was made from),
+        are left out (and rewritten)."""
         try:
             data = json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
@@ -284,18 +301,24 @@ class AutoPlanner:
                 out["pending"] = pending
         except (TypeError, ValueError):
             pass
+        if "observed" in out and out["observed"][1] < FINAL_OBSERVED_TOKENS:
+            # not final: observing goes on over the generations this plan was made from
+            if sum(len(t.output_ids) for t in out.get("pending", [])) < out["observed"][1]:
+                del out["observed"]
+                out.pop("pending", None)
+                out["plan"] = None
         return out
 
     def _write_cache(self) -> None:
         data = {"key": self.key, "costs": self.costs.as_dict()}
-        if self.observed is None and self.trajectories:
+        if self.observing and self.trajectories:
             data["pending"] = [[t.prompt_ids, t.output_ids] for t in self.trajectories]
         if self.observed is not None:
             acceptance, gated = self.observed
             data["observed"] = {
                 "acceptance": acceptance.as_dict(),
                 "gated": gated.as_dict() if gated is not None else None,
-                "num_tokens": self.num_observed,
+                "num_tokens": self.num_measured,
                 "context": self.context,
             }
         plan = self.plan
@@ -305,6 +328,7 @@ class AutoPlanner:
             "mag_first": plan.config.mag_first,
             "priors": [list(row) for row in plan.priors],
             "source": plan.source,
+            "num_observed_tokens": plan.num_observed_tokens,
             "summary": plan.as_dict(),  # for people reading the file
         }
         try:
@@ -320,6 +344,8 @@ class AutoPlanner:
         source = "observed" if self.observed is not None else "prior"
         if not isinstance(entry, dict) or entry.get("source") != source:
             return None
+        if entry.get("num_observed_tokens", 0) != self.num_measured:
+            return None  # made from other observations than the cached ones
         try:
             config = self._config_for(list(entry["levels"]), entry["k_matrix"], entry["mag_first"])
             prediction = self._predict(self.full_rows(config), config.mag_first)
@@ -328,7 +354,7 @@ class AutoPlanner:
             return None
         if len(priors) != len(config.k_matrix):
             return None
-        return Plan(config, source, prediction, priors, self.num_observed)
+        return Plan(config, source, prediction, priors, self.num_measured)
 
     # -- measuring ---------------------------------------------------------------------------------
 
@@ -388,16 +414,26 @@ class AutoPlanner:
 
     @property
     def observing(self) -> bool:
-        return self.observed is None
+        """Whether generations are still observed: until the plan is made from
+        ``FINAL_OBSERVED_TOKENS`` of them."""
+        return self.observed is None or self.num_measured < self.replan_at
+
+    @property
+    def replan_at(self) -> int:
+        """Observed output tokens at which the next plan is made (the last one once observed)."""
+        if self.observed is None:
+            return MIN_OBSERVED_TOKENS
+        return max(MIN_OBSERVED_TOKENS, FINAL_OBSERVED_TOKENS)
 
     def observe(self, prompt_ids: list[int], output_ids: list[int]) -> Plan | None:
-        """Record a finished generation; once enough is observed, measure and re-plan (returns the
-        new plan, else None)."""
+        """Record a finished generation; at ``MIN_OBSERVED_TOKENS`` and again, for the last time,
+        at ``FINAL_OBSERVED_TOKENS`` observed, measure over every generation observed and re-plan
+        (returns the new plan, else None)."""
         if not self.observing or len(output_ids) < 2:
             return None
         self.trajectories.append(Trajectory(list(prompt_ids), list(output_ids)))
         self.num_observed += len(output_ids)
-        if self.num_observed < MIN_OBSERVED_TOKENS:
+        if self.num_observed < self.replan_at:
             self._write_cache()  # a short-lived process (one `csd generate`) still adds its share
             return None
         started = time.perf_counter()
@@ -411,11 +447,13 @@ class AutoPlanner:
             target_forward=False,
         )
         self.observed = (acceptance, gated)
+        self.num_measured = self.num_observed
         # costs are planned at the observed context: a prompt plus half an output, on average
         self.context = round(
             sum(len(t.prompt_ids) + len(t.output_ids) / 2 for t in self.trajectories) / len(self.trajectories)
         )
-        self.trajectories = []
+        if not self.observing:
+            self.trajectories = []  # the final plan: nothing more is observed or kept
         self.plan = dataclasses.replace(self.make_plan(), seconds=time.perf_counter() - started)
         self._write_cache()
         return self.plan
@@ -440,7 +478,7 @@ class AutoPlanner:
         config, used = self._config(best.k_matrix, best.keep, mag_first)
         rows = self.full_rows(config)
         priors = _entry_priors(rows, used, acceptance, len(config.k_matrix), self._mag_level)
-        return Plan(config, source, self._predict(rows, config.mag_first), priors, self.num_observed)
+        return Plan(config, source, self._predict(rows, config.mag_first), priors, self.num_measured)
 
     def predict(self, config: CascadeConfig, costs: CostModel | None = None) -> Prediction:
         """The model's prediction for an explicit ``config`` over this family's levels (a plan's,
