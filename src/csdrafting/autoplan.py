@@ -486,7 +486,7 @@ class AutoPlanner:
         adaptive, chooses them), from what is known of acceptance, with ``costs`` (default: the
         calibrated ones)."""
         mag_first = config.mag_first if config.mag else None
-        adaptive = config.is_auto if config.adaptive is None else bool(config.adaptive)
+        adaptive = config.resolve().adaptive
         return self._predict(self.full_rows(config), mag_first, costs, adaptive=adaptive)
 
     def _predict(

@@ -19,7 +19,8 @@ Decisions, and why:
   residual may still hold mass on it.
 * **Budget.** ``max_nodes`` bounds the nodes the target runs (on a CPU, verification turns
   compute-bound at ~16 tokens for pycode-22m); alternatives are added at the root, then under
-  successive chain nodes, until the budget is spent. ``schedule`` sizes it by measured cost.
+  successive chain nodes, until the budget is spent. ``TreeSwitch`` (below) turns trees off where
+  they cost more per emitted token than chains.
 """
 
 from __future__ import annotations

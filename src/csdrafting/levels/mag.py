@@ -130,18 +130,13 @@ class MaG:
         prompt and accepted output (indexed), the rest a draft in progress (not indexed)."""
         self.counters.num_forwards += 1
         self.observe(ids, num_committed)
-        index = self._index
         context = ids  # continuations are read from here; proposals extend a virtual copy
         proposal: list[int] = []
         first_match_length = -1  # suffix length matched for the first proposed token
         while len(proposal) < num_tokens:
             tail = (context[-self.max_ngram :] + proposal)[-self.max_ngram :]
-            match_end, match_length = -1, 0
-            for n in range(1, len(tail) + 1):  # existence is monotone in n: stop at the first miss
-                end = index.get(tuple(tail[-n:]))
-                if end is None:
-                    break
-                match_end, match_length = end, n
+            ends = self._match_ends(tail)
+            match_end, match_length = (ends[-1], len(ends)) if ends else (-1, 0)
             if first_match_length < 0:
                 first_match_length = match_length
             if match_end >= 0:
@@ -160,14 +155,7 @@ class MaG:
         Only committed tokens are read; no bigram fallback (the chain already has MaG's guess)."""
         self.counters.num_forwards += 1
         self.observe(ids, num_committed)
-        index = self._index
-        tail = ids[-self.max_ngram :]
-        ends = []
-        for n in range(1, len(tail) + 1):  # existence is monotone in n: stop at the first miss
-            end = index.get(tuple(tail[-n:]))
-            if end is None:
-                break
-            ends.append(end)
+        ends = self._match_ends(ids[-self.max_ngram :])
         branches: list[list[int]] = []
         for end in reversed(ends):  # longest suffix first
             follow = ids[end + 1 : min(end + 1 + num_tokens, num_committed)]
@@ -176,3 +164,14 @@ class MaG:
                 if len(branches) == max_branches:
                     break
         return branches
+
+    def _match_ends(self, tail: list[int]) -> list[int]:
+        """For n = 1, 2, ...: where the latest earlier occurrence of the last n tokens of ``tail``
+        ends, as long as one exists (existence is monotone in n: the first miss ends the list)."""
+        ends = []
+        for n in range(1, len(tail) + 1):
+            end = self._index.get(tuple(tail[-n:]))
+            if end is None:
+                break
+            ends.append(end)
+        return ends
