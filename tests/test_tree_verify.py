@@ -17,7 +17,7 @@ import torch
 
 from csdrafting import verify
 from csdrafting.sampling import SamplingParams, warp
-from csdrafting.tree import DraftTree
+from csdrafting.tree import Branch, DraftTree
 from tiny import chisquare_pvalue
 from tiny import sequential_tree_verifier as sequential
 
@@ -51,10 +51,10 @@ def build_tree(params, generator) -> tuple[DraftTree, torch.Tensor]:
     x2 = int(torch.multinomial(q_after[x1], 1, generator=generator))
     tree = DraftTree(max_nodes=12, max_depth=3)
     tree.add_chain([x1, x2], [1, 1], [q_root, q_after[x1]])
-    tree.add_branch(-1, [2, 1, 0], 2, frozenset())  # a fixed alternative (may merge with the chain)
-    tree.add_branch(-1, [(x1 + 1) % VOCAB, x2], 2, frozenset())  # one that depends on the drawn chain
-    tree.add_branch(0, [(x2 + 3) % VOCAB, 1], 2, frozenset())  # under the chain's first node
-    tree.add_branch(0, [x2], 2, frozenset())  # a duplicate of the chain's token: a second candidate
+    tree.add_branch(Branch(-1, [2, 1, 0], 2, "mag"), frozenset())  # a fixed alternative (may merge with the chain)
+    tree.add_branch(Branch(-1, [(x1 + 1) % VOCAB, x2], 2, "mag"), frozenset())  # one that depends on the drawn chain
+    tree.add_branch(Branch(0, [(x2 + 3) % VOCAB, 1], 2, "mag"), frozenset())  # under the chain's first node
+    tree.add_branch(Branch(0, [x2], 2, "mag"), frozenset())  # a duplicate of the chain's token: a second candidate
     p_root, p_after = laws(TARGET, params)
     rows = [p_root] + [p_after[token] for token in tree.tokens]
     # rows deeper than one token after the context: the target is a bigram table on the last token

@@ -73,15 +73,21 @@ class TreeCounters:
     num_accepted: int = 0  # accepted path lengths, summed
     num_branch_wins: int = 0  # trees whose accepted path went beyond the chain's accepted prefix
     num_branch_tokens: int = 0  # accepted tokens that were not the chain's
-    num_chain_steps: int = 0  # speculative steps that verified a chain (trees did not pay: TreeSwitch)
+    num_unbranched: int = 0  # steps where no candidate paid for a tree: the chain went alone (TreeSizer)
+    wins: dict[str, int] = field(default_factory=dict)  # branch wins by source: second, mag, extend
 
-    def record(self, num_nodes: int, num_chain: int, num_accepted: int, num_chain_accepted: int) -> None:
+    def record(
+        self, num_nodes: int, num_chain: int, num_accepted: int, num_chain_accepted: int, won: str | None = None
+    ) -> None:
+        """One tree; ``won``: the source of the branch the accepted path left the chain for."""
         self.num_trees += 1
         self.num_nodes += num_nodes
         self.num_chain_nodes += num_chain
         self.num_accepted += num_accepted
         self.num_branch_wins += num_accepted > num_chain_accepted
         self.num_branch_tokens += num_accepted - num_chain_accepted
+        if won is not None:
+            self.wins[won] = self.wins.get(won, 0) + 1
 
     def as_dict(self) -> dict:
         data = asdict(self)

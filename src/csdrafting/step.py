@@ -31,7 +31,7 @@ from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
 from .stats import LevelStats, ReviewCounters, TreeCounters
-from .tree import DraftTree, TreeSwitch
+from .tree import Branch, DraftTree, TreeSizer
 
 
 class Draft:
@@ -85,8 +85,8 @@ class CascadeStep:
     ) -> None:
         self.levels = levels
         self.tree_budget = tree_budget  # max nodes of the target's draft tree; None: chains
-        self.tree_switch = TreeSwitch()  # trees only where they cost less per token than chains
-        self._tree_step = False  # whether the current step verifies a tree
+        self.tree_sizer = TreeSizer()  # which candidates are worth a node, and whether a tree pays
+        self._tree_step = False  # whether the current step may verify a tree
         self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
@@ -107,7 +107,7 @@ class CascadeStep:
             level.reset()
         self.reviews = [ReviewCounters() for _ in self.levels]
         self.tree_counters = TreeCounters() if self.tree_budget else None
-        self.tree_switch.begin(use_timing=params.greedy or params.seed is None)
+        self.tree_sizer.begin(use_timing=params.greedy or params.seed is None)
         self._one_hot_cache: dict[int, torch.Tensor] = {}
 
     def prefill(self, prompt_ids: list[int]) -> None:
@@ -126,35 +126,35 @@ class CascadeStep:
         self.num_committed = len(ids)
         speculative = self.schedule.speculate()
         self._tree_step = bool(speculative and self.tree_budget and self.mag_index is not None)
-        self._tree_step = self._tree_step and self.tree_switch.use_tree()
         gated = self._mag_first(ids, max_tokens - 1) if speculative else None
         draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
-        if self._tree_step:
-            tokens, origins, num_accepted = self._verify_tree(ids, draft, max_tokens - 1)
+        tree = self._grow_tree(ids, draft, max_tokens - 1) if self._tree_step else None
+        if tree is not None and tree.branched:
+            tokens, origins, num_accepted = self._verify_tree(ids, tree, draft)
         else:
             outcome, _ = self._review(0, ids, draft, lenience=1.0)
             num_accepted = outcome.num_accepted
             tokens = draft.tokens[:num_accepted] + [outcome.next_token]
             origins = draft.origins[:num_accepted] + [0]
+            if tree is not None:  # no candidate paid for a tree: the chain went as a chain
+                self.tree_counters.num_unbranched += 1
+                self.tree_counters.record(len(draft), len(draft), num_accepted, num_accepted)
+                self.tree_sizer.learn_chain(draft.origins, num_accepted)
         if gated:
             self.schedule.after_mag_first(num_accepted)
         # the review read its result back to the host (.tolist()), so the clock is synchronised
         seconds = time.perf_counter() - started
         self.schedule.after_step(seconds, len(tokens), speculative)
-        if speculative and self.tree_budget:
-            self.tree_switch.after_step(self._tree_step, seconds, len(tokens))
-            self.tree_counters.num_chain_steps += not self._tree_step
+        if self._tree_step:
+            self.tree_sizer.after_step(seconds, len(tokens))
         return tokens, origins
 
-    def _verify_tree(self, ids: list[int], draft: Draft, limit: int) -> tuple[list[int], list[int], int]:
-        """The target verifies the chain ``draft`` merged with MaG's alternatives, in one forward.
+    def _verify_tree(self, ids: list[int], tree: DraftTree, draft: Draft) -> tuple[list[int], list[int], int]:
+        """The target verifies ``tree`` (the chain ``draft`` and its alternatives) in one forward.
         Returns the emitted tokens, their origins and how many of the chain's tokens were accepted
         (what the schedule learns from, as for a chain)."""
-        tree = self._grow_tree(ids, draft, limit)
         target = self.levels[0]
-        timed = self.schedule.times_levels
-        if timed:
-            started, tokens_before = time.perf_counter(), target.counters.num_tokens_run
+        started, tokens_before = time.perf_counter(), target.counters.num_tokens_run
         logits = target.tree_logits(ids, tree.tokens, tree.parents)  # (N + 1, V)
         if self.params.greedy:
             outcome = verify.verify_tree_greedy(logits, tree.tokens, tree.parents)
@@ -163,53 +163,64 @@ class CascadeStep:
             outcome = verify.verify_tree_sampled(probs, tree.tokens, tree.parents, tree.laws, self.generator)
         path = outcome.path
         target.commit_path(path)
-        if timed:  # the verification read its result back to the host: the clock is synchronised
-            num_run = target.counters.num_tokens_run - tokens_before
-            self.schedule.after_forward(0, num_run, time.perf_counter() - started)
+        # the verification read its result back to the host: the clock is synchronised
+        num_run, seconds = target.counters.num_tokens_run - tokens_before, time.perf_counter() - started
+        self.tree_sizer.after_forward(num_run, seconds, tree=True)
+        self.tree_sizer.learn_tree(tree, path)
+        if self.schedule.times_levels:
+            self.schedule.after_forward(0, num_run, seconds)
         num_chain_accepted = tree.chain_prefix(path)
         # the target's review counters see the line it followed: the path, then the child it rejected
         children = verify.tree_children(tree.parents)[path[-1] + 1 if path else 0]
         line = path + children[:1]
         if line:
             self.reviews[0].record([self.names[tree.origins[n]] for n in line], len(path))
-        self.tree_counters.record(len(tree), tree.num_chain, len(path), num_chain_accepted)
+        won = tree.kinds[path[num_chain_accepted]][0] if num_chain_accepted < len(path) else None
+        self.tree_counters.record(len(tree), tree.num_chain, len(path), num_chain_accepted, won)
         if self.schedule.size:
             self.schedule.after_review(0, draft.segments, num_chain_accepted)
         tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
         return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
 
     def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree:
-        """The chain; the drafters' second choices beside the chain's tokens; then MaG's
-        alternatives at the root and under each chain node (in that order) until the node budget
-        is spent. MaG's are as deep as the chain below them (at least 2 tokens), never past
-        ``limit`` nor past an EOS when stopping there."""
+        """The chain and the candidates ``TreeSizer`` finds worth their cost: the drafters' second
+        choices beside the chain's tokens, MaG's continuation of the chain, and MaG's
+        alternatives at the root and under the first ``ALT_DEPTHS`` chain nodes (as deep as the
+        chain below them, at least 2 tokens). Never past an EOS when stopping there, nor past
+        ``limit`` (the tree's depth limit)."""
         # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
         # (the chain always fits: the request was checked against the context)
         room = self.levels[0].max_positions - len(ids)
         tree = DraftTree(max_nodes=max(min(self.tree_budget, room), len(draft)), max_depth=limit)
         tree.add_chain(draft.tokens, draft.origins, draft.probs)
-        if limit <= 0:
+        if limit <= 0 or len(tree) >= tree.max_nodes:
             return tree
-        mag = self.levels[self.mag_index]
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
-        for depth, (second, origin) in enumerate(zip(draft.seconds, draft.origins)):
-            if depth and draft.tokens[depth - 1] in stop_ids:
-                break
-            if second is not None:
-                tree.add_branch(depth - 1, [second], origin, stop_ids)
-        for depth in range(len(draft) + 1):
-            if len(tree) >= tree.max_nodes or depth >= limit:
-                break
-            if depth and draft.tokens[depth - 1] in stop_ids:
-                break
-            context = ids + draft.tokens[:depth]
-            length = max(2, len(draft) - depth)
-            # at the root the chain may itself be MaG's longest match: ask for one branch more
-            for branch in mag.propose_many(context, self.num_committed, length, self.MAX_BRANCHES):
-                tree.add_branch(depth - 1, branch, self.mag_index, stop_ids)
-        return tree
+        reached = next((i + 1 for i, token in enumerate(draft.tokens) if token in stop_ids), len(draft))
+        branches = [
+            Branch(depth - 1, [draft.seconds[depth]], draft.origins[depth], "second")
+            for depth in range(reached)
+            if draft.seconds[depth] is not None
+        ]
+        mag = self.levels[self.mag_index]
 
-    MAX_BRANCHES = 3  # MaG continuations asked for at each chain node
+        def extension() -> list[Branch]:
+            if reached < len(draft) or len(draft) >= limit:
+                return []  # the chain ends in an EOS, or at the depth limit
+            tokens = mag.propose(ids + draft.tokens, self.num_committed, min(self.EXTEND, limit - len(draft))).tokens
+            return [Branch(len(draft) - 1, tokens, self.mag_index, "extend")]
+
+        def alternatives(depth: int) -> list[Branch]:
+            # at the root the chain may itself be MaG's longest match: it is merged, not repeated
+            context, length = ids + draft.tokens[:depth], max(2, len(draft) - depth)
+            proposals = mag.propose_many(context, self.num_committed, length, TreeSizer.MAX_RANK)
+            return [Branch(depth - 1, tokens, self.mag_index, "mag", rank) for rank, tokens in enumerate(proposals)]
+
+        num_depths = min(reached, self.ALT_DEPTHS) + 1
+        return self.tree_sizer.grow(tree, branches, extension, alternatives, num_depths, stop_ids)
+
+    ALT_DEPTHS = 8  # chain nodes MaG's alternatives may hang under (deeper ones are rarely reached)
+    EXTEND = 8  # MaG tokens offered past the chain's end
 
     def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
         """MaG's draft for the target when its match is long enough to trust, else None. The
@@ -270,7 +281,8 @@ class CascadeStep:
     ) -> tuple[verify.ReviewOutcome, torch.Tensor]:
         """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
         level = self.levels[level_index]
-        timed = self.schedule.times_levels
+        sized = level_index == 0 and self._tree_step  # a chain the tree sizer compares trees with
+        timed = self.schedule.times_levels or sized
         if timed:
             started, tokens_before = time.perf_counter(), level.counters.num_tokens_run
         logits = level.next_token_logits(context + draft.tokens, len(draft) + 1)  # (K + 1, V)
@@ -281,8 +293,11 @@ class CascadeStep:
             draft_probs = self._stack_probs(draft, probs) if len(draft) else None
             outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
         if timed:  # the review read its result back to the host: the clock is synchronised
-            num_run = level.counters.num_tokens_run - tokens_before
-            self.schedule.after_forward(level_index, num_run, time.perf_counter() - started)
+            num_run, seconds = level.counters.num_tokens_run - tokens_before, time.perf_counter() - started
+            if self.schedule.times_levels:
+                self.schedule.after_forward(level_index, num_run, seconds)
+            if sized:
+                self.tree_sizer.after_forward(num_run, seconds, tree=False)
         if len(draft):
             self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
         if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)

@@ -17,23 +17,67 @@ Decisions, and why:
   alternative token equal to a chain token becomes a second candidate (a point mass) of the
   chain's node, tried after the chain's own law: after the chain's token was rejected, the
   residual may still hold mass on it.
-* **Budget.** ``max_nodes`` bounds the nodes the target runs (on a CPU, verification turns
-  compute-bound at ~16 tokens for pycode-22m); alternatives are added at the root, then under
-  successive chain nodes, until the budget is spent. ``TreeSwitch`` (below) turns trees off where
-  they cost more per emitted token than chains.
+* **Budget and size.** ``max_nodes`` bounds the nodes the target runs (on a CPU, verification
+  turns compute-bound at ~16 tokens for pycode-22m). Which candidates get nodes is ``TreeSizer``'s
+  choice: each candidate node's value is the chance its path is accepted (acceptance measured
+  online per kind of node and depth), its cost the measured seconds of one more verified token;
+  a node is added while its value beats what that time buys at the current speed, and a tree
+  only where its nodes also buy back what a tree forward costs beyond a chain's.
+* **Candidates.** The drafters' second choices beside the chain's tokens; MaG's alternatives at
+  the root and under the first ``ALT_DEPTHS`` chain nodes; MaG's continuation of the chain's last
+  token (a chain the K-matrix cut short can still be verified further where that pays).
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 Law = torch.Tensor | None  # (V,) the law a candidate was drawn from; None = a point mass
+Kind = tuple[str, int, int]  # (source, level or rank, depth within its branch): an acceptance bucket
+
+MAX_KIND_DEPTH = 15  # deeper nodes share their branch's bucket at this depth
+
+
+def chain_kind(origin: int, depth: int) -> Kind:
+    return ("chain", origin, min(depth, MAX_KIND_DEPTH))
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A deterministic candidate continuation under node ``parent`` (-1: the root).
+    ``source``: "second" (a drafter's second choice), "mag" (MaG's alternative of rank
+    ``rank``) or "extend" (MaG's continuation of the chain's last token)."""
+
+    parent: int
+    tokens: list[int]
+    origin: int  # the level that proposed it
+    source: str
+    rank: int = 0
+
+    def kind(self, j: int) -> Kind:
+        return (self.source, self.rank, min(j, MAX_KIND_DEPTH))
 
 
 class DraftTree:
     """A trie of draft tokens; nodes in topological order; ``parents[i] == -1``: a root child."""
 
-    __slots__ = ("tokens", "parents", "origins", "laws", "depths", "num_chain", "_child", "max_nodes", "max_depth")
+    __slots__ = (
+        "tokens",
+        "parents",
+        "origins",
+        "laws",
+        "depths",
+        "kinds",
+        "num_chain",
+        "_child",
+        "max_nodes",
+        "max_depth",
+    )
 
     def __init__(self, max_nodes: int, max_depth: int) -> None:
         self.tokens: list[int] = []
@@ -41,6 +85,7 @@ class DraftTree:
         self.origins: list[int] = []  # the level that first proposed each node
         self.laws: list[list[Law]] = []  # per node: its candidates' laws, in try order
         self.depths: list[int] = []  # 1 for a root child
+        self.kinds: list[Kind] = []  # per node: the acceptance bucket it is measured in (TreeSizer)
         self.num_chain = 0
         self._child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
         self.max_nodes = max_nodes
@@ -49,13 +94,14 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _add(self, parent: int, token: int, origin: int, law: Law) -> int:
+    def _add(self, parent: int, token: int, origin: int, law: Law, kind: Kind) -> int:
         node = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
         self.origins.append(origin)
         self.laws.append([law])
         self.depths.append(self.depths[parent] + 1 if parent >= 0 else 1)
+        self.kinds.append(kind)
         self._child[(parent, token)] = node
         return node
 
@@ -63,29 +109,38 @@ class DraftTree:
         """The cascade's draft: nodes 0..K-1, each the child of the one before."""
         assert not self.tokens, "the chain is the first branch"
         for i, (token, origin, law) in enumerate(zip(tokens, origins, laws)):
-            self._add(i - 1, token, origin, law)
+            self._add(i - 1, token, origin, law, chain_kind(origin, i))
         self.num_chain = len(tokens)
 
-    def add_branch(self, parent: int, tokens: list[int], origin: int, stop_ids: frozenset[int]) -> int:
-        """A deterministic continuation under ``parent`` (-1: the root), merged into the trie;
-        stops at the node budget, the depth limit or after a stop token. Returns nodes added."""
-        added = 0
-        depth = self.depths[parent] if parent >= 0 else 0
-        for token in tokens:
-            if depth >= self.max_depth:
+    def add_point_mass(self, parent: int, token: int, origin: int, kind: Kind) -> int | None:
+        """A deterministic candidate ``token`` under ``parent`` (-1: the root), merged into the
+        trie: an existing node with that token gets a point-mass candidate (module docstring).
+        Returns the node, or None where the node budget or the depth limit leaves no room."""
+        if (self.depths[parent] if parent >= 0 else 0) >= self.max_depth:
+            return None
+        node = self._child.get((parent, token))
+        if node is None:
+            if len(self.tokens) >= self.max_nodes:
+                return None
+            return self._add(parent, token, origin, None, kind)
+        if None not in self.laws[node]:
+            self.laws[node].append(None)
+        return node
+
+    def add_branch(self, branch: Branch, stop_ids: frozenset[int]) -> int:
+        """A candidate continuation merged into the trie, as far as the budget and the depth
+        limit allow, never past a stop token. Returns the nodes added."""
+        before, parent = len(self.tokens), branch.parent
+        for j, token in enumerate(branch.tokens):
+            parent = self.add_point_mass(parent, token, branch.origin, branch.kind(j))
+            if parent is None or token in stop_ids:
                 break
-            node = self._child.get((parent, token))
-            if node is None:
-                if len(self.tokens) >= self.max_nodes:
-                    break
-                node = self._add(parent, token, origin, None)
-                added += 1
-            elif None not in self.laws[node]:
-                self.laws[node].append(None)  # a point mass after the chain's law (module docstring)
-            if token in stop_ids:
-                break
-            parent, depth = node, depth + 1
-        return added
+        return len(self.tokens) - before
+
+    @property
+    def branched(self) -> bool:
+        """Whether anything beyond the chain was added (a node, or a second candidate)."""
+        return len(self.tokens) > self.num_chain or any(len(laws) > 1 for laws in self.laws)
 
     def chain_prefix(self, path: list[int]) -> int:
         """How many leading nodes of ``path`` are the chain's (the chain is nodes 0, 1, ...)."""
@@ -95,58 +150,200 @@ class DraftTree:
         return n
 
 
-class TreeSwitch:
-    """Trees or chains, by measured cost per emitted token (the schedule's whole-speculation
-    switch, one level up): a few chain steps first measure the chain's cost; tree steps are then
-    judged against it, and where a tree costs more per token than a chain the step verifies chains
-    for a while (doubling back-off) and retries. It reads only the clock and past steps, so it
-    changes speed, never output; with ``use_timing`` off (seeded sampling must be reproducible)
-    trees are always on."""
+class TreeSizer:
+    """Which candidates a tree gets, by value against cost (Sequoia's and EAGLE-2's idea, with
+    acceptance and costs measured online instead of fixed in advance).
 
-    DECAY = 0.9  # decayed sums: recent steps weigh most
-    PROBE_STEPS = 4  # chain steps that measure the chain's cost (at the start, and again later)
-    JUDGE_AFTER = 8  # tree steps before the first judgement
-    RECHECK_EVERY = 64  # tree steps between two re-measurements of the chain
-    FIRST_BACKOFF, MAX_BACKOFF = 16, 256  # chain steps after trees lost
+    * **Value** of a candidate node: the chance that its path is accepted, the product of the
+      conditional acceptance rates along it. Rates are counted per ``Kind`` bucket (chain tokens by
+      proposing level and depth; second choices by level; MaG's alternatives by rank and depth in
+      their branch; the chain's extension by depth): a node is *tried* when its parent was
+      accepted (or it hangs off the root) and *accepted* when it is on the accepted path. Counts
+      start from a small prior and are halved past ``MAX_COUNT`` (recent steps weigh most).
+    * **Cost**: the target's forward-and-verify seconds are fitted (decayed least squares over
+      tree and chain steps) as a per-forward part, a per-token part, and what a tree forward
+      costs beyond a chain forward of the same size (the tree mask, moving the accepted path's
+      keys and values into place). Until the fit has seen enough spread, a token costs
+      ``PRIOR_TOKEN_SHARE`` of a forward and a tree nothing extra.
+    * Candidates are taken by value, highest first (a child is never worth more than its parent),
+      while a node's value beats what its time would buy at the current speed
+      (``value > seconds per token * tokens per second``); then the tree as a whole must buy back
+      its extra cost too, else the step verifies the chain alone. Every ``EXPLORE_EVERY``-th tree
+      takes every candidate, so that kinds that are not worth a node stay measured, and the cost
+      fit keeps seeing trees.
+
+    It reads only past steps and the clock, so it changes speed, never output. Without timing
+    (seeded sampling must be reproducible, and then trees must not depend on what earlier
+    requests taught) every candidate is taken, in the order given, up to the budget."""
+
+    PRIORS = {"chain": 0.7, "second": 0.1, "mag": 0.1, "extend": 0.5}  # acceptance before any count
+    PRIOR_WEIGHT = 2.0  # pseudo-tries behind each prior
+    MAX_COUNT = 256.0  # tries past which a bucket's counts are halved
+    EXPLORE_EVERY = 32  # every so many trees take every candidate
+    MAX_RANK = 3  # MaG alternatives asked for per place (ranks 0, 1, 2)
+    COST_DECAY = 0.98  # of the forward-cost fit and of the throughput
+    PRIOR_TOKEN_SHARE = 0.05  # a verified token's cost as a share of a forward, until fitted
+    MIN_SPREAD = 0.5  # variance of the verified token counts below which no slope is fitted
+    REFIT_EVERY = 8  # forwards between two fits of the costs
 
     def __init__(self) -> None:
-        self.use_timing = False
-        self.backoff = self.FIRST_BACKOFF
-        self.chain_time = self.chain_tokens = self.tree_time = self.tree_tokens = 0.0
-        self.chain_steps_left = 0
-        self.tree_steps = 0
+        self.value_based = False
+        self._tries: dict[Kind, float] = {}
+        self._hits: dict[Kind, float] = {}
+        # decayed sums for the fit seconds ~ a + b * tokens + c * is_tree: X'X's entries, X'y
+        self._sums = [0.0] * 9
+        self._costs: tuple[float, float] | None = None
+        self._forwards_since_fit = 0
+        self._step_seconds = self._step_tokens = 0.0
+        self._num_trees = 0
 
     def begin(self, use_timing: bool) -> None:
-        """A new generation; what was measured carries over when timing is on."""
-        if use_timing and not self.use_timing:
-            self.chain_steps_left = self.PROBE_STEPS
-        self.use_timing = use_timing
-        if not use_timing:
-            self.chain_steps_left = 0
+        """A new generation; counts and costs carry over (they change speed, never output)."""
+        self.value_based = use_timing
 
-    def use_tree(self) -> bool:
-        return self.chain_steps_left == 0
+    # -- what it learns -----------------------------------------------------------------------------
 
-    def after_step(self, tree: bool, seconds: float, num_tokens: int) -> None:
-        if not self.use_timing:
-            return
-        decay = self.DECAY
-        if not tree:
-            self.chain_time = decay * self.chain_time + seconds
-            self.chain_tokens = decay * self.chain_tokens + num_tokens
-            self.chain_steps_left = max(self.chain_steps_left - 1, 0)
-            if self.chain_steps_left == 0:
-                self.tree_time = self.tree_tokens = 0.0
-                self.tree_steps = 0
-            return
-        self.tree_time = decay * self.tree_time + seconds
-        self.tree_tokens = decay * self.tree_tokens + num_tokens
-        self.tree_steps += 1
-        if self.tree_steps < self.JUDGE_AFTER or self.chain_tokens == 0:
-            return
-        if self.tree_time / self.tree_tokens > self.chain_time / self.chain_tokens:
-            self.chain_steps_left = self.backoff  # trees do not pay here: chains for a while
-            self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
-        elif self.tree_steps >= self.RECHECK_EVERY:
-            self.chain_steps_left = self.PROBE_STEPS  # the chain's cost may have changed
-            self.backoff = self.FIRST_BACKOFF
+    def rate(self, kind: Kind) -> float:
+        prior = self.PRIORS[kind[0]] * self.PRIOR_WEIGHT
+        return (self._hits.get(kind, 0.0) + prior) / (self._tries.get(kind, 0.0) + self.PRIOR_WEIGHT)
+
+    def _count(self, kind: Kind, hit: bool) -> None:
+        tries = self._tries.get(kind, 0.0) + 1
+        hits = self._hits.get(kind, 0.0) + hit
+        if tries > self.MAX_COUNT:
+            tries, hits = tries / 2, hits / 2
+        self._tries[kind], self._hits[kind] = tries, hits
+
+    def learn_tree(self, tree: DraftTree, path: list[int]) -> None:
+        """After a tree verification: every node whose parent was accepted was tried."""
+        accepted = set(path)
+        for node, parent in enumerate(tree.parents):
+            if parent < 0 or parent in accepted:
+                self._count(tree.kinds[node], node in accepted)
+
+    def learn_chain(self, origins: list[int], num_accepted: int) -> None:
+        """After a chain verification: chain tokens up to the first rejected one were tried."""
+        for depth in range(min(num_accepted + 1, len(origins))):
+            self._count(chain_kind(origins[depth], depth), depth < num_accepted)
+
+    def after_forward(self, num_tokens: int, seconds: float, tree: bool) -> None:
+        """The target ran ``num_tokens`` positions and verified them in ``seconds``."""
+        x = (1.0, float(num_tokens), float(tree))
+        decay, sums = self.COST_DECAY, self._sums
+        for i, (a, b) in enumerate(self._PAIRS):
+            sums[i] = decay * sums[i] + x[a] * x[b]
+        for i in range(3):
+            sums[6 + i] = decay * sums[6 + i] + seconds * x[i]
+        self._forwards_since_fit += 1
+
+    _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # the entries of X'X kept in _sums[:6]
+
+    def after_step(self, seconds: float, num_tokens: int) -> None:
+        self._step_seconds = self.COST_DECAY * self._step_seconds + seconds
+        self._step_tokens = self.COST_DECAY * self._step_tokens + num_tokens
+
+    def costs(self) -> tuple[float, float] | None:
+        """(seconds per verified token, extra seconds of a tree forward); None before any forward."""
+        if self._sums[0] > 0 and (self._costs is None or self._forwards_since_fit >= self.REFIT_EVERY):
+            self._costs, self._forwards_since_fit = self._fit(), 0
+        return self._costs
+
+    def _fit(self) -> tuple[float, float]:
+        """Least squares of seconds ~ a + b * tokens + c * is_tree over the decayed sums."""
+        s00, s01, s02, s11, s12, s22, y0, y1, y2 = self._sums
+        xx, xy = np.array([[s00, s01, s02], [s01, s11, s12], [s02, s12, s22]]), np.array([y0, y1, y2])
+        mean_seconds = y0 / s00
+        fallback = (self.PRIOR_TOKEN_SHARE * mean_seconds, 0.0)
+        if s11 / s00 - (s01 / s00) ** 2 < self.MIN_SPREAD:
+            return fallback  # (nearly) every forward the same size so far: no slope to fit
+        used = [0, 1, 2] if s22 > 0 else [0, 1]  # the tree term only once trees were timed
+        try:
+            coef = np.linalg.solve(xx[np.ix_(used, used)], xy[used])
+        except np.linalg.LinAlgError:  # every forward a tree (or none): no separate tree term
+            return fallback
+        per_token = float(coef[1])
+        if not 0 <= per_token <= mean_seconds:  # an ill-conditioned fit (too little spread)
+            return fallback
+        return per_token, max(float(coef[2]), 0.0) if len(used) == 3 else 0.0
+
+    def threshold(self) -> tuple[float, float] | None:
+        """(the value a node must have, the value a tree must add beyond its nodes' share)
+        in emitted tokens; None: take every candidate, in order."""
+        if not self.value_based:
+            return None
+        self._num_trees += 1
+        costs = self.costs()
+        if self._num_trees % self.EXPLORE_EVERY == 0 or costs is None or self._step_seconds == 0:
+            return None
+        tokens_per_second = self._step_tokens / self._step_seconds
+        per_token, per_tree = costs
+        return per_token * tokens_per_second, per_tree * tokens_per_second
+
+    # -- what it builds -----------------------------------------------------------------------------
+
+    def grow(
+        self,
+        tree: DraftTree,
+        branches: list[Branch],
+        extension: Callable[[], list[Branch]],
+        alternatives: Callable[[int], list[Branch]],
+        num_alternative_depths: int,
+        stop_ids: frozenset[int],
+    ) -> DraftTree:
+        """The tree (which holds the chain) with the candidates worth their cost: ``branches``
+        (already at hand), ``extension()`` (the chain's continuation) and ``alternatives(depth)``
+        (under chain node ``depth - 1``, for depths below ``num_alternative_depths``); the last
+        two are asked for only where something they return could be worth a node. Returns the
+        tree to verify: ``tree``, or a tree of the chain alone where no candidate pays."""
+        threshold = self.threshold()
+        if threshold is None:
+            branches = branches + extension()
+            for depth in range(num_alternative_depths):
+                branches = branches + alternatives(depth)
+            for branch in branches:
+                tree.add_branch(branch, stop_ids)
+            return tree
+        per_node, per_tree = threshold
+        reach = [1.0] * (tree.num_chain + 1)  # reach[i + 1]: the chance chain node i is accepted
+        for node in range(tree.num_chain):
+            reach[node + 1] = reach[node] * self.rate(tree.kinds[node])
+        if reach[-1] * self.rate(("extend", 0, 0)) > per_node:
+            branches = branches + extension()
+        best_alternative = max(self.rate(("mag", rank, 0)) for rank in range(self.MAX_RANK))
+        for depth in range(num_alternative_depths):
+            if reach[depth] * best_alternative > per_node:
+                branches = branches + alternatives(depth)
+        if not branches:
+            return tree
+        chain = _copy_chain(tree)
+        # frontier: (-value, branch index, position in the branch, parent node)
+        frontier = [
+            (-reach[branch.parent + 1] * self.rate(branch.kind(0)), index, 0, branch.parent)
+            for index, branch in enumerate(branches)
+        ]
+        heapq.heapify(frontier)
+        gain = 0.0  # value added beyond the nodes' own cost
+        while frontier:
+            negative_value, index, j, parent = heapq.heappop(frontier)
+            branch, value = branches[index], -negative_value
+            token = branch.tokens[j]
+            new = (parent, token) not in tree._child
+            if new and value <= per_node:
+                break  # nothing left is worth a node (a child is never worth more than its parent)
+            node = tree.add_point_mass(parent, token, branch.origin, branch.kind(j))
+            if node is None:
+                continue  # out of budget or depth here; merges elsewhere cost nothing
+            if new:
+                gain += value - per_node
+            elif node < tree.num_chain:
+                value = reach[node + 1]  # merged into the chain: worth what the chain's node is
+            if token not in stop_ids and j + 1 < len(branch.tokens):
+                heapq.heappush(frontier, (-value * self.rate(branch.kind(j + 1)), index, j + 1, node))
+        return tree if gain > per_tree else chain
+
+
+def _copy_chain(tree: DraftTree) -> DraftTree:
+    """A tree holding only ``tree``'s chain (what is verified when no branch pays for the tree)."""
+    chain = DraftTree(tree.max_nodes, tree.max_depth)
+    chain.add_chain(tree.tokens[: tree.num_chain], tree.origins[: tree.num_chain], [laws[0] for laws in tree.laws])
+    return chain
