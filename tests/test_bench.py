@@ -187,6 +187,23 @@ def test_cascade_config_file_becomes_a_method(family, tmp_path):
     assert rows["csd-config"]["matches_baseline"] is True
 
 
+def test_tree_methods_report_trees_and_plot_them(family, tmp_path):
+    """The trees suite's methods run (greedy identity holds), the report gets its tree table, and
+    the accepted-length-vs-tree-size plot is drawn."""
+    results = tmp_path / "trees.jsonl"
+    rc = main(["bench", *_model_args(family), "--suite", "trees", "--only", "csd-full,csd-full-tree",
+               "--modes", "greedy-fixed,sampling-fixed", "--lengths", "12", "--num-prompts", "1", "--warmup", "0",
+               "--output", str(results), "--report", str(tmp_path / "report")])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    trees = [r for r in rows if r["method"] == "csd-full-tree"]
+    assert trees and all(r["config"]["tree"] and r["levels"][0]["tree"]["num_trees"] > 0 for r in trees)
+    assert all(r["matches_baseline"] for r in trees if r["decoding"] == "greedy")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Token trees" in report and "| csd-full-tree | greedy |" in report
+    assert (tmp_path / "report" / "trees.png").is_file()
+
+
 def test_report_rejects_foreign_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"hello": 1}\n')

@@ -536,6 +536,9 @@ class AutoPlanner:
             lenience=1.0,
             adaptive=True,
             mag_first=mag_first if with_mag and reduced else None,
+            # trees hang MaG's alternatives on the chain: without MaG in the plan, chains
+            tree=self.config.tree and with_mag,
+            tree_budget=self.config.tree_budget if with_mag else None,
         )
 
     def _family_levels(self, config: CascadeConfig) -> list[int]:

@@ -184,6 +184,46 @@ def table(group: Group) -> list[str]:
     return lines
 
 
+TREE_TABLE_NOTE = (
+    "Per tree method: speculative steps, mean nodes per tree and of them the chain's, mean accepted",
+    "path, the share of steps an alternative or the chain's MaG extension won (by source), and the",
+    "share where no candidate paid for a tree (the chain went alone; `tree.py`: TreeSizer).",
+)
+
+
+def tree_stats(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """Tree counters summed per (run, decoding, method) over the rows that verified trees."""
+    out: dict[tuple[str, str, str], dict] = {}
+    for r in rows:
+        tree = ((r.get("levels") or [{}])[0] or {}).get("tree")
+        if not tree or r.get("stop") != "fixed":
+            continue
+        total = out.setdefault((r["run_id"], r["decoding"], r["method"]), {"wins": defaultdict(int)})
+        for key in ("num_trees", "num_nodes", "num_chain_nodes", "num_accepted", "num_branch_wins", "num_unbranched"):
+            total[key] = total.get(key, 0) + tree.get(key, 0)
+        for source, count in (tree.get("wins") or {}).items():
+            total["wins"][source] += count
+    return out
+
+
+def tree_table(rows: list[dict]) -> list[str]:
+    stats = tree_stats(rows)
+    if not stats:
+        return []
+    lines = [
+        "| method | decoding | steps | nodes per tree | of them chain | accepted path | branch wins | unbranched |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for (_, decoding, method), t in sorted(stats.items()):
+        n = max(t["num_trees"], 1)
+        wins = ", ".join(f"{source} {count / n:.3f}" for source, count in sorted(t["wins"].items())) or "—"
+        lines.append(
+            f"| {method} | {decoding} | {t['num_trees']} | {t['num_nodes'] / n:.1f} | {t['num_chain_nodes'] / n:.1f} "
+            f"| {t['num_accepted'] / n:.2f} | {t['num_branch_wins'] / n:.3f} ({wins}) | {t['num_unbranched'] / n:.2f} |"
+        )
+    return lines
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     """A short plain-text summary (printed at the end of ``csd bench``)."""
     out = []
@@ -354,6 +394,9 @@ def write_report(rows: list[dict], out: Path, title: str = "csd bench results") 
     for group in groups:
         lines += [f"### {group.label}", "", f"run `{group.run_id}`, baseline **{group.baseline}**", ""]
         lines += table(group) + [""]
+    trees = tree_table(rows)
+    if trees:
+        lines += ["## Token trees", "", *TREE_TABLE_NOTE, ""] + trees + [""]
     plots = _plots(rows, groups, out)
     if plots:
         lines += ["## Plots", ""]
@@ -379,6 +422,7 @@ def _plots(rows: list[dict], groups: list[Group], out: Path) -> list[tuple[str, 
         _plot_kmatrix,
         _plot_ablation,
         _plot_memory,
+        _plot_trees,
     ):
         result = maker(plt, rows, groups, out)
         if result is not None:
@@ -625,3 +669,53 @@ def _plot_memory(plt, rows, groups, out):
     )
     ax.legend()
     return _save(fig, out, "memory.png", "Memory per method")
+
+
+def _plot_trees(plt, rows, groups, out):
+    """Accepted length against tree size: each tree method's mean (large), each of its
+    generations (small), and its chain alone at the chain's own size (x)."""
+    stats = tree_stats(rows)
+    if not stats:
+        return None
+    decodings = sorted({decoding for _, decoding, _ in stats})
+    fig, axes = plt.subplots(1, len(decodings), figsize=(6 * len(decodings), 4.5), squeeze=False)
+    for ax, decoding in zip(axes[0], decodings):
+        for index, ((run_id, d, method), t) in enumerate(sorted(stats.items())):
+            if d != decoding:
+                continue
+            color = f"C{index % 10}"
+            sizes, paths = [], []
+            for r in rows:
+                tree = ((r.get("levels") or [{}])[0] or {}).get("tree")
+                if tree and tree.get("num_trees") and (r["run_id"], r["decoding"], r["method"]) == (run_id, d, method):
+                    sizes.append(tree["num_nodes"] / tree["num_trees"])
+                    paths.append(tree["num_accepted"] / tree["num_trees"])
+            ax.scatter(sizes, paths, s=8, alpha=0.35, color=color)
+            n = max(t["num_trees"], 1)
+            ax.scatter([t["num_nodes"] / n], [t["num_accepted"] / n], s=70, color=color, label=method)
+            chain = _chain_twin(rows, run_id, d, method)
+            if chain is not None:
+                ax.scatter([t["num_chain_nodes"] / n], [chain], s=70, marker="x", color=color)
+        ax.set_xlabel("draft nodes verified per step (mean)")
+        ax.set_ylabel("accepted tokens per step (mean)")
+        ax.set_title(f"Accepted length vs tree size, {decoding} (x: with chains)")
+        ax.legend(fontsize=8)
+    return _save(fig, out, "trees.png", "Accepted length against tree size (token trees vs chains)")
+
+
+def _chain_twin(rows: list[dict], run_id: str, decoding: str, method: str) -> float | None:
+    """Mean accepted tokens per step of the chain twin of a tree method (``X-tree…`` -> ``X``)."""
+    base, _, backend = method.partition("@")
+    if "-tree" not in base:
+        return None
+    twin = base.split("-tree")[0] + (f"@{backend}" if backend else "")
+    values = [
+        r["tokens_per_target_step"] - 1
+        for r in rows
+        if r["method"] == twin
+        and r["run_id"] == run_id
+        and r["decoding"] == decoding
+        and r.get("stop") == "fixed"
+        and r.get("tokens_per_target_step") is not None
+    ]
+    return sum(values) / len(values) if values else None

@@ -487,6 +487,8 @@ class CascadeMethod:
             adaptive=spec.get("adaptive"),
             mag_first=spec.get("mag_first"),
             drafter_window=spec.get("drafter_window"),  # drafters read the prompt's end only (levels/window.py)
+            tree=spec.get("tree", False),
+            tree_budget=spec.get("tree_budget"),
         )
         if self.backend == "llama.cpp":
             levels = models.llama_levels()

@@ -18,7 +18,8 @@ A method spec is a JSON object:
   the library's choice, on for ``"auto"`` and off for an explicit matrix), ``runner``
   (``auto``/``lean``/``transformers``), ``backend`` (``torch`` / ``llama.cpp``: pins the method to
   one backend; without it the method runs on every backend the run selects, see ``build_suite``).
-  ``drafter_window`` (drafters read only the last N prompt tokens: ``levels/window.py``).
+  ``drafter_window`` (drafters read only the last N prompt tokens: ``levels/window.py``);
+  ``tree`` / ``tree_budget`` (the target verifies token trees: ``tree.py``).
 * derived methods: ``like`` copies another method's spec, then ``without`` removes one drafting
   level (a drafter's name or ``"mag"``) from it, K-matrix included, and ``k00`` sets ``K[0][0]``.
 * ``ablation``: a label; methods that carry one appear in the report's ablation plot.
@@ -48,7 +49,19 @@ LLAMA_SUFFIX = "@llama.cpp"  # a csd method's name on the llama.cpp backend
 TEMPLATE_KEYS = ("drafter", "k00", "lenience")  # "{key}" in a name expands over these
 _TRANSFORMERS_KEYS = {"assistant", "prompt_lookup_num_tokens", "generate_options"}
 _LLAMA_KEYS = {"prompt_lookup_num_tokens"}
-_CSD_KEYS = {"drafters", "mag", "k_matrix", "lenience", "adaptive", "mag_first", "runner", "backend", "drafter_window"}
+_CSD_KEYS = {
+    "drafters",
+    "mag",
+    "k_matrix",
+    "lenience",
+    "adaptive",
+    "mag_first",
+    "runner",
+    "backend",
+    "drafter_window",
+    "tree",
+    "tree_budget",
+}
 _COMMON_KEYS = {"engine", "description", "ablation", "like", "without", "k00"}
 
 
