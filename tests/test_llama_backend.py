@@ -373,6 +373,71 @@ def test_sampling_check_rejects_a_broken_reviewer(sampling_cascade, monkeypatch)
     assert chisquare_pvalue(counts, law) < 1e-8
 
 
+# -- token trees on llama.cpp levels (one sequence id per leaf) ------------------------------------
+
+TREE_TOKENS = [11, 12, 13, 14, 21, 22, 31, 32]  # a root with two children, branches under node 1
+TREE_PARENTS = [-1, 0, 1, 2, -1, 4, 1, 6]
+
+
+def _tree_path_ids(node: int) -> list[int]:
+    path = [node]
+    while TREE_PARENTS[path[-1]] >= 0:
+        path.append(TREE_PARENTS[path[-1]])
+    return [TREE_TOKENS[n] for n in reversed(path)]
+
+
+@pytest.mark.parametrize("path", [[0, 1, 2, 3], [4, 5], [0, 1, 6, 7], [0], []])
+@pytest.mark.parametrize("max_leaves", [None, 1])
+def test_llama_cpp_tree_logits_and_kept_path_equal_fresh_forwards(ggufs, path, max_leaves):
+    """One batch over the tree (or, past the runner's sequences, one forward per path) gives every
+    node the logits of its path alone; after commit_path the cache continues the kept path."""
+    from csdrafting.llama_backend import llama_level
+
+    def fresh(ids):
+        return llama_level("fresh", ggufs["target"]).next_token_logits(ids, 1)[0]
+
+    level = llama_level("t", ggufs["target"])
+    if max_leaves is not None:
+        level.runner.max_tree_leaves = max_leaves  # too many leaves: the per-path fallback
+    prompt = PROMPTS[0]
+    level.prefill(prompt[:-1])
+    context = prompt + [7, 8]  # catch-up before the tree
+    logits = level.tree_logits(context, TREE_TOKENS, TREE_PARENTS)
+    torch.testing.assert_close(logits[0], fresh(context), rtol=0, atol=1e-4)
+    for node in range(len(TREE_TOKENS)):
+        torch.testing.assert_close(logits[node + 1], fresh(context + _tree_path_ids(node)), rtol=0, atol=1e-4)
+    level.commit_path(path)
+    committed = context + [TREE_TOKENS[n] for n in path]
+    after = level.next_token_logits(committed + [50], 1)[0]
+    torch.testing.assert_close(after, fresh(committed + [50]), rtol=0, atol=1e-4)
+    if max_leaves is None:  # the path's entries were kept: only the new token ran
+        assert level.counters.num_tokens_run == len(prompt) - 1 + 3 + len(TREE_TOKENS) + 1
+        assert level.runner.length == len(committed) + 1
+
+
+@pytest.mark.parametrize(("drafters", "k_matrix"), [((), [[4]]), (("noisy",), [[2, 4], [0, 3]])])
+def test_trees_on_llama_cpp_equal_plain_greedy(ggufs, drafters, k_matrix, monkeypatch):
+    from csdrafting.tree import TreeSizer
+
+    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)  # every candidate in every tree
+    config = CascadeConfig(
+        target=str(ggufs["target"]),
+        drafters=tuple(str(ggufs[name]) for name in drafters),
+        k_matrix=k_matrix,
+        tree=True,
+        tree_budget=12,
+    )
+    compared = branched = 0
+    for prompt, result in zip(PROMPTS, run_cascade(config)):
+        compared += assert_identical_up_to_near_ties(
+            result.token_ids, llama_plain_greedy(ggufs["target"], prompt, NUM_NEW)
+        )
+        tree = result.stats.levels[0].tree
+        branched += tree.num_nodes - tree.num_chain_nodes
+    assert compared >= 0.8 * NUM_NEW * len(PROMPTS)
+    assert branched > 0  # alternatives were verified in the one-batch tree forward
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from csdrafting import KMatrix, autoplan
 from csdrafting import step as step_module
 from csdrafting.sampling import SamplingParams, warp
 from csdrafting.schedule import AdaptiveSchedule
+from csdrafting.tree import TreeSizer
 from tiny import (
     TableLevel,
     broken_reviewer,
@@ -33,6 +34,12 @@ VOCAB = 3
 PROMPT = [0, 1, 2, 0, 1]  # repeats, so MaG finds matches
 ACCEPT_P = 1e-3  # fixed seeds: deterministic; a correct cascade is far above this
 REJECT_P = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def full_trees(monkeypatch):
+    """Every candidate in every tree: the most branches for the verifiers to get wrong."""
+    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)
 
 
 def make_levels(mode: str, num_drafters: int, unrelated: bool = False) -> list[TableLevel]:

@@ -127,13 +127,23 @@ def test_candidates_are_asked_for_only_where_they_could_pay():
     assert asked == [0]  # ...so nothing under it is worth asking MaG for
 
 
-def test_without_timing_every_candidate_is_taken_in_order_up_to_the_budget():
+def test_without_timing_the_first_tree_takes_every_candidate_in_order_up_to_the_budget():
     sizer = TreeSizer()
     sizer.begin(use_timing=False)  # seeded sampling: the tree must not depend on the clock
     tree = chain_tree((1, 2, 3), max_nodes=6)
     branches = [Branch(-1, [7, 8], 3, "mag", 1), Branch(0, [9, 10], 3, "mag", 2)]
     out = sizer.grow(tree, branches, no_extension, no_alternatives, 0, NO_STOP)
     assert out.tokens == [1, 2, 3, 7, 8, 9]  # in order until the budget of 6 nodes
+
+
+def test_without_timing_nodes_are_priced_in_tokens_and_learning_restarts_per_generation():
+    sizer = TreeSizer()
+    sizer.begin(use_timing=False)
+    sizer.after_step(123.0, 4)  # the seconds are ignored: a step's tokens price a node
+    assert sizer.threshold() == (TreeSizer.PRIOR_TOKEN_SHARE * 4, 0.0)
+    sizer._count(("mag", 1, 0), True)
+    sizer.begin(use_timing=False)  # the next seeded generation does not see what this one learned
+    assert sizer.rate(("mag", 1, 0)) == TreeSizer.PRIORS["mag"] and sizer.threshold() is None
 
 
 def test_every_so_often_a_tree_takes_every_candidate():
@@ -166,3 +176,17 @@ def test_sized_trees_keep_the_targets_greedy_output(runner):
         assert result.token_ids == reference
     tree = result.stats.levels[0].tree
     assert tree.num_trees > 0 and tree.num_unbranched <= tree.num_trees
+
+
+def test_seeded_sampling_with_sized_trees_is_reproducible():
+    """Without the clock, the same seed gives the same trees, hence the same tokens, whatever
+    generations ran before (a greedy one here, which teaches the sizer with timing on)."""
+    target = tiny_llama(0)
+    prompt = [5, 17, 33, 2, 81, 5, 17, 40, 7, 5, 17, 33, 9, 5, 17, 2, 81, 5]
+    cascade = make_cascade(
+        target, [noisy_copy(target, 1, 0.05)], k_matrix=[[2, 4], [0, 3]], tree=True, eos_token_ids=[]
+    )
+    first = cascade.generate(prompt, 40, ignore_eos=True, temperature=0.8, seed=11).token_ids
+    cascade.generate(prompt, 40, ignore_eos=True)
+    cascade.generate(prompt, 40, ignore_eos=True, temperature=0.8, seed=12)
+    assert cascade.generate(prompt, 40, ignore_eos=True, temperature=0.8, seed=11).token_ids == first

@@ -173,8 +173,9 @@ class TreeSizer:
       fit keeps seeing trees.
 
     It reads only past steps and the clock, so it changes speed, never output. Without timing
-    (seeded sampling must be reproducible, and then trees must not depend on what earlier
-    requests taught) every candidate is taken, in the order given, up to the budget."""
+    (seeded sampling must be reproducible) it learns within the generation only and prices a
+    node at ``PRIOR_TOKEN_SHARE`` of a step's tokens, so a seed gives the same trees, hence the
+    same output, whatever ran before; the first tree of such a generation takes every candidate."""
 
     PRIORS = {"chain": 0.7, "second": 0.1, "mag": 0.1, "extend": 0.5}  # acceptance before any count
     PRIOR_WEIGHT = 2.0  # pseudo-tries behind each prior
@@ -187,19 +188,26 @@ class TreeSizer:
     REFIT_EVERY = 8  # forwards between two fits of the costs
 
     def __init__(self) -> None:
-        self.value_based = False
-        self._tries: dict[Kind, float] = {}
-        self._hits: dict[Kind, float] = {}
+        self.use_timing = False
+        self._forget()
         # decayed sums for the fit seconds ~ a + b * tokens + c * is_tree: X'X's entries, X'y
         self._sums = [0.0] * 9
         self._costs: tuple[float, float] | None = None
         self._forwards_since_fit = 0
-        self._step_seconds = self._step_tokens = 0.0
+
+    def _forget(self) -> None:
+        """Drop the acceptance counts and the step history (the fitted costs are the clock's)."""
+        self._tries: dict[Kind, float] = {}
+        self._hits: dict[Kind, float] = {}
+        self._step_seconds = self._step_tokens = self._steps = 0.0
         self._num_trees = 0
 
     def begin(self, use_timing: bool) -> None:
-        """A new generation; counts and costs carry over (they change speed, never output)."""
-        self.value_based = use_timing
+        """A new generation. With timing, what was learned carries over (it changes speed, never
+        output); without, the generation starts afresh (reproducible)."""
+        if not use_timing or not self.use_timing:
+            self._forget()
+        self.use_timing = use_timing
 
     # -- what it learns -----------------------------------------------------------------------------
 
@@ -239,8 +247,10 @@ class TreeSizer:
     _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # the entries of X'X kept in _sums[:6]
 
     def after_step(self, seconds: float, num_tokens: int) -> None:
-        self._step_seconds = self.COST_DECAY * self._step_seconds + seconds
-        self._step_tokens = self.COST_DECAY * self._step_tokens + num_tokens
+        decay = self.COST_DECAY
+        self._step_seconds = decay * self._step_seconds + (seconds if self.use_timing else 0.0)
+        self._step_tokens = decay * self._step_tokens + num_tokens
+        self._steps = decay * self._steps + 1
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds per verified token, extra seconds of a tree forward); None before any forward."""
@@ -269,11 +279,13 @@ class TreeSizer:
     def threshold(self) -> tuple[float, float] | None:
         """(the value a node must have, the value a tree must add beyond its nodes' share)
         in emitted tokens; None: take every candidate, in order."""
-        if not self.value_based:
-            return None
         self._num_trees += 1
+        if self._num_trees % self.EXPLORE_EVERY == 0 or self._steps == 0:
+            return None
+        if not self.use_timing:  # no clock: a node costs a share of a step, which is worth its tokens
+            return self.PRIOR_TOKEN_SHARE * self._step_tokens / self._steps, 0.0
         costs = self.costs()
-        if self._num_trees % self.EXPLORE_EVERY == 0 or costs is None or self._step_seconds == 0:
+        if costs is None or self._step_seconds == 0:
             return None
         tokens_per_second = self._step_tokens / self._step_seconds
         per_token, per_tree = costs

@@ -5,7 +5,11 @@ a pycode-sized forward several times faster than torch eager on a CPU.
 
 One context, one sequence (id 0). The KV cache is llama.cpp's: rolling back rejected tokens is
 ``llama_memory_seq_rm`` of the positions from ``start`` on; the next batch then continues from
-there. Each batch flags only the positions whose logits are asked for, so llama.cpp computes the
+there. A draft tree (``forward_tree``) runs in one batch with one sequence id per leaf: every
+node belongs to the sequences of the leaves below it, the cached context is copied (as metadata,
+in the one unified cache) into every sequence, and llama.cpp's mask lets a token see the cells of
+its sequence at positions up to its own, that is the context and its ancestors (position =
+depth). ``keep`` then leaves the accepted path in sequence 0 and drops every other cell. Each batch flags only the positions whose logits are asked for, so llama.cpp computes the
 vocabulary projection for those rows alone, and they are copied out of its buffer in one block.
 
 Numerics (measured on pycode-1m f32, see ``scripts/llamacpp_costs.py``): with llama.cpp's flash
@@ -30,7 +34,8 @@ from ..errors import ConfigError, ModelLoadError
 
 MAX_DEFAULT_CONTEXT = 8192  # a default context beyond this costs KV memory few generations use
 MAX_UBATCH = 512  # llama.cpp's default micro-batch: longer inputs (prompts) run in chunks of this
-_SEQ = 0  # the one sequence this runner keeps
+_SEQ = 0  # the sequence this runner keeps (a draft tree uses more, for one forward)
+TREE_SEQS = 32  # sequence ids for a draft tree's leaves (a tree with more is run path by path)
 _GGML_TYPES = {"f32": 0, "f16": 1}  # ggml_type values for the KV cache
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
 
@@ -98,10 +103,12 @@ class LlamaCppRunner:
         # llama.cpp rounds the context up (to a multiple of 256): the positions promised are n_ctx
         self.max_positions = min(n_ctx, int(lib.llama_n_ctx(self._context)))
         self._memory = lib.llama_get_memory(self._context)
-        self._batch = lib.llama_batch_init(self.max_positions, 0, 1)
+        self._batch = lib.llama_batch_init(self.max_positions, 0, TREE_SEQS)
         self._batch_views = self._view_batch(self._batch, self.max_positions)
         self._position_ids = np.arange(self.max_positions, dtype=np.int32)  # sliced into the batch
-        self.length = 0  # positions the KV cache holds
+        self.length = 0  # positions the KV cache holds (in sequence 0)
+        self._tree: tuple[int, int, list[list[int]]] | None = None  # after forward_tree: base, leaves, seqs per node
+        self.max_tree_leaves = TREE_SEQS
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -130,7 +137,8 @@ class LlamaCppRunner:
         params.n_ctx = n_ctx
         params.n_batch = n_ctx  # one llama_decode takes any forward that fits the context
         params.n_ubatch = min(MAX_UBATCH, n_ctx)
-        params.n_seq_max = 1
+        params.n_seq_max = TREE_SEQS
+        params.kv_unified = True  # one cache for every sequence: a tree's sequences share the context
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = _GGML_TYPES[kv_type]
         params.flash_attn_type = _FLASH_ATTN[flash_attn]
@@ -179,10 +187,93 @@ class LlamaCppRunner:
         return torch.from_numpy(rows.copy())  # (N, V)
 
     def _crop(self, start: int) -> None:
+        self._drop_tree()
         if start < self.length:
             if not self._lib.llama_memory_seq_rm(self._memory, _SEQ, start, -1):
                 raise RuntimeError(f"llama.cpp could not drop cached positions from {start}")
             self.length = start
+
+    def forward_tree(self, token_ids: list[int], parents: list[int], start: int, num_logits: int) -> torch.Tensor:
+        """Run a tree of T tokens after the cached positions before ``start`` (token i's parent is
+        ``parents[i]``, -1: position start - 1), token i at position start + its depth - 1, each
+        attending to the cache and its ancestors only. Returns logits (num_logits, V) of the last
+        ``num_logits`` tokens; ``keep`` then keeps one path (module docstring)."""
+        num_new = len(token_ids)
+        if not 0 <= start <= self.length:
+            raise RuntimeError(f"cache holds {self.length} positions, cannot start at {start}")
+        if not 0 < num_logits <= num_new:
+            raise ValueError(f"num_logits must be in [1, {num_new}], got {num_logits}")
+        if start + num_new > self.max_positions:
+            raise ValueError(f"positions up to {start + num_new} exceed the context of {self.max_positions}")
+        has_child = set(parents)
+        leaves = [node for node in range(num_new) if node not in has_child]
+        if len(leaves) > TREE_SEQS:
+            raise ValueError(f"a tree of {len(leaves)} leaves exceeds the {TREE_SEQS} sequences of this runner")
+        seqs: list[list[int]] = [[] for _ in range(num_new)]  # a node's sequences: its leaves'
+        for seq, leaf in enumerate(leaves):
+            node = leaf
+            while node >= 0:
+                seqs[node].append(seq)
+                node = parents[node]
+        depths = []
+        for parent in parents:
+            depths.append(depths[parent] + 1 if parent >= 0 else 0)
+        self._crop(start)
+        lib, memory, batch = self._lib, self._memory, self._batch
+        for seq in range(1, len(leaves)):
+            lib.llama_memory_seq_cp(memory, _SEQ, seq, -1, -1)  # the cached context, in every sequence
+        for i, node_seqs in enumerate(seqs):
+            batch.n_seq_id[i] = len(node_seqs)
+            row = batch.seq_id[i]
+            for j, seq in enumerate(node_seqs):
+                row[j] = seq
+        tokens, positions, wants_logits = self._batch_views
+        tokens[:num_new] = token_ids
+        positions[:num_new] = np.asarray(depths, dtype=np.int32) + start
+        wants_logits[:num_new] = 0
+        wants_logits[num_new - num_logits : num_new] = 1
+        batch.n_tokens = num_new
+        # from here on the cache holds the tree, whatever happens: _drop_tree cleans it up
+        self._tree = (start, len(leaves), seqs)
+        status = lib.llama_decode(self._context, batch)
+        for i in range(num_new):  # every slot back to sequence 0 alone, as _decode expects
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = _SEQ
+        if status != 0:
+            self._drop_tree()
+            raise RuntimeError(f"llama_decode failed with status {status} (a tree of {num_new} tokens at {start})")
+        return self._copy_logits(num_logits)
+
+    def keep(self, base: int, slots: list[int]) -> None:
+        """After ``forward_tree``: keep the path whose nodes are ``slots`` (tree node indices
+        counted from position ``base``, the first node after the context) in sequence 0, at
+        positions base, base + 1, ...; every other tree cell is dropped."""
+        if self._tree is None:
+            raise RuntimeError("keep() needs a forward_tree() before it")
+        start, num_leaves, seqs = self._tree
+        offset = base - start  # tree tokens before the nodes (the catch-up of the context)
+        winner = seqs[offset + slots[-1]][0] if slots else _SEQ
+        lib, memory = self._lib, self._memory
+        for seq in range(num_leaves):
+            if seq != winner:
+                lib.llama_memory_seq_rm(memory, seq, -1, -1)  # context cells live on in the winner
+        if winner != _SEQ:
+            lib.llama_memory_seq_cp(memory, winner, _SEQ, -1, -1)
+            lib.llama_memory_seq_rm(memory, winner, -1, -1)
+        self.length = base + len(slots)
+        lib.llama_memory_seq_rm(memory, _SEQ, self.length, -1)  # the winner's nodes below the path
+        self._tree = None
+
+    def _drop_tree(self) -> None:
+        """Forget a tree no ``keep`` followed: only sequence 0's cells before it stay."""
+        if self._tree is None:
+            return
+        start, num_leaves, _ = self._tree
+        for seq in range(1, num_leaves):
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._lib.llama_memory_seq_rm(self._memory, _SEQ, start, -1)
+        self.length = min(self.length, start)
+        self._tree = None
 
     def _decode(self, token_ids: list[int], start: int, num_logits: int) -> None:
         num_new = len(token_ids)

@@ -94,7 +94,8 @@ class PrefixMemoLevel:
         ]
         num_logits = len(tokens) + 1
         forward_tree = getattr(self.runner, "forward_tree", None)
-        if forward_tree is not None:
+        num_leaves = len(tokens) - len(set(parents) - {-1})
+        if forward_tree is not None and num_leaves <= getattr(self.runner, "max_tree_leaves", num_leaves):
             logits = forward_tree(catch_up + tokens, block_parents, start, num_logits)
             self.counters.num_tokens_run += num_catch_up + len(tokens)
             self._tree_base = len(context)
@@ -130,7 +131,7 @@ class PrefixMemoLevel:
     def commit_path(self, path: list[int]) -> None:
         """After ``tree_logits``: the accepted nodes ``path`` become the cached continuation of the
         context (moved into place where the runner can), the other nodes are forgotten."""
-        if self._tree_base is None or not path:
+        if self._tree_base is None:
             return
         keep = getattr(self.runner, "keep", None)
         if keep is None:
