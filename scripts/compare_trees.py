@@ -1,8 +1,10 @@
 """Token trees against chains (issue #10's measurement): one process, the levels loaded once,
 every configuration generating every prompt interleaved (``timing.interleaved``), greedy and
 sampling. Prints, per configuration, the summed wall seconds of one trial (median over trials),
-tokens/s (re-planning time of "auto" taken out), the speed-up of ``tree`` over the same configuration with chains, greedy identity with
-the target alone, and the trees' mean size and accepted path. Example:
+tokens/s (re-planning time of "auto" taken out), the speed-up of ``tree`` over the same
+configuration with chains, greedy identity with the target alone, and the trees' mean size,
+accepted path, branch wins and the share of steps where no candidate paid for a tree (TreeSizer).
+Sampling is seeded (reproducible), so trees are sized without the clock there. Example:
 
     flock -x /tmp/csd-cpu.lock .venv/bin/python scripts/compare_trees.py --threads 2 --trials 2
 """
@@ -29,8 +31,8 @@ from csdrafting.timing import frozen_setup_garbage, interleaved, warm_up  # noqa
 MODELS = REPO / "models"
 
 
-def configurations(budgets: list[int]) -> dict[str, CascadeConfig]:
-    base = CascadeConfig(target=str(MODELS / "pycode-22m"), drafters=(), mag=False)
+def configurations(budgets: list[int], backend: str) -> dict[str, CascadeConfig]:
+    base = CascadeConfig(target=str(MODELS / "pycode-22m"), drafters=(), mag=False, backend=backend)
     small, mid = str(MODELS / "pycode-1m"), str(MODELS / "pycode-5m")
     chains = {
         "mag-only": replace(base, mag=True),
@@ -54,19 +56,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="16", help="comma-separated tree budgets")
     parser.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (T=0.7, top-p 0.95)")
+    parser.add_argument("--backend", default="torch", help="torch or llama.cpp (levels converted to GGUF once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
-    configs = configurations(budgets)
+    configs = configurations(budgets, args.backend)
     family = CascadeConfig(
-        target=str(MODELS / "pycode-22m"), drafters=(str(MODELS / "pycode-5m"), str(MODELS / "pycode-1m"))
+        target=str(MODELS / "pycode-22m"),
+        drafters=(str(MODELS / "pycode-5m"), str(MODELS / "pycode-1m")),
+        backend=args.backend,
     )
     levels = load_levels(family)
     cascades = {name: Cascade(levels, config) for name, config in configs.items()}  # "auto" plans here
     prompts = load_prompts(args.prompts, args.num_prompts)
     prompt_ids = [cascades["target"].encode(p["text"]) for p in prompts]
     print(
-        f"torch {torch.__version__}, {args.threads} threads, float32, {len(prompts)} prompts, {args.max_new_tokens} tokens"
+        f"torch {torch.__version__}, backend {args.backend}, {args.threads} threads, float32 target, "
+        f"{len(prompts)} prompts, {args.max_new_tokens} tokens"
     )
     for mode in args.modes.split(","):
         sampling = dict(temperature=0.7, top_p=0.95) if mode == "sample" else {}
@@ -98,6 +104,7 @@ def main() -> None:
                         tree.num_nodes / max(tree.num_trees, 1),
                         tree.num_accepted / max(tree.num_trees, 1),
                         tree.num_branch_wins / max(tree.num_trees, 1),
+                        tree.num_unbranched / max(tree.num_trees, 1),
                     )
                 )
         print(f"\n== {mode} ==")
@@ -107,8 +114,11 @@ def main() -> None:
             line = f"{name:32s} {median[name]:7.2f} s  {tokens[name] / args.trials / median[name]:7.1f} tok/s"
             line += f"  x{median['target'] / median[name]:.2f} vs target"
             if " tree" in name:
-                size, path, wins = (statistics.mean(v) for v in zip(*trees[name]))
-                line += f"  x{median[chain] / median[name]:.3f} vs chain  tree {size:.1f} nodes, path {path:.2f}, branch wins {wins:.3f}/step"
+                size, path, wins, chains = (statistics.mean(v) for v in zip(*trees[name]))
+                line += (
+                    f"  x{median[chain] / median[name]:.3f} vs chain  tree {size:.1f} nodes, path {path:.2f}, "
+                    f"branch wins {wins:.3f}/step, chain alone {chains:.2f}/step"
+                )
             if mode == "greedy" and name != "target":
                 line += "  identical" if identical[name] else "  DIFFERENT"
             print(line, flush=True)
