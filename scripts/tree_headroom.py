@@ -29,10 +29,10 @@ def accepted_length(tree: DraftTree, reference: list[int]) -> int:
     """Greedy verification against a known output: the longest root path matching it."""
     node, depth = -1, 0
     while depth < len(reference):
-        child = tree._child.get((node, reference[depth]))
-        if child is None:
+        children = [c for c in range(len(tree)) if tree.parents[c] == node and tree.tokens[c] == reference[depth]]
+        if not children:
             break
-        node, depth = child, depth + 1
+        node, depth = children[0], depth + 1
     return depth
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from csdrafting.tree import Branch, DraftTree, TreeSizer, chain_kind
+from csdrafting.tree import Branch, DraftTree, TreeSizer, chain_kind, length_bucket
 from tiny import hf_greedy, make_cascade, noisy_copy, tiny_llama
 
 NO_STOP: frozenset[int] = frozenset()
@@ -61,13 +61,13 @@ def test_rates_count_only_nodes_whose_parent_was_accepted():
     sizer.learn_tree(tree, path=[3, 4])  # the root alternative won, two tokens deep
     assert sizer.rate(("mag", 1, 0)) > before[("mag", 1, 0)]
     assert sizer.rate(("mag", 1, 1)) > before[("mag", 1, 1)]
-    assert sizer.rate(chain_kind(1, 0)) < before[chain_kind(1, 0)]  # tried (root child), rejected
+    assert sizer.rate(chain_kind(1, 0, 3)) < before[chain_kind(1, 0, 3)]  # tried (root child), rejected
     # the chain's later nodes and the branch under chain node 0 were never tried: unchanged
-    assert sizer.rate(chain_kind(1, 1)) == before[chain_kind(1, 1)]
+    assert sizer.rate(chain_kind(1, 1, 3)) == before[chain_kind(1, 1, 3)]
     assert sizer.rate(("mag", 2, 0)) == before[("mag", 2, 0)]
     sizer.learn_chain([1, 1, 1], num_accepted=1)
-    assert sizer.rate(chain_kind(1, 1)) < before[chain_kind(1, 1)]  # tried and rejected
-    assert sizer.rate(chain_kind(1, 2)) == before[chain_kind(1, 2)]
+    assert sizer.rate(chain_kind(1, 1, 3)) < before[chain_kind(1, 1, 3)]  # tried and rejected
+    assert sizer.rate(chain_kind(1, 2, 3)) == before[chain_kind(1, 2, 3)]
 
 
 def test_counts_are_halved_so_recent_steps_weigh_most():
@@ -95,7 +95,7 @@ def test_no_tree_when_nothing_pays():
     sizer = timed_sizer(per_token=3e-3)  # a node must be worth 3 tokens: none is
     tree = chain_tree((1, 2, 3))
     out = sizer.grow(tree, [Branch(-1, [7, 8], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)
-    assert not out.branched and out.tokens == [1, 2, 3]
+    assert out is None  # the chain goes alone
 
 
 def test_a_tree_must_pay_for_its_own_overhead():
@@ -104,14 +104,14 @@ def test_a_tree_must_pay_for_its_own_overhead():
         sizer._count(("mag", 1, 0), True)
     tree = chain_tree((1, 2, 3))
     out = sizer.grow(tree, [Branch(-1, [7], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)
-    assert not out.branched  # one node worth < 1 token cannot buy back 5 ms at 1000 tok/s
+    assert out is None  # one node worth < 1 token cannot buy back 5 ms at 1000 tok/s
 
 
 def test_candidates_are_asked_for_only_where_they_could_pay():
     sizer = timed_sizer()
     for _ in range(200):
-        sizer._count(chain_kind(1, 0), False)  # the chain's first token is never accepted...
-        sizer._count(("extend", 0, 0), True)
+        sizer._count(chain_kind(1, 0, 3), False)  # the chain's first token is never accepted...
+        sizer._count(("extend", length_bucket(3), 0), True)
         sizer._count(("mag", 1, 0), True)
     asked = []
 
@@ -151,7 +151,8 @@ def test_every_so_often_a_tree_takes_every_candidate():
     sizes = []
     for _ in range(2 * TreeSizer.EXPLORE_EVERY):
         tree = chain_tree((1, 2, 3))
-        sizes.append(len(sizer.grow(tree, [Branch(-1, [7], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)))
+        out = sizer.grow(tree, [Branch(-1, [7], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)
+        sizes.append(len(out) if out is not None else 3)
     assert sizes.count(4) == 2  # ...but the rates of what does not pay stay measured
 
 

@@ -10,8 +10,9 @@ The step walks the K-matrix (see ``kmatrix.py``):
    MaG contributes tokens by proposing them directly.
 3. The target runs the whole draft in one forward and verifies it exactly (lenience 1).
 
-With ``tree_budget`` set, step 3 verifies a token tree instead of the chain: the chain plus MaG's
-alternative continuations (``tree.py`` says why only the target verifies trees).
+With ``tree_budget`` set, step 3 may verify a token tree instead of the chain: the chain plus the
+candidates ``TreeSizer`` finds worth their cost (``tree.py``; it says why only the target
+verifies trees). Where none is, the chain is verified as a chain.
 
 In sampling mode every draft token travels with the distribution it was drawn from (a point mass
 for MaG, the induced law ``pi`` of ``verify.py`` for a neural reviewer's tokens) because the
@@ -31,7 +32,7 @@ from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
 from .stats import LevelStats, ReviewCounters, TreeCounters
-from .tree import Branch, DraftTree, TreeSizer
+from .tree import Branch, DraftTree, TreeSizer, length_bucket
 
 
 class Draft:
@@ -129,14 +130,14 @@ class CascadeStep:
         gated = self._mag_first(ids, max_tokens - 1) if speculative else None
         draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
         tree = self._grow_tree(ids, draft, max_tokens - 1) if self._tree_step else None
-        if tree is not None and tree.branched:
+        if tree is not None:
             tokens, origins, num_accepted = self._verify_tree(ids, tree, draft)
         else:
             outcome, _ = self._review(0, ids, draft, lenience=1.0)
             num_accepted = outcome.num_accepted
             tokens = draft.tokens[:num_accepted] + [outcome.next_token]
             origins = draft.origins[:num_accepted] + [0]
-            if tree is not None:  # no candidate paid for a tree: the chain went as a chain
+            if self._tree_step:  # no candidate paid for a tree: the chain went as a chain
                 self.tree_counters.num_unbranched += 1
                 self.tree_counters.record(len(draft), len(draft), num_accepted, num_accepted)
                 self.tree_sizer.learn_chain(draft.origins, num_accepted)
@@ -182,19 +183,19 @@ class CascadeStep:
         tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
         return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
 
-    def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree:
+    def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree | None:
         """The chain and the candidates ``TreeSizer`` finds worth their cost: the drafters' second
         choices beside the chain's tokens, MaG's continuation of the chain, and MaG's
         alternatives at the root and under the first ``ALT_DEPTHS`` chain nodes (as deep as the
         chain below them, at least 2 tokens). Never past an EOS when stopping there, nor past
-        ``limit`` (the tree's depth limit)."""
+        ``limit`` (the tree's depth limit). None: the chain alone (nothing paid, or no room)."""
         # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
         # (the chain always fits: the request was checked against the context)
         room = self.levels[0].max_positions - len(ids)
         tree = DraftTree(max_nodes=max(min(self.tree_budget, room), len(draft)), max_depth=limit)
         tree.add_chain(draft.tokens, draft.origins, draft.probs)
         if limit <= 0 or len(tree) >= tree.max_nodes:
-            return tree
+            return None  # no room for anything beyond the chain
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
         reached = next((i + 1 for i, token in enumerate(draft.tokens) if token in stop_ids), len(draft))
         branches = [
@@ -208,7 +209,7 @@ class CascadeStep:
             if reached < len(draft) or len(draft) >= limit:
                 return []  # the chain ends in an EOS, or at the depth limit
             tokens = mag.propose(ids + draft.tokens, self.num_committed, min(self.EXTEND, limit - len(draft))).tokens
-            return [Branch(len(draft) - 1, tokens, self.mag_index, "extend")]
+            return [Branch(len(draft) - 1, tokens, self.mag_index, "extend", length_bucket(len(draft)))]
 
         def alternatives(depth: int) -> list[Branch]:
             # at the root the chain may itself be MaG's longest match: it is merged, not repeated

@@ -1,5 +1,6 @@
-"""Draft trees: the cascade's chain draft plus MaG's alternative continuations, as one trie that
-the target verifies in one forward (``verify.verify_tree_greedy`` / ``verify_tree_sampled``).
+"""Draft trees: the cascade's chain draft plus candidates hung on it (the drafters' second choices,
+MaG's alternative continuations and its continuation of the chain), as one trie that the target
+verifies in one forward (``verify.verify_tree_greedy`` / ``verify_tree_sampled``).
 
 Decisions, and why:
 * **Only the target verifies trees.** The target's forward is where width is cheapest relative to
@@ -10,9 +11,10 @@ Decisions, and why:
   laws their tokens carry are unchanged.
 * **The chain comes first.** Node 0.. are the chain (each token with the law it was drawn from:
   ``pi`` for a neural reviewer's tokens, a point mass for MaG's), so at every chain node the
-  chain's random candidate is tried before anything else. Alternatives come from MaG
-  (``MaG.propose_many``): deterministic functions of the committed tokens and the chain, hence
-  point masses given everything tried before them, which keeps them exact wherever they hang.
+  chain's random candidate is tried before anything else. The other candidates (a drafter's
+  second-best token, MaG's ``propose_many`` and ``propose``) are deterministic functions of the
+  committed tokens and the chain, hence point masses given everything tried before them, which
+  keeps them exact wherever they hang.
 * **Merging.** Alternatives share prefixes with the chain and with each other (a trie). An
   alternative token equal to a chain token becomes a second candidate (a point mass) of the
   chain's node, tried after the chain's own law: after the chain's token was rejected, the
@@ -38,20 +40,28 @@ import numpy as np
 import torch
 
 Law = torch.Tensor | None  # (V,) the law a candidate was drawn from; None = a point mass
-Kind = tuple[str, int, int]  # (source, level or rank, depth within its branch): an acceptance bucket
+Kind = tuple  # an acceptance bucket: (source, ...) (TreeSizer counts acceptance per bucket)
 
 MAX_KIND_DEPTH = 15  # deeper nodes share their branch's bucket at this depth
 
 
-def chain_kind(origin: int, depth: int) -> Kind:
-    return ("chain", origin, min(depth, MAX_KIND_DEPTH))
+def length_bucket(num_tokens: int) -> int:
+    """1, 2-3, 4-7, 8-15, 16-31, 32+ tokens: a chain's length says how its drafter was doing
+    (adaptive lengths shrink after rejections), so its tokens' acceptance is counted apart."""
+    return min(num_tokens, 32).bit_length()
+
+
+def chain_kind(origin: int, depth: int, length: int) -> Kind:
+    """The bucket of a chain token: its proposing level, the chain's length, its depth."""
+    return ("chain", origin, length_bucket(length), min(depth, MAX_KIND_DEPTH))
 
 
 @dataclass(frozen=True)
 class Branch:
     """A deterministic candidate continuation under node ``parent`` (-1: the root).
     ``source``: "second" (a drafter's second choice), "mag" (MaG's alternative of rank
-    ``rank``) or "extend" (MaG's continuation of the chain's last token)."""
+    ``rank``) or "extend" (MaG's continuation of the chain's last token; ``rank``: the chain's
+    ``length_bucket``)."""
 
     parent: int
     tokens: list[int]
@@ -106,11 +116,17 @@ class DraftTree:
         return node
 
     def add_chain(self, tokens: list[int], origins: list[int], laws: list[Law]) -> None:
-        """The cascade's draft: nodes 0..K-1, each the child of the one before."""
+        """The cascade's draft: nodes 0..K-1, each the child of the one before (built in bulk:
+        every step that may verify a tree builds one)."""
         assert not self.tokens, "the chain is the first branch"
-        for i, (token, origin, law) in enumerate(zip(tokens, origins, laws)):
-            self._add(i - 1, token, origin, law, chain_kind(origin, i))
-        self.num_chain = len(tokens)
+        num = len(tokens)
+        self.tokens, self.origins = list(tokens), list(origins)
+        self.parents = list(range(-1, num - 1))
+        self.laws = [[law] for law in laws]
+        self.depths = list(range(1, num + 1))
+        self.kinds = [chain_kind(origin, depth, num) for depth, origin in enumerate(origins)]
+        self._child = dict(zip(zip(self.parents, self.tokens), range(num)))
+        self.num_chain = num
 
     def add_point_mass(self, parent: int, token: int, origin: int, kind: Kind) -> int | None:
         """A deterministic candidate ``token`` under ``parent`` (-1: the root), merged into the
@@ -136,6 +152,9 @@ class DraftTree:
             if parent is None or token in stop_ids:
                 break
         return len(self.tokens) - before
+
+    def has_child(self, parent: int, token: int) -> bool:
+        return (parent, token) in self._child
 
     @property
     def branched(self) -> bool:
@@ -232,7 +251,7 @@ class TreeSizer:
     def learn_chain(self, origins: list[int], num_accepted: int) -> None:
         """After a chain verification: chain tokens up to the first rejected one were tried."""
         for depth in range(min(num_accepted + 1, len(origins))):
-            self._count(chain_kind(origins[depth], depth), depth < num_accepted)
+            self._count(chain_kind(origins[depth], depth, len(origins)), depth < num_accepted)
 
     def after_forward(self, num_tokens: int, seconds: float, tree: bool) -> None:
         """The target ran ``num_tokens`` positions and verified them in ``seconds``."""
@@ -301,12 +320,12 @@ class TreeSizer:
         alternatives: Callable[[int], list[Branch]],
         num_alternative_depths: int,
         stop_ids: frozenset[int],
-    ) -> DraftTree:
-        """The tree (which holds the chain) with the candidates worth their cost: ``branches``
+    ) -> DraftTree | None:
+        """``tree`` (which holds the chain) with the candidates worth their cost: ``branches``
         (already at hand), ``extension()`` (the chain's continuation) and ``alternatives(depth)``
         (under chain node ``depth - 1``, for depths below ``num_alternative_depths``); the last
-        two are asked for only where something they return could be worth a node. Returns the
-        tree to verify: ``tree``, or a tree of the chain alone where no candidate pays."""
+        two are asked for only where something they return could be worth a node. None where no
+        candidate pays for a tree: the chain is then verified as a chain."""
         threshold = self.threshold()
         if threshold is None:
             branches = branches + extension()
@@ -314,20 +333,17 @@ class TreeSizer:
                 branches = branches + alternatives(depth)
             for branch in branches:
                 tree.add_branch(branch, stop_ids)
-            return tree
+            return tree if tree.branched else None
         per_node, per_tree = threshold
         reach = [1.0] * (tree.num_chain + 1)  # reach[i + 1]: the chance chain node i is accepted
         for node in range(tree.num_chain):
             reach[node + 1] = reach[node] * self.rate(tree.kinds[node])
-        if reach[-1] * self.rate(("extend", 0, 0)) > per_node:
+        if reach[-1] * self.rate(("extend", length_bucket(tree.num_chain), 0)) > per_node:
             branches = branches + extension()
         best_alternative = max(self.rate(("mag", rank, 0)) for rank in range(self.MAX_RANK))
         for depth in range(num_alternative_depths):
             if reach[depth] * best_alternative > per_node:
                 branches = branches + alternatives(depth)
-        if not branches:
-            return tree
-        chain = _copy_chain(tree)
         # frontier: (-value, branch index, position in the branch, parent node)
         frontier = [
             (-reach[branch.parent + 1] * self.rate(branch.kind(0)), index, 0, branch.parent)
@@ -335,13 +351,11 @@ class TreeSizer:
         ]
         heapq.heapify(frontier)
         gain = 0.0  # value added beyond the nodes' own cost
-        while frontier:
+        while frontier and -frontier[0][0] > per_node:
             negative_value, index, j, parent = heapq.heappop(frontier)
             branch, value = branches[index], -negative_value
             token = branch.tokens[j]
-            new = (parent, token) not in tree._child
-            if new and value <= per_node:
-                break  # nothing left is worth a node (a child is never worth more than its parent)
+            new = not tree.has_child(parent, token)
             node = tree.add_point_mass(parent, token, branch.origin, branch.kind(j))
             if node is None:
                 continue  # out of budget or depth here; merges elsewhere cost nothing
@@ -351,11 +365,6 @@ class TreeSizer:
                 value = reach[node + 1]  # merged into the chain: worth what the chain's node is
             if token not in stop_ids and j + 1 < len(branch.tokens):
                 heapq.heappush(frontier, (-value * self.rate(branch.kind(j + 1)), index, j + 1, node))
-        return tree if gain > per_tree else chain
-
-
-def _copy_chain(tree: DraftTree) -> DraftTree:
-    """A tree holding only ``tree``'s chain (what is verified when no branch pays for the tree)."""
-    chain = DraftTree(tree.max_nodes, tree.max_depth)
-    chain.add_chain(tree.tokens[: tree.num_chain], tree.origins[: tree.num_chain], [laws[0] for laws in tree.laws])
-    return chain
+        # (candidates below the threshold are left out, merges into existing nodes included: in
+        # greedy decoding they add nothing, and a tree that did not pay is not verified anyway)
+        return tree if gain > per_tree else None
