@@ -672,8 +672,9 @@ def _plot_memory(plt, rows, groups, out):
 
 
 def _plot_trees(plt, rows, groups, out):
-    """Accepted length against tree size: each tree method's mean (large), each of its
-    generations (small), and its chain alone at the chain's own size (x)."""
+    """Accepted length against tree size: each tree method (large: all its generations pooled,
+    per target step; small: each generation, per tree), and as an x the same method with chains
+    (pooled per target step) at its chain's size."""
     stats = tree_stats(rows)
     if not stats:
         return None
@@ -684,38 +685,40 @@ def _plot_trees(plt, rows, groups, out):
             if d != decoding:
                 continue
             color = f"C{index % 10}"
+            own = _fixed_rows(rows, run_id, decoding, method)
             sizes, paths = [], []
-            for r in rows:
+            for r in own:
                 tree = ((r.get("levels") or [{}])[0] or {}).get("tree")
-                if tree and tree.get("num_trees") and (r["run_id"], r["decoding"], r["method"]) == (run_id, d, method):
+                if tree and tree.get("num_trees"):
                     sizes.append(tree["num_nodes"] / tree["num_trees"])
                     paths.append(tree["num_accepted"] / tree["num_trees"])
             ax.scatter(sizes, paths, s=8, alpha=0.35, color=color)
             n = max(t["num_trees"], 1)
-            ax.scatter([t["num_nodes"] / n], [t["num_accepted"] / n], s=70, color=color, label=method)
-            chain = _chain_twin(rows, run_id, d, method)
-            if chain is not None:
-                ax.scatter([t["num_chain_nodes"] / n], [chain], s=70, marker="x", color=color)
-        ax.set_xlabel("draft nodes verified per step (mean)")
-        ax.set_ylabel("accepted tokens per step (mean)")
+            pooled = _accepted_per_step(own)  # over every target step, as for the chain below
+            if pooled is not None:
+                ax.scatter([t["num_nodes"] / n], [pooled], s=70, color=color, label=method)
+            base, _, backend = method.partition("@")
+            if "-tree" in base:
+                twin = base.split("-tree")[0] + (f"@{backend}" if backend else "")
+                accepted = _accepted_per_step(_fixed_rows(rows, run_id, decoding, twin))
+                if accepted is not None:
+                    ax.scatter([t["num_chain_nodes"] / n], [accepted], s=70, marker="x", color=color)
+        ax.set_xlabel("draft nodes verified per speculative step (mean)")
+        ax.set_ylabel("accepted draft tokens per step (mean)")
         ax.set_title(f"Accepted length vs tree size, {decoding} (x: with chains)")
         ax.legend(fontsize=8)
     return _save(fig, out, "trees.png", "Accepted length against tree size (token trees vs chains)")
 
 
-def _chain_twin(rows: list[dict], run_id: str, decoding: str, method: str) -> float | None:
-    """Mean accepted tokens per step of the chain twin of a tree method (``X-tree…`` -> ``X``)."""
-    base, _, backend = method.partition("@")
-    if "-tree" not in base:
-        return None
-    twin = base.split("-tree")[0] + (f"@{backend}" if backend else "")
-    values = [
-        r["tokens_per_target_step"] - 1
+def _fixed_rows(rows: list[dict], run_id: str, decoding: str, method: str) -> list[dict]:
+    return [
+        r
         for r in rows
-        if r["method"] == twin
-        and r["run_id"] == run_id
-        and r["decoding"] == decoding
-        and r.get("stop") == "fixed"
-        and r.get("tokens_per_target_step") is not None
+        if (r["run_id"], r["decoding"], r["method"]) == (run_id, decoding, method) and r.get("stop") == "fixed"
     ]
-    return sum(values) / len(values) if values else None
+
+
+def _accepted_per_step(rows: list[dict]) -> float | None:
+    """Accepted draft tokens per target step, all generations pooled (None without step counts)."""
+    steps = sum((r.get("engine_stats") or {}).get("num_target_steps") or 0 for r in rows)
+    return sum(r["num_new_tokens"] for r in rows) / steps - 1 if steps else None
