@@ -3,8 +3,10 @@ spending the same nodes on a longer chain? An offline replay (issue #10's measur
 target's greedy output of every committed prompt is computed once; then at each step of a
 replay, MaG drafts a chain of ``L`` tokens after the tokens so far, and the tree adds
 ``MaG.propose_many``'s alternatives at the root (exactly the candidates the cascade's trees get);
-a step accepts the longest root path that matches the target's output, plus one token. No clock
-is involved: this measures headroom in accepted tokens, not speed. Example:
+a step accepts the longest root path that matches the target's output, plus one token. This
+part measures headroom in accepted tokens, not speed; the price of a node is printed after it:
+the target's forward-and-verify time by the number of tokens verified (medians, interleaved),
+after the first prompt and its output. Example:
 
     python scripts/tree_headroom.py --max-new-tokens 256
 """
@@ -12,7 +14,9 @@ is involved: this measures headroom in accepted tokens, not speed. Example:
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +81,25 @@ def main() -> None:
             speed, size = replay(cases, bigram, length, width, budget)
             name = f"chain of {length} + {width} alternatives, <= {budget}"
             print(f"{name:34s} {speed:11.2f} {size:10.1f}")
+    print_verification_costs(target, cases[0][0] + cases[0][1])
+
+
+def print_verification_costs(cascade: Cascade, context: list[int], repeats: int = 15) -> None:
+    """Seconds of one target forward over ``n`` new tokens after ``context`` (cached)."""
+    level = cascade.target
+    level.prefill(context)
+    sizes = (1, 4, 8, 12, 16)
+    seconds: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            started = time.perf_counter()
+            level.next_token_logits(context + [context[-1]] * n, n)
+            seconds[n].append(time.perf_counter() - started)
+    medians = {n: statistics.median(v) for n, v in seconds.items()}
+    slope = (medians[16] - medians[4]) / 12
+    print(f"target forward after {len(context)} tokens, ms by tokens verified:")
+    print("  " + ", ".join(f"{n}: {medians[n] * 1e3:.2f}" for n in sizes))
+    print(f"  one more verified token: {slope * 1e3:.3f} ms = {slope / medians[1]:.1%} of a one-token forward")
 
 
 if __name__ == "__main__":
