@@ -65,7 +65,8 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         "--tree",
         action="store_true",
         default=None,
-        help="the target verifies a token tree: the draft plus MaG's alternative continuations (needs MaG)",
+        help="the target may verify a token tree: the draft plus the candidates (drafters' second choices, "
+        "MaG's alternatives and continuation) worth their measured cost (needs MaG)",
     )
     group.add_argument(
         "--tree-budget", type=int, default=None, metavar="N", help="at most N draft-tree nodes (implies --tree)"

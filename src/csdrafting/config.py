@@ -56,9 +56,9 @@ class CascadeConfig:
     ``kmatrix.py``; its size must be the number of drafters plus one for MaG when on).
     ``adaptive`` (default: on with ``"auto"``) adapts draft lengths online; ``mag_first`` lets a
     MaG suffix match of that many tokens draft alone for a step (default: ``AUTO_MAG_FIRST``
-    with ``"auto"``, off otherwise). ``tree`` has the target verify a token tree (the chain plus
-    MaG's alternatives, ``tree.py``) of at most ``tree_budget`` nodes (default
-    ``DEFAULT_TREE_BUDGET``); it needs MaG. ``drafter_window`` (default None: the whole prompt)
+    with ``"auto"``, off otherwise). ``tree`` lets the target verify a token tree (the chain plus
+    the candidates worth their measured cost, ``tree.py``) of at most ``tree_budget`` nodes
+    (default ``DEFAULT_TREE_BUDGET``); it needs MaG. ``drafter_window`` (default None: the whole prompt)
     has every neural drafter read only the last that many prompt tokens (and all it generates):
     cheaper drafter prefill, never a different output, since the target verifies every token.
     """
