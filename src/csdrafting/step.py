@@ -22,6 +22,7 @@ next review's acceptance test is exact only against that distribution.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ from .levels.mag import MaG
 from .sampling import SamplingParams, warp
 from .schedule import Segment, StaticSchedule
 from .stats import LevelStats, ReviewCounters, TreeCounters
-from .tree import Branch, DraftTree, TreeSizer, length_bucket
+from .tree import Branch, DraftTree, TreeSizer, confidence_bucket, length_bucket
 
 
 class Draft:
@@ -45,9 +46,10 @@ class Draft:
         self.origins: list[int] = []
         self.probs: list[torch.Tensor | None] = []  # (V,) per token; None = point mass
         self.segments: list[Segment] = []  # which K-matrix column filled which positions
-        # trees only: per token, the proposing drafter's best other choice at that position (None:
-        # MaG's token); deterministic given the drafted tokens, so a point mass in a tree
-        self.seconds: list[int | None] = []
+        # trees only: per token, the proposing drafter's best other choice at that position and how
+        # sure it was of its first (tree.confidence_bucket), None for MaG's tokens; deterministic
+        # given the drafted tokens, so a point mass in a tree
+        self.seconds: list[tuple[int, int] | None] = []
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -57,7 +59,7 @@ class Draft:
         tokens: list[int],
         origins: list[int],
         probs: list[torch.Tensor | None],
-        seconds: list[int | None] | None = None,
+        seconds: list[tuple[int, int] | None] | None = None,
     ) -> None:
         self.tokens.extend(tokens)
         self.origins.extend(origins)
@@ -198,12 +200,19 @@ class CascadeStep:
             return None  # no room for anything beyond the chain
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
         reached = next((i + 1 for i, token in enumerate(draft.tokens) if token in stop_ids), len(draft))
-        branches = [
-            Branch(depth - 1, [draft.seconds[depth]], draft.origins[depth], "second")
-            for depth in range(reached)
-            if draft.seconds[depth] is not None
-        ]
         mag = self.levels[self.mag_index]
+
+        def after_second(depth: int, token: int) -> Callable[[], list[int]]:
+            """MaG's continuation of the second choice ``token`` at ``depth`` (asked for if wanted)."""
+            context = ids + draft.tokens[:depth] + [token]
+            return lambda: mag.propose(context, self.num_committed, max(1, len(draft) - depth - 1)).tokens
+
+        branches = []
+        for depth, second in enumerate(draft.seconds[:reached]):
+            if second is not None:
+                token, bucket = second
+                more = after_second(depth, token)
+                branches.append(Branch(depth - 1, [token], draft.origins[depth], "second", bucket, more))
 
         def extension() -> list[Branch]:
             if reached < len(draft) or len(draft) >= limit:
@@ -273,8 +282,12 @@ class CascadeStep:
         tokens = sub.tokens[:num_accepted] + [outcome.next_token]
         seconds = None
         if self._tree_step:
-            top2 = logits[: num_accepted + 1].topk(2, dim=-1).indices.tolist()  # (n, 2)
-            seconds = [b if a == token else a for token, (a, b) in zip(tokens, top2)]
+            values, indices = logits[: num_accepted + 1].topk(2, dim=-1)  # (n, 2)
+            gaps = (values[:, 0] - values[:, 1]).tolist()
+            seconds = [
+                (b if a == token else a, confidence_bucket(gap))
+                for token, (a, b), gap in zip(tokens, indices.tolist(), gaps)
+            ]
         draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, seconds)
 
     def _review(

@@ -25,7 +25,8 @@ Decisions, and why:
   online per kind of node and depth), its cost the measured seconds of one more verified token;
   a node is added while its value beats what that time buys at the current speed, and a tree
   only where its nodes also buy back what a tree forward costs beyond a chain's.
-* **Candidates.** The drafters' second choices beside the chain's tokens; MaG's alternatives at
+* **Candidates.** The drafters' second choices beside the chain's tokens (continued by MaG where
+  that pays); MaG's alternatives at
   the root and under the first ``ALT_DEPTHS`` chain nodes; MaG's continuation of the chain's last
   token (a chain the K-matrix cut short can still be verified further where that pays).
 """
@@ -56,21 +57,41 @@ def chain_kind(origin: int, depth: int, length: int) -> Kind:
     return ("chain", origin, length_bucket(length), min(depth, MAX_KIND_DEPTH))
 
 
-@dataclass(frozen=True)
+SECOND_GAPS = (1.0, 3.0)  # top-1 minus top-2 logit: below 1, 1 to 3, 3 and more (a second choice's bucket)
+
+
+def confidence_bucket(gap: float) -> int:
+    """How sure a drafter was of its first choice, from its top-2 logit gap: a second choice is
+    worth more where the first was unsure (measured per bucket like every kind)."""
+    return sum(gap >= edge for edge in SECOND_GAPS)
+
+
+@dataclass
 class Branch:
     """A deterministic candidate continuation under node ``parent`` (-1: the root).
-    ``source``: "second" (a drafter's second choice), "mag" (MaG's alternative of rank
-    ``rank``) or "extend" (MaG's continuation of the chain's last token; ``rank``: the chain's
-    ``length_bucket``)."""
+    ``source``: "second" (a drafter's second choice; ``rank``: its ``confidence_bucket``), "mag"
+    (MaG's alternative of rank ``rank``) or "extend" (MaG's continuation of the chain's last
+    token; ``rank``: the chain's ``length_bucket``). ``more`` computes the rest of the branch
+    only when it is wanted (MaG's continuation after a second choice)."""
 
     parent: int
     tokens: list[int]
     origin: int  # the level that proposed it
     source: str
     rank: int = 0
+    more: Callable[[], list[int]] | None = None
 
     def kind(self, j: int) -> Kind:
         return (self.source, self.rank, min(j, MAX_KIND_DEPTH))
+
+    def complete(self) -> bool:
+        """Append the continuation ``more`` computes (once); whether the branch grew."""
+        if self.more is None:
+            return False
+        more, self.more = self.more, None
+        before = len(self.tokens)
+        self.tokens.extend(more())
+        return len(self.tokens) > before
 
 
 class DraftTree:
@@ -332,6 +353,7 @@ class TreeSizer:
             for depth in range(num_alternative_depths):
                 branches = branches + alternatives(depth)
             for branch in branches:
+                branch.complete()
                 tree.add_branch(branch, stop_ids)
             return tree if tree.branched else None
         per_node, per_tree = threshold
@@ -363,8 +385,11 @@ class TreeSizer:
                 gain += value - per_node
             elif node < tree.num_chain:
                 value = reach[node + 1]  # merged into the chain: worth what the chain's node is
-            if token not in stop_ids and j + 1 < len(branch.tokens):
-                heapq.heappush(frontier, (-value * self.rate(branch.kind(j + 1)), index, j + 1, node))
+            if token in stop_ids:
+                continue
+            child_value = value * self.rate(branch.kind(j + 1))
+            if j + 1 < len(branch.tokens) or (child_value > per_node and branch.complete()):
+                heapq.heappush(frontier, (-child_value, index, j + 1, node))
         # (candidates below the threshold are left out, merges into existing nodes included: in
         # greedy decoding they add nothing, and a tree that did not pay is not verified anyway)
         return tree if gain > per_tree else None
