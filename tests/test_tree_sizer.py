@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from csdrafting.tree import Branch, DraftTree, TreeSizer, chain_kind, length_bucket
+from csdrafting.tree import Branch, DraftTree, TreeSizer, chain_kind, confidence_bucket, length_bucket
 from tiny import hf_greedy, make_cascade, noisy_copy, tiny_llama
 
 NO_STOP: frozenset[int] = frozenset()
@@ -154,6 +154,27 @@ def test_every_so_often_a_tree_takes_every_candidate():
         out = sizer.grow(tree, [Branch(-1, [7], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)
         sizes.append(len(out) if out is not None else 3)
     assert sizes.count(4) == 2  # ...but the rates of what does not pay stay measured
+
+
+def test_a_second_choice_is_continued_only_where_the_continuation_pays():
+    assert [confidence_bucket(g) for g in (0.2, 1.5, 7.0)] == [0, 1, 2]
+    calls = []
+
+    def more():
+        calls.append(1)
+        return [40, 41]
+
+    sizer = timed_sizer()  # a node must be worth 0.2 tokens
+    for _ in range(200):
+        sizer._count(("second", 0, 0), True)  # unsure drafters' second choices are right...
+        sizer._count(("second", 0, 1), False)  # ...but what MaG continues them with is not
+    out = sizer.grow(chain_tree(), [Branch(-1, [9], 1, "second", 0, more)], no_extension, no_alternatives, 0, NO_STOP)
+    assert out.tokens == [1, 2, 3, 9] and calls == []  # the second choice alone; MaG never asked
+    for _ in range(400):
+        sizer._count(("second", 0, 1), True)
+        sizer._count(("second", 0, 2), True)
+    out = sizer.grow(chain_tree(), [Branch(-1, [9], 1, "second", 0, more)], no_extension, no_alternatives, 0, NO_STOP)
+    assert out.tokens == [1, 2, 3, 9, 40, 41] and calls == [1]
 
 
 def test_stop_tokens_end_a_branch():
