@@ -52,6 +52,13 @@ def test_costs_fall_back_to_a_share_of_a_forward_without_spread():
     assert per_token == pytest.approx(TreeSizer.PRIOR_TOKEN_SHARE * 4e-3) and per_tree == 0
 
 
+def test_costs_without_chain_forwards_have_no_tree_term():
+    sizer = TreeSizer()
+    for n in (2, 6, 10, 14):
+        sizer.after_forward(n, 3e-3 + 2e-4 * n, tree=True)  # trees only: tree and intercept coincide
+    assert sizer.costs() == (pytest.approx(TreeSizer.PRIOR_TOKEN_SHARE * sizer._sums[6] / sizer._sums[0]), 0.0)
+
+
 def test_rates_count_only_nodes_whose_parent_was_accepted():
     sizer = TreeSizer()
     tree = chain_tree((1, 2, 3))

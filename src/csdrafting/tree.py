@@ -37,7 +37,6 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 Law = torch.Tensor | None  # (V,) the law a candidate was drawn from; None = a point mass
@@ -299,22 +298,25 @@ class TreeSizer:
         return self._costs
 
     def _fit(self) -> tuple[float, float]:
-        """Least squares of seconds ~ a + b * tokens + c * is_tree over the decayed sums."""
+        """Least squares of seconds ~ a + b * tokens + c * is_tree over the decayed sums (the
+        normal equations, 3 x 3 or 2 x 2 without trees, solved by Cramer's rule: no numpy call
+        on a step's path)."""
         s00, s01, s02, s11, s12, s22, y0, y1, y2 = self._sums
-        xx, xy = np.array([[s00, s01, s02], [s01, s11, s12], [s02, s12, s22]]), np.array([y0, y1, y2])
         mean_seconds = y0 / s00
         fallback = (self.PRIOR_TOKEN_SHARE * mean_seconds, 0.0)
         if s11 / s00 - (s01 / s00) ** 2 < self.MIN_SPREAD:
             return fallback  # (nearly) every forward the same size so far: no slope to fit
-        used = [0, 1, 2] if s22 > 0 else [0, 1]  # the tree term only once trees were timed
-        try:
-            coef = np.linalg.solve(xx[np.ix_(used, used)], xy[used])
-        except np.linalg.LinAlgError:  # every forward a tree (or none): no separate tree term
-            return fallback
-        per_token = float(coef[1])
+        if s22 > 0:  # trees were timed: fit their extra cost too
+            matrix = ((s00, s01, s02), (s01, s11, s12), (s02, s12, s22))
+            solution = _solve3(matrix, (y0, y1, y2))
+            if solution is None:  # every forward a tree: no separate tree term
+                return fallback
+            _, per_token, per_tree = solution
+        else:
+            per_token, per_tree = (s00 * y1 - s01 * y0) / (s00 * s11 - s01 * s01), 0.0
         if not 0 <= per_token <= mean_seconds:  # an ill-conditioned fit (too little spread)
             return fallback
-        return per_token, max(float(coef[2]), 0.0) if len(used) == 3 else 0.0
+        return per_token, max(per_tree, 0.0)
 
     def threshold(self) -> tuple[float, float] | None:
         """(the value a node must have, the value a tree must add beyond its nodes' share)
@@ -393,3 +395,18 @@ class TreeSizer:
         # (candidates below the threshold are left out, merges into existing nodes included: in
         # greedy decoding they add nothing, and a tree that did not pay is not verified anyway)
         return tree if gain > per_tree else None
+
+
+def _det3(m) -> float:
+    (a, b, c), (d, e, f), (g, h, i) = m
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _solve3(matrix, rhs) -> tuple[float, float, float] | None:
+    """x with matrix @ x = rhs (Cramer's rule); None for a (numerically) singular matrix."""
+    det = _det3(matrix)
+    scale = matrix[0][0] * matrix[1][1] * matrix[2][2]
+    if abs(det) <= 1e-12 * abs(scale):
+        return None
+    columns = [[[rhs[r] if c == k else matrix[r][c] for c in range(3)] for r in range(3)] for k in range(3)]
+    return tuple(_det3(column) / det for column in columns)
