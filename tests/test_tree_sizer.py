@@ -43,6 +43,12 @@ def test_costs_are_fitted_per_token_and_per_tree():
     assert per_token == pytest.approx(2e-4, rel=1e-6) and per_tree == pytest.approx(5e-4, rel=1e-6)
 
 
+def test_extra_seconds_of_a_tree_over_its_chain():
+    assert TreeSizer().extra_seconds(5) == 0.0  # nothing fitted yet
+    sizer = timed_sizer(per_token=2e-4, per_tree=5e-4)
+    assert sizer.extra_seconds(3) == pytest.approx(5e-4 + 3 * 2e-4, rel=1e-6)
+
+
 def test_costs_fall_back_to_a_share_of_a_forward_without_spread():
     sizer = TreeSizer()
     assert sizer.costs() is None

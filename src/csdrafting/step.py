@@ -147,7 +147,13 @@ class CascadeStep:
             self.schedule.after_mag_first(num_accepted)
         # the review read its result back to the host (.tolist()), so the clock is synchronised
         seconds = time.perf_counter() - started
-        self.schedule.after_step(seconds, len(tokens), speculative)
+        if tree is None:
+            self.schedule.after_step(seconds, len(tokens), speculative)
+        else:
+            # the schedule judges the chain (speculation against plain decoding); whether the tree
+            # paid is TreeSizer's business: it sees the step as the chain alone would have run
+            chain_seconds = seconds - self.tree_sizer.extra_seconds(len(tree) - tree.num_chain)
+            self.schedule.after_step(max(chain_seconds, 0.0), num_accepted + 1, speculative)
         if self._tree_step:
             self.tree_sizer.after_step(seconds, len(tokens))
         return tokens, origins

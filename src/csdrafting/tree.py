@@ -318,6 +318,15 @@ class TreeSizer:
             return fallback
         return per_token, max(per_tree, 0.0)
 
+    def extra_seconds(self, num_extra_nodes: int) -> float:
+        """What a tree with ``num_extra_nodes`` nodes beyond its chain costs beyond the chain's
+        forward, by the fitted costs (0 before any fit)."""
+        costs = self.costs()
+        if costs is None:
+            return 0.0
+        per_token, per_tree = costs
+        return per_tree + per_token * num_extra_nodes
+
     def threshold(self) -> tuple[float, float] | None:
         """(the value a node must have, the value a tree must add beyond its nodes' share)
         in emitted tokens; None: take every candidate, in order."""
