@@ -84,21 +84,9 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def llama_plain_greedy(runner, prompt_ids: list[int], num_new: int) -> tuple[list[int], list[float]]:
-    """llama.cpp's plain greedy decoding (one token per forward) and each step's top-2 margin."""
-    logits = runner.forward(prompt_ids, 0, 1)[0]
-    ids, margins = [], []
-    for _ in range(num_new):
-        top = logits.topk(2).values
-        margins.append(float(top[0] - top[1]))
-        ids.append(int(logits.argmax()))
-        logits = runner.forward([ids[-1]], len(prompt_ids) + len(ids) - 1, 1)[0]
-    return ids, margins
-
-
 def check_llama_cpp(args) -> int:
     import csdrafting
-    from csdrafting.levels.llamacpp import LlamaCppRunner
+    from csdrafting.levels.llamacpp import LlamaCppRunner, greedy_with_margins
     from csdrafting.llama_backend import cached_gguf
 
     prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -117,7 +105,7 @@ def check_llama_cpp(args) -> int:
         same = 0
         for prompt in prompts:
             prompt_ids = list(tokenizer(prompt["text"])["input_ids"])
-            ids, margins = llama_plain_greedy(runner, prompt_ids, args.max_new_tokens)
+            ids, margins = greedy_with_margins(runner, prompt_ids, args.max_new_tokens)
             result = cascade.generate(prompt_ids, max_new_tokens=args.max_new_tokens, ignore_eos=True)
             first = next((i for i, (a, b) in enumerate(zip(result.token_ids, ids)) if a != b), None)
             if first is None:

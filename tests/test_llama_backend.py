@@ -68,19 +68,14 @@ def ggufs(family, tmp_path_factory):
 
 
 def llama_plain_greedy(gguf_path, prompt: list[int], num_new: int) -> tuple[list[int], list[float]]:
-    """llama.cpp's plain greedy decoding (one token per forward) and each step's top-2 margin."""
-    from csdrafting.levels.llamacpp import LlamaCppRunner
+    """llama.cpp's plain greedy decoding of a GGUF file and each step's top-2 margin."""
+    from csdrafting.levels.llamacpp import LlamaCppRunner, greedy_with_margins
 
     runner = LlamaCppRunner(gguf_path)
-    logits = runner.forward(prompt, 0, 1)[0]
-    ids, margins = [], []
-    for _ in range(num_new):
-        top = logits.topk(2).values
-        margins.append(float(top[0] - top[1]))
-        ids.append(int(logits.argmax()))
-        logits = runner.forward([ids[-1]], len(prompt) + len(ids) - 1, 1)[0]
-    runner.close()
-    return ids, margins
+    try:
+        return greedy_with_margins(runner, prompt, num_new)
+    finally:
+        runner.close()
 
 
 def torch_plain_greedy(model, prompt: list[int], num_new: int) -> tuple[list[int], list[float]]:

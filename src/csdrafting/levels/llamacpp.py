@@ -307,3 +307,17 @@ class LlamaCppRunner:
 
     def __del__(self) -> None:
         self.close()
+
+
+def greedy_with_margins(runner: LlamaCppRunner, prompt_ids: list[int], num_new: int) -> tuple[list[int], list[float]]:
+    """Plain greedy decoding on ``runner`` (one token per forward) and each step's top-2 logit
+    margin: the reference identity checks compare a cascade with, where a margin within rounding
+    error may flip an argmax between a batched and a one-token forward."""
+    logits = runner.forward(prompt_ids, 0, 1)[0]
+    ids, margins = [], []
+    for _ in range(num_new):
+        top = logits.topk(2).values
+        margins.append(float(top[0] - top[1]))
+        ids.append(int(logits.argmax()))
+        logits = runner.forward([ids[-1]], len(prompt_ids) + len(ids) - 1, 1)[0]
+    return ids, margins
