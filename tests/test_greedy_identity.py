@@ -17,12 +17,12 @@ from tiny import (
     TableLevel,
     copy_model,
     hf_greedy,
+    llama_family,
     make_cascade,
     noisy_copy,
     plan_automatically,
     random_table,
     tiny_gpt2,
-    tiny_llama,
 )
 
 PROMPT = [5, 17, 33, 2, 81, 40, 7]
@@ -32,15 +32,9 @@ RUNNERS = ["lean", "transformers"]
 
 @pytest.fixture(scope="module")
 def llama():
-    target = tiny_llama(0)
-    return {
-        "target": target,
-        "reference": hf_greedy(target, PROMPT, NUM_NEW),
-        "copy": copy_model(target),
-        "random": tiny_llama(99),
-        "noisy": noisy_copy(target, 1, 0.02),  # agrees often, not always
-        "noisier": noisy_copy(target, 2, 0.1),
-    }
+    family = llama_family(PROMPT, NUM_NEW, 0.02)  # its noisy drafter agrees often, not always
+    family["noisier"] = noisy_copy(family["target"], 2, 0.1)
+    return family
 
 
 def target_review(result) -> dict:

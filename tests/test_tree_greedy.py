@@ -8,7 +8,16 @@ import pytest
 
 from csdrafting import CascadeConfig, ConfigError
 from csdrafting.tree import TreeSizer
-from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
+from tiny import (
+    TableLevel,
+    hf_greedy,
+    llama_family,
+    make_cascade,
+    noisy_copy,
+    random_table,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 # repeats with different continuations: MaG finds several earlier occurrences of a suffix
 PROMPT = [5, 17, 33, 2, 81, 5, 17, 40, 7, 5, 17, 33, 9, 5, 17, 2, 81, 5]
@@ -25,14 +34,7 @@ def trees_always(monkeypatch):
 
 @pytest.fixture(scope="module")
 def llama():
-    target = tiny_llama(0)
-    return {
-        "target": target,
-        "reference": hf_greedy(target, PROMPT, NUM_NEW),
-        "copy": copy_model(target),
-        "random": tiny_llama(99),
-        "noisy": noisy_copy(target, 1, 0.05),
-    }
+    return llama_family(PROMPT, NUM_NEW, 0.05)
 
 
 def check_tree_stats(result) -> None:

@@ -317,6 +317,19 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def llama_family(prompt_ids: list[int], max_new_tokens: int, noise: float) -> dict:
+    """A tiny llama target, its plain greedy output after ``prompt_ids``, and drafters that always
+    agree (its copy), rarely agree (another seed) and often agree (a copy with ``noise``)."""
+    target = tiny_llama(0)
+    return {
+        "target": target,
+        "reference": hf_greedy(target, prompt_ids, max_new_tokens),
+        "copy": copy_model(target),
+        "random": tiny_llama(99),
+        "noisy": noisy_copy(target, 1, noise),
+    }
+
+
 # -- "auto" planning (autoplan.py) in tests ------------------------------------------------------
 
 
