@@ -199,11 +199,11 @@ class CascadeStep:
         ``limit`` (the tree's depth limit). None: the chain alone (nothing paid, or no room)."""
         # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
         # (the chain always fits: the request was checked against the context)
-        room = self.levels[0].max_positions - len(ids)
-        tree = DraftTree(max_nodes=max(min(self.tree_budget, room), len(draft)), max_depth=limit)
-        tree.add_chain(draft.tokens, draft.origins, draft.probs)
-        if limit <= 0 or len(tree) >= tree.max_nodes:
+        max_nodes = min(self.tree_budget, self.levels[0].max_positions - len(ids))
+        if limit <= 0 or len(draft) >= max_nodes:
             return None  # no room for anything beyond the chain
+        tree = DraftTree(max_nodes=max_nodes, max_depth=limit)
+        tree.add_chain(draft.tokens, draft.origins, draft.probs)
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
         reached = next((i + 1 for i, token in enumerate(draft.tokens) if token in stop_ids), len(draft))
         mag = self.levels[self.mag_index]
