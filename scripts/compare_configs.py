@@ -129,7 +129,7 @@ def main() -> int:
             print(f"{method.name}: planned in {time.perf_counter() - started:.2f} s: {_plan_line(built[method.name])}")
     costs_before = {}
     if args.check_prediction:  # forward costs measured right before the timed runs (and again after)
-        costs_before = {m.name: built[m.name].autoplan.calibrate(rounds=9) for m in methods if built[m.name].plan}
+        costs_before = {m.name: built[m.name].planner.calibrate(rounds=9) for m in methods if built[m.name].plan}
     results = compare(family, methods, prompts_ids, args.max_new_tokens, args.trials, params, log=print, built=built)
     relative = speedups(results, methods[0].name)
     print(
@@ -176,7 +176,7 @@ def check_predictions(methods, built, results, costs_before) -> None:
         cascade = built[method.name]
         if not method.auto or cascade.plan is None:
             continue
-        planner = cascade.autoplan
+        planner = cascade.planner
         after_costs = planner.calibrate(rounds=9)
         _print_check(
             method.name, cascade, planner, cascade.plan.config, costs_before[method.name], after_costs, results

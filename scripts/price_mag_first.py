@@ -31,9 +31,7 @@ def variants(base: Cascade) -> dict[str, Cascade]:
     out = {}
     doubling = base.with_config(base.config)
     schedule = doubling._step.schedule
-    schedule.MAG_FIRST_MAX_TOKENS = AdaptiveSchedule.MAG_FIRST_MAX_TOKENS
-    schedule.MAG_FIRST_MIN_TOKENS = AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
-    schedule.mag_first_start = AdaptiveSchedule.MAG_FIRST_START
+    schedule.mag_first_start = schedule.params.mag_first_start  # the doubling rule's bounds are params too
     schedule.after_mag_first = AdaptiveSchedule.after_mag_first.__get__(schedule)
     out["doubling"] = doubling
     for length in FIXED_LENGTHS:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from csdrafting import Cascade, CascadeConfig, Levels, autoplan
-from csdrafting.schedule import AdaptiveSchedule
+from csdrafting import Cascade, CascadeConfig, EngineParams, Levels, autoplan
+from csdrafting.schedule import AdaptiveSchedule, ScheduleParams
 from tiny import TableLevel, make_cascade, plan_automatically, random_table
 
 VOCAB = 6
@@ -46,9 +46,10 @@ def reference(prompt: list[int], num_new: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def auto_cascade(levels=None) -> Cascade:
+def auto_cascade(levels=None, params=None) -> Cascade:
     levels = levels or family()
-    return make_cascade(levels[0], levels[1:], names=[lv.name for lv in levels], mag=True, eos_token_ids=[])
+    names = [lv.name for lv in levels]
+    return make_cascade(levels[0], levels[1:], names=names, mag=True, eos_token_ids=[], params=params)
 
 
 def test_prior_plan_leaves_out_a_drafter_that_costs_too_much(monkeypatch, tmp_path):
@@ -81,10 +82,10 @@ def test_observed_plan_replaces_the_prior_twice_then_observing_stops(monkeypatch
         plan_seconds.append(result.stats.plan_seconds)
         if cascade.plan is not before:
             replanned.append((generation + 1, cascade.plan.num_observed_tokens))
-        assert cascade.autoplan.observing == (generation + 1 < 8)
+        assert cascade.planner.observing == (generation + 1 < 8)
     assert replanned == [(3, 120), (8, 320)]
     assert all(s > 0 for s in plan_seconds[:8]) and plan_seconds[8:] == [0.0] * 4  # observing stopped
-    assert cascade.autoplan.trajectories == []  # nothing kept once the plan is final
+    assert cascade.planner.trajectories == []  # nothing kept once the plan is final
     plan = cascade.plan
     assert plan.source == "observed" and plan.num_observed_tokens == 320
     assert "far" not in plan.config.drafters  # costly and unrelated: still out
@@ -103,7 +104,7 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
     first = auto_cascade(levels)
     for prompt in PROMPTS:
         first.generate(prompt, 40, ignore_eos=True)
-    assert first.plan.source == "observed" and len(calls) == 1 and not first.autoplan.observing
+    assert first.plan.source == "observed" and len(calls) == 1 and not first.planner.observing
     files = list((tmp_path / "csdrafting").glob("auto-*.json"))
     assert len(files) == 1
     cached = json.loads(files[0].read_text())
@@ -114,7 +115,7 @@ def test_the_cache_holds_costs_and_plan_and_survives_a_corrupt_file(monkeypatch,
     assert [level["name"] for level in cached["key"]["levels"]] == ["target", "near", "far"]
     # the same levels again: costs and plan come from the cache, nothing is measured or observed
     second = auto_cascade(levels)
-    assert len(calls) == 1 and second.plan.source == "observed" and not second.autoplan.observing
+    assert len(calls) == 1 and second.plan.source == "observed" and not second.planner.observing
     assert second.plan.config == first.plan.config and second.plan.num_observed_tokens == 120
     # a corrupt cache is ignored (and rewritten)
     files[0].write_text("{not json")
@@ -147,9 +148,9 @@ def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
     pending = []  # generations the cache holds after each process
     for prompt in PROMPTS + PROMPTS[:2]:
         cascade = auto_cascade(levels)
-        start = (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.autoplan.observing)
+        start = (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.planner.observing)
         cascade.generate(prompt, 40, ignore_eos=True)
-        seen.append((start, (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.autoplan.observing)))
+        seen.append((start, (cascade.plan.source, cascade.plan.num_observed_tokens, cascade.planner.observing)))
         path = path or next((tmp_path / "csdrafting").glob("auto-*.json"))
         pending.append(len(json.loads(path.read_text()).get("pending", [])))
     assert seen == [
@@ -169,7 +170,7 @@ def test_short_lived_processes_add_up_their_observations(monkeypatch, tmp_path):
     cached["plan"]["num_observed_tokens"] = 120
     path.write_text(json.dumps(cached))
     restarted = auto_cascade(levels)
-    assert restarted.plan.source == "prior" and restarted.autoplan.observing and restarted.autoplan.num_observed == 0
+    assert restarted.plan.source == "prior" and restarted.planner.observing and restarted.planner.num_observed == 0
 
 
 def test_mag_alone_and_no_drafter_at_all(monkeypatch, tmp_path):
@@ -191,7 +192,7 @@ def test_planning_can_be_switched_off(monkeypatch, tmp_path):
     plan_automatically(monkeypatch, tmp_path, COSTS)
     monkeypatch.setenv(autoplan.ENV_PLAN, "off")
     cascade = auto_cascade()
-    assert cascade.plan is None and cascade.autoplan is None
+    assert cascade.plan is None and cascade.planner is None
     assert cascade.describe()["plan"] is None
     assert [d.name for d in cascade.drafters] == ["near", "far"]  # resolve()'s start: every drafter
 
@@ -203,16 +204,18 @@ def test_per_level_switch_flips_drafters_without_changing_the_output(monkeypatch
     plan_automatically(monkeypatch, tmp_path, COSTS)  # the plan: "near" (which mostly agrees) and MaG
     monkeypatch.setattr(autoplan, "AUTO_MAG_FIRST", 100)  # no MaG-first steps: every step is judged
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 10**6)  # the prior plan throughout
-    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # whatever the clock says, keep speculating
-    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)
-    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 2)
-    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 3)
+    schedule = ScheduleParams(
+        slower=1e9,  # whatever the clock says, keep speculating
+        level_margin=-1.0,
+        judge_levels_first=2,
+        first_level_backoff=3,
+    )
     switched = []
     level_off = AdaptiveSchedule._level_off
     monkeypatch.setattr(
         AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
     )
-    cascade = auto_cascade()
+    cascade = auto_cascade(params=EngineParams(schedule=schedule))
     assert [d.name for d in cascade.drafters] == ["near"]
     for prompt in PROMPTS:
         result = cascade.generate(prompt, 48, ignore_eos=True)
@@ -232,7 +235,7 @@ def test_real_family_plans_and_generates_the_targets_tokens(monkeypatch, tmp_pat
     assert plan.source == "prior" and plan.seconds > 0
     assert set(plan.config.drafters) <= {str(models / "pycode-5m"), str(models / "pycode-1m")}
     CascadeConfig.from_dict(plan.config.as_dict())  # valid and explicit
-    costs = cascade.autoplan.costs
+    costs = cascade.planner.costs
     assert [c.name for c in costs.levels] == ["pycode-22m", "pycode-5m", "pycode-1m"]
     assert all(s > 0 for c in costs.levels for s in c.seconds) and costs.step_seconds > 0
     plain = cascade.with_config(CascadeConfig(target=str(models / "pycode-22m"), mag=False, k_matrix=[]))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csdrafting import ConfigError, KMatrix, autoplan
+from csdrafting import ConfigError, EngineParams, KMatrix, autoplan
 from csdrafting.levels.mag import BigramTable
-from csdrafting.schedule import AdaptiveSchedule
+from csdrafting.schedule import AdaptiveSchedule, ScheduleParams
 from tiny import (
     TableLevel,
     copy_model,
@@ -205,17 +205,24 @@ def test_planned_auto_and_per_level_switch_are_lossless(llama, runner, monkeypat
     costs = {"target": (10e-3, 1e-3), "drafter1": (1e-3, 0.05e-3), "drafter2": (0.5e-3, 0.02e-3)}
     plan_automatically(monkeypatch, tmp_path, costs)
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 2 * NUM_NEW)
-    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # tiny models: keep speculating whatever the clock says
-    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)  # every judgement switches a drafter off
-    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 1)
-    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 2)
+    schedule = ScheduleParams(
+        slower=1e9,  # tiny models: keep speculating whatever the clock says
+        level_margin=-1.0,  # every judgement switches a drafter off
+        judge_levels_first=1,
+        first_level_backoff=2,
+    )
     switched = []
     level_off = AdaptiveSchedule._level_off
     monkeypatch.setattr(
         AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
     )
     cascade = make_cascade(
-        llama["target"], [llama["noisy"], llama["noisier"]], mag=True, runner=runner, eos_token_ids=[]
+        llama["target"],
+        [llama["noisy"], llama["noisier"]],
+        mag=True,
+        runner=runner,
+        eos_token_ids=[],
+        params=EngineParams(schedule=schedule),
     )
     assert cascade.plan.source == "prior" and cascade.drafters
     drafted = 0

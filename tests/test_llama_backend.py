@@ -22,7 +22,7 @@ import torch
 from csdrafting import Cascade, CascadeConfig, ConfigError, ModelLoadError
 from csdrafting.cli import main
 from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR
-from tiny import broken_reviewer, chisquare_pvalue, noisy_copy, tiny_llama
+from tiny import FULL_TREES, broken_reviewer, chisquare_pvalue, noisy_copy, tiny_llama
 
 HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
 pytestmark = pytest.mark.skipif(
@@ -101,8 +101,8 @@ def assert_identical_up_to_near_ties(output: list[int], reference: tuple[list[in
     return len(ids)
 
 
-def run_cascade(config: CascadeConfig) -> list:
-    cascade = Cascade.from_config(config)
+def run_cascade(config: CascadeConfig, params=None) -> list:
+    cascade = Cascade.from_config(config, params=params)
     return [cascade.generate(prompt, NUM_NEW, ignore_eos=True) for prompt in PROMPTS]
 
 
@@ -411,10 +411,7 @@ def test_llama_cpp_tree_logits_and_kept_path_equal_fresh_forwards(ggufs, path, m
 
 
 @pytest.mark.parametrize(("drafters", "k_matrix"), [((), [[4]]), (("noisy",), [[2, 4], [0, 3]])])
-def test_trees_on_llama_cpp_equal_plain_greedy(ggufs, drafters, k_matrix, monkeypatch):
-    from csdrafting.tree import TreeSizer
-
-    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)  # every candidate in every tree
+def test_trees_on_llama_cpp_equal_plain_greedy(ggufs, drafters, k_matrix):
     config = CascadeConfig(
         target=str(ggufs["target"]),
         drafters=tuple(str(ggufs[name]) for name in drafters),
@@ -423,7 +420,7 @@ def test_trees_on_llama_cpp_equal_plain_greedy(ggufs, drafters, k_matrix, monkey
         tree_budget=12,
     )
     compared = branched = 0
-    for prompt, result in zip(PROMPTS, run_cascade(config)):
+    for prompt, result in zip(PROMPTS, run_cascade(config, FULL_TREES)):  # every candidate in every tree
         compared += assert_identical_up_to_near_ties(
             result.token_ids, llama_plain_greedy(ggufs["target"], prompt, NUM_NEW)
         )

@@ -17,18 +17,20 @@ import torch
 from csdrafting import KMatrix, autoplan
 from csdrafting import step as step_module
 from csdrafting.sampling import SamplingParams, warp
-from csdrafting.schedule import AdaptiveSchedule
-from csdrafting.tree import TreeSizer
+from csdrafting.schedule import AdaptiveSchedule, ScheduleParams
+from csdrafting.step import EngineParams
+from csdrafting.tree import TreeParams
 from tiny import (
+    FULL_TREES,
     TableLevel,
     broken_reviewer,
     chisquare_pvalue,
     exact_joint,
-    make_cascade,
     plan_automatically,
     random_table,
     sequential_tree_verifier,
 )
+from tiny import make_cascade as make_any_cascade
 
 VOCAB = 3
 PROMPT = [0, 1, 2, 0, 1]  # repeats, so MaG finds matches
@@ -36,10 +38,10 @@ ACCEPT_P = 1e-3  # fixed seeds: deterministic; a correct cascade is far above th
 REJECT_P = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def full_trees(monkeypatch):
-    """Every candidate in every tree: the most branches for the verifiers to get wrong."""
-    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)
+def make_cascade(*args, params=FULL_TREES, **fields):
+    """Every candidate in every tree (unless ``params`` say otherwise): the most branches for the
+    verifiers to get wrong."""
+    return make_any_cascade(*args, params=params, **fields)
 
 
 def make_levels(mode: str, num_drafters: int, unrelated: bool = False) -> list[TableLevel]:
@@ -368,19 +370,23 @@ def test_planned_auto_and_per_level_switch_sample_the_target_distribution(monkey
     costs = {"target": (10e-3, 1e-3), "d1": (1e-3, 0.05e-3), "d2": (0.5e-3, 0.02e-3)}
     plan_automatically(monkeypatch, tmp_path, costs)
     monkeypatch.setattr(autoplan, "MIN_OBSERVED_TOKENS", 200)  # re-planned after 50 runs
-    monkeypatch.setattr(AdaptiveSchedule, "SLOWER", 1e9)  # speculation as a whole stays on
-    monkeypatch.setattr(AdaptiveSchedule, "LEVEL_MARGIN", -1.0)  # every judgement switches a drafter off
-    monkeypatch.setattr(AdaptiveSchedule, "JUDGE_LEVELS_FIRST", 1)
-    monkeypatch.setattr(AdaptiveSchedule, "FIRST_LEVEL_BACKOFF", 1)
+    schedule = ScheduleParams(
+        slower=1e9,  # speculation as a whole stays on
+        level_margin=-1.0,  # every judgement switches a drafter off
+        judge_levels_first=1,
+        first_level_backoff=1,
+    )
+    engine = EngineParams(schedule=schedule, tree=TreeParams(explore_every=1), clock=FakeClock().perf_counter)
     monkeypatch.setattr(AdaptiveSchedule, "begin", lambda self, carry_over: self.resume())
-    monkeypatch.setattr(step_module, "time", FakeClock())
     switched = []
     level_off = AdaptiveSchedule._level_off
     monkeypatch.setattr(
         AdaptiveSchedule, "_level_off", lambda self, column: (switched.append(column), level_off(self, column))
     )
     levels = make_levels("position", 2)
-    cascade = make_cascade(levels[0], levels[1:], names=["target", "d1", "d2"], mag=True, eos_token_ids=[])
+    cascade = make_cascade(
+        levels[0], levels[1:], names=["target", "d1", "d2"], mag=True, eos_token_ids=[], params=engine
+    )
     params = SamplingParams(1.0)
     counts, drafted = Counter(), Counter()
     for run in range(3000):

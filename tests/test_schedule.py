@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from csdrafting.kmatrix import KMatrix
-from csdrafting.schedule import AdaptiveSchedule, StaticSchedule
+from csdrafting.schedule import AdaptiveSchedule, ScheduleParams, StaticSchedule
+
+PARAMS = ScheduleParams()  # the defaults every schedule below runs with
 
 ONE_DRAFTER = KMatrix(((4,),))
 
@@ -45,7 +47,7 @@ def test_static_schedule_keeps_every_length():
         schedule.after_mag_first(num_accepted=20)
         schedule.after_step(1.0, 1, speculative=True)
     assert schedule.current() == [[2, 3], [0, 1]] and schedule.ends(0) == [2, 5]
-    assert schedule.mag_first_length() == StaticSchedule.MAG_FIRST_START == 24  # adaptive=False: fixed
+    assert schedule.mag_first_length() == PARAMS.static_mag_first_tokens == 24  # adaptive=False: fixed
     assert schedule.speculate()
 
 
@@ -55,14 +57,14 @@ def test_adaptive_lengths_follow_acceptance():
         length = schedule.rows[0][0]
         schedule.after_review(0, [(0, 0, length)], num_accepted=length)
     assert schedule.rows[0][0] > 4  # always right: longer drafts
-    assert schedule.rows[0][0] <= max(8, AdaptiveSchedule.MAX_GROWTH * 4)  # within its cap
+    assert schedule.rows[0][0] <= max(8, PARAMS.max_growth * 4)  # within its cap
 
 
 def test_backoff_doubles_after_each_failed_retry_and_resets_after_a_success():
     schedule = adaptive()
     reject_until_off(schedule)
     first = reviews_until_back(schedule)
-    assert first + 1 == AdaptiveSchedule.FIRST_BACKOFF
+    assert first + 1 == PARAMS.first_backoff
     schedule.after_review(0, [(0, 0, 1)], num_accepted=0)  # the retry fails
     assert schedule.rows[0][0] == 0
     second = reviews_until_back(schedule)
@@ -73,7 +75,7 @@ def test_backoff_doubles_after_each_failed_retry_and_resets_after_a_success():
     for _ in range(6):  # the retried drafter is right from now on
         length = schedule.rows[0][0]
         schedule.after_review(0, [(0, 0, length)], num_accepted=length)
-    assert schedule.backoff[0][0] == AdaptiveSchedule.FIRST_BACKOFF
+    assert schedule.backoff[0][0] == PARAMS.first_backoff
 
 
 def test_backoff_is_capped():
@@ -82,20 +84,20 @@ def test_backoff_is_capped():
     for _ in range(12):
         reviews_until_back(schedule)
         schedule.after_review(0, [(0, 0, 1)], num_accepted=0)
-    assert reviews_until_back(schedule) + 1 == AdaptiveSchedule.MAX_BACKOFF
+    assert reviews_until_back(schedule) + 1 == PARAMS.max_backoff
 
 
 def test_mag_first_length_follows_acceptance_within_bounds():
     schedule = adaptive(KMatrix(((1,),)), mag_first=3)
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
+    assert schedule.mag_first_length() == PARAMS.mag_first_start
     schedule.after_mag_first(num_accepted=5)
     assert schedule.mag_first_length() == 12  # about twice what was accepted
     schedule.after_mag_first(num_accepted=100)
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MAX_TOKENS
+    assert schedule.mag_first_length() == PARAMS.mag_first_max_tokens
     schedule.after_mag_first(num_accepted=0)
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
+    assert schedule.mag_first_length() == PARAMS.mag_first_min_tokens
     schedule.begin(carry_over=True)  # a new generation starts from the initial length
-    assert schedule.mag_first_length() == AdaptiveSchedule.MAG_FIRST_START
+    assert schedule.mag_first_length() == PARAMS.mag_first_start
 
 
 def run_steps(schedule: AdaptiveSchedule, num_steps: int, spec_seconds_per_token: float) -> list[bool]:
@@ -115,13 +117,13 @@ def test_time_switch_turns_slow_speculation_off_and_retries_with_doubling_backof
     schedule = AdaptiveSchedule(ONE_DRAFTER)  # use_timing=True: it starts with plain steps to measure
     decisions = run_steps(schedule, 2, 0.020)
     assert decisions == [False, False]
-    decisions = run_steps(schedule, AdaptiveSchedule.JUDGE_AFTER, 0.020)  # twice plain's cost per token
+    decisions = run_steps(schedule, PARAMS.judge_after, 0.020)  # twice plain's cost per token
     assert all(decisions) and not schedule.speculate()  # judged slower: plain decoding for a while
     off = run_steps(schedule, 200, 0.020)
     first_pause = off.index(True)
-    assert first_pause == AdaptiveSchedule.FIRST_BACKOFF * 4
+    assert first_pause == PARAMS.first_backoff * 4
     later = off[first_pause:]
-    second_pause = later[AdaptiveSchedule.JUDGE_AFTER :].index(True)
+    second_pause = later[PARAMS.judge_after :].index(True)
     assert second_pause == 2 * first_pause  # the retry failed: twice as long off
 
 
@@ -177,21 +179,20 @@ def ordinary_steps(schedule: AdaptiveSchedule, num_steps: int, gated: bool = Fal
 
 def test_level_switch_turns_a_drafter_off_and_retries_it_with_doubling_backoff():
     schedule = judged(FakeJudge(drafter_pays=False))
-    assert schedule.times_levels  # the step reports each forward's seconds
-    on = ordinary_steps(schedule, AdaptiveSchedule.JUDGE_LEVELS_FIRST)
+    on = ordinary_steps(schedule, PARAMS.judge_levels_first)
     assert all(on)
     assert schedule.level_off == [True] and all(row[0] == 0 for row in schedule.rows)
     assert schedule.rows[0][1] > 0  # MaG still drafts
     # a switched-off drafter is not brought back by the per-entry back-off
-    for _ in range(3 * AdaptiveSchedule.FIRST_BACKOFF):
+    for _ in range(3 * PARAMS.first_backoff):
         schedule.after_review(0, [(1, 0, 2)], num_accepted=2)
     assert schedule.rows[0][0] == 0
     off = ordinary_steps(schedule, 400)
     first_pause = off.index(True)
-    assert first_pause == AdaptiveSchedule.FIRST_LEVEL_BACKOFF
+    assert first_pause == PARAMS.first_level_backoff
     later = off[first_pause:]
-    assert later[: AdaptiveSchedule.JUDGE_LEVELS_FIRST] == [True] * AdaptiveSchedule.JUDGE_LEVELS_FIRST
-    second_pause = later[AdaptiveSchedule.JUDGE_LEVELS_FIRST :].index(True)
+    assert later[: PARAMS.judge_levels_first] == [True] * PARAMS.judge_levels_first
+    second_pause = later[PARAMS.judge_levels_first :].index(True)
     assert second_pause == 2 * first_pause  # the retry failed: twice as long off
 
 
@@ -200,8 +201,8 @@ def test_level_switch_keeps_a_drafter_that_pays_and_judges_it_less_often():
     schedule = judged(judge)
     assert all(ordinary_steps(schedule, 500))
     assert schedule.level_off == [False]
-    assert schedule.judge_every > AdaptiveSchedule.JUDGE_LEVELS_FIRST  # the interval doubled
-    assert 2 * len(judge.scales) < 500 / AdaptiveSchedule.JUDGE_LEVELS_FIRST  # two predictions per judgement
+    assert schedule.judge_every > PARAMS.judge_levels_first  # the interval doubled
+    assert 2 * len(judge.scales) < 500 / PARAMS.judge_levels_first  # two predictions per judgement
 
 
 def test_level_switch_ignores_mag_first_steps_and_seeded_sampling():
@@ -220,11 +221,11 @@ def test_level_switch_sees_measured_forward_times_and_running_acceptance():
         schedule.after_forward(0, 3, 2 * judge.forward_seconds(0, 3))  # the target runs twice as slow
         schedule.after_forward(1, 1, judge.forward_seconds(1, 1))
         schedule.after_review(0, [(0, 0, 2), (1, 2, 5)], num_accepted=1)  # half the drafter's tokens
-    ordinary_steps(schedule, AdaptiveSchedule.JUDGE_LEVELS_FIRST)
+    ordinary_steps(schedule, PARAMS.judge_levels_first)
     assert judge.scales[-1] == [pytest.approx(2.0), pytest.approx(1.0)]
     rates = judge.rates[-1]
-    assert rates[(0, 1)] < AdaptiveSchedule.PRIOR_ACCEPTANCE  # the drafter: 1 of 2, rejections
-    assert rates[(0, 2)] == pytest.approx(AdaptiveSchedule.PRIOR_ACCEPTANCE)  # MaG's share was never reached
+    assert rates[(0, 1)] < PARAMS.prior_acceptance  # the drafter: 1 of 2, rejections
+    assert rates[(0, 2)] == pytest.approx(PARAMS.prior_acceptance)  # MaG's share was never reached
 
 
 def test_entry_priors_set_the_acceptance_a_length_was_chosen_for():

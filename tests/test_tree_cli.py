@@ -8,16 +8,10 @@ from pathlib import Path
 import pytest
 
 from csdrafting.cli import main
-from csdrafting.tree import TreeSizer
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SMALL = str(MODELS_DIR / "pycode-1m")
 PROMPT = "def f(x):\n    return x\n\ndef g(x):\n    return"
-
-
-@pytest.fixture(autouse=True)
-def trees_always(monkeypatch):
-    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)  # every candidate in every tree, whatever the clock says
 
 
 def run(capsys, argv):

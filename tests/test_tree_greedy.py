@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 
 from csdrafting import CascadeConfig, ConfigError
-from csdrafting.tree import TreeSizer
 from tiny import (
+    FULL_TREES,
     TableLevel,
     hf_greedy,
     llama_family,
-    make_cascade,
     noisy_copy,
     random_table,
     tiny_gpt2,
     tiny_llama,
 )
+from tiny import make_cascade as make_any_cascade
 
 # repeats with different continuations: MaG finds several earlier occurrences of a suffix
 PROMPT = [5, 17, 33, 2, 81, 5, 17, 40, 7, 5, 17, 33, 9, 5, 17, 2, 81, 5]
@@ -25,11 +25,10 @@ NUM_NEW = 40
 RUNNERS = ["lean", "transformers"]
 
 
-@pytest.fixture(autouse=True)
-def trees_always(monkeypatch):
+def make_cascade(*args, **fields):
     """Every candidate in every tree: the clock-driven sizing (test_tree_sizer.py) would make the
     tree counts vary and could leave the branches these tests are about out."""
-    monkeypatch.setattr(TreeSizer, "EXPLORE_EVERY", 1)
+    return make_any_cascade(*args, params=FULL_TREES, **fields)
 
 
 @pytest.fixture(scope="module")

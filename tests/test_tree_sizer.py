@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from csdrafting.tree import Branch, DraftTree, TreeSizer, chain_kind, confidence_bucket, length_bucket
+from csdrafting.tree import Branch, DraftTree, TreeParams, TreeSizer, chain_kind, confidence_bucket, length_bucket
 from tiny import hf_greedy, make_cascade, noisy_copy, tiny_llama
+
+PARAMS = TreeParams()  # the defaults every sizer below runs with
 
 NO_STOP: frozenset[int] = frozenset()
 
@@ -55,14 +57,14 @@ def test_costs_fall_back_to_a_share_of_a_forward_without_spread():
     for _ in range(5):
         sizer.after_forward(6, 4e-3, tree=False)  # every forward the same size: no slope
     per_token, per_tree = sizer.costs()
-    assert per_token == pytest.approx(TreeSizer.PRIOR_TOKEN_SHARE * 4e-3) and per_tree == 0
+    assert per_token == pytest.approx(PARAMS.prior_token_share * 4e-3) and per_tree == 0
 
 
 def test_costs_without_chain_forwards_have_no_tree_term():
     sizer = TreeSizer()
     for n in (2, 6, 10, 14):
         sizer.after_forward(n, 3e-3 + 2e-4 * n, tree=True)  # trees only: tree and intercept coincide
-    assert sizer.costs() == (pytest.approx(TreeSizer.PRIOR_TOKEN_SHARE * sizer._sums[6] / sizer._sums[0]), 0.0)
+    assert sizer.costs() == (pytest.approx(PARAMS.prior_token_share * sizer._sums[6] / sizer._sums[0]), 0.0)
 
 
 def test_rates_count_only_nodes_whose_parent_was_accepted():
@@ -88,7 +90,7 @@ def test_counts_are_halved_so_recent_steps_weigh_most():
     kind = ("mag", 1, 0)
     for _ in range(1000):
         sizer._count(kind, False)
-    for _ in range(int(TreeSizer.MAX_COUNT)):
+    for _ in range(int(PARAMS.max_count)):
         sizer._count(kind, True)
     assert sizer.rate(kind) > 0.6  # the last MAX_COUNT tries outweigh the thousand before
 
@@ -153,16 +155,16 @@ def test_without_timing_nodes_are_priced_in_tokens_and_learning_restarts_per_gen
     sizer = TreeSizer()
     sizer.begin(use_timing=False)
     sizer.after_step(123.0, 4)  # the seconds are ignored: a step's tokens price a node
-    assert sizer.threshold() == (TreeSizer.PRIOR_TOKEN_SHARE * 4, 0.0)
+    assert sizer.threshold() == (PARAMS.prior_token_share * 4, 0.0)
     sizer._count(("mag", 1, 0), True)
     sizer.begin(use_timing=False)  # the next seeded generation does not see what this one learned
-    assert sizer.rate(("mag", 1, 0)) == TreeSizer.PRIORS["mag"] and sizer.threshold() is None
+    assert sizer.rate(("mag", 1, 0)) == PARAMS.prior_mag and sizer.threshold() is None
 
 
 def test_every_so_often_a_tree_takes_every_candidate():
     sizer = timed_sizer(per_token=3e-3)  # nothing pays...
     sizes = []
-    for _ in range(2 * TreeSizer.EXPLORE_EVERY):
+    for _ in range(2 * PARAMS.explore_every):
         tree = chain_tree((1, 2, 3))
         out = sizer.grow(tree, [Branch(-1, [7], 3, "mag", 1)], no_extension, no_alternatives, 0, NO_STOP)
         sizes.append(len(out) if out is not None else 3)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from csdrafting import Cascade, CascadeConfig, Levels, verify
+from csdrafting import Cascade, CascadeConfig, EngineParams, Levels, verify
 from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
+from csdrafting.tree import TreeParams
 
 
 class TableRunner:
@@ -68,15 +69,28 @@ class TableLevel(PrefixMemoLevel):
 
 
 def make_cascade(
-    target, drafters=(), tokenizer=None, *, names=None, runner="auto", bigram=None, eos_token_ids=None, **fields
+    target,
+    drafters=(),
+    tokenizer=None,
+    *,
+    names=None,
+    runner="auto",
+    bigram=None,
+    eos_token_ids=None,
+    params=None,
+    **fields,
 ) -> Cascade:
-    """A cascade over models or levels built in memory; ``fields`` are ``CascadeConfig`` fields."""
+    """A cascade over models or levels built in memory; ``fields`` are ``CascadeConfig`` fields,
+    ``params`` the engine's (``EngineParams``)."""
     levels = Levels.from_models(
         target, drafters, tokenizer, names=names, runner=runner, bigram=bigram, eos_token_ids=eos_token_ids
     )
-    return Cascade(
-        levels, CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, **fields)
-    )
+    config = CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, **fields)
+    return Cascade(levels, config, params=params)
+
+
+# every candidate in every tree, whatever the clock says: the most branches for a verifier to get wrong
+FULL_TREES = EngineParams(tree=TreeParams(explore_every=1))
 
 
 def random_table(seed: int, vocab_size: int, mode: str = "position", positions: int = 16, scale: float = 1.5):

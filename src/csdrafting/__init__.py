@@ -1,6 +1,7 @@
 """csdrafting: lossless Cascade Speculative Drafting over Hugging Face causal LMs."""
 
-from .cascade import Cascade
+from . import planning
+from .cascade import Cascade, EngineParams
 from .config import CascadeConfig
 from .errors import ConfigError, CSDraftingError, GenerationInputError, ModelLoadError
 from .kmatrix import KMatrix
@@ -11,9 +12,21 @@ from .stats import GenerationStats, LevelStats
 
 __version__ = "0.1.0"
 
+
+def _auto_planner(levels, config):
+    """``"auto"`` configurations are planned by ``autoplan.py``, which runs the tuner: imported
+    only when a configuration needs it, so that the engine loads without it."""
+    from .autoplan import planner_for
+
+    return planner_for(levels, config)
+
+
+planning.set_default_planner(_auto_planner)
+
 __all__ = [
     "Cascade",
     "CascadeConfig",
+    "EngineParams",
     "Levels",
     "GenerationResult",
     "GenerationStats",

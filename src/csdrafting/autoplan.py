@@ -51,6 +51,10 @@ Every decision depends on finished generations or earlier steps only, never on t
 drafted: plans change speed, never the output. ``CSDRAFTING_AUTO_PLAN=off`` skips all of this
 (``"auto"`` is then ``resolve()``'s fixed start, adapted online): the test suite sets it so that
 tiny in-memory models stay deterministic, and tests that exercise the planner turn it back on.
+
+The engine does not import this module: ``csdrafting/__init__.py`` attaches ``planner_for`` as the
+default planner factory (``planning.py``), and it is imported the first time an ``"auto"``
+configuration is planned.
 """
 
 from __future__ import annotations
@@ -129,6 +133,13 @@ AUTO_SPACE = SearchSpace(
 
 def planning_enabled() -> bool:
     return os.environ.get(ENV_PLAN, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def planner_for(levels, config: CascadeConfig) -> AutoPlanner | None:
+    """The package's default planner (``planning.set_default_planner``): an ``AutoPlanner`` for an
+    ``"auto"`` configuration, unless ``CSDRAFTING_AUTO_PLAN`` switches planning off (this edge is
+    the one place that reads it)."""
+    return AutoPlanner(levels, config) if config.is_auto and planning_enabled() else None
 
 
 def cache_dir() -> Path:
@@ -394,6 +405,7 @@ class AutoPlanner:
         plain = Cascade(
             self.levels,
             dataclasses.replace(self.config, drafters=(), mag=False, k_matrix=(), adaptive=False, mag_first=None),
+            planner=None,
         )
         num_new = max(1, min(48, family.max_context - len(prompt) - 1))
         output = plain.generate(prompt, num_new, ignore_eos=True).token_ids

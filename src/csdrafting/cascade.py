@@ -1,7 +1,8 @@
 """``Cascade``: a set of loaded levels under one configuration; generates and streams.
 
 Loading lives in ``loading.py``, the configuration in ``config.py``, one step of drafting and
-verification in ``step.py``, and truncation and stream chunks in ``output.py``.
+verification in ``step.py``, and truncation and stream chunks in ``output.py``. A planner for
+``"auto"`` is attached from outside (``planning.py``): the engine imports no tuning code.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from pathlib import Path
 
 import torch
 
-from .autoplan import AutoPlanner, Plan, planning_enabled
+from . import planning
 from .config import CascadeConfig
 from .errors import GenerationInputError
 from .levels.mag import MaG
 from .levels.window import WindowedLevel
 from .loading import Levels, load_levels
 from .output import GenerationResult, OutputCollector, StreamChunk
+from .planning import Plan, Planner
 from .sampling import SamplingParams
 from .schedule import AdaptiveSchedule, StaticSchedule
 from .stats import GenerationStats
-from .step import CascadeStep
+from .step import CascadeStep, EngineParams
+from .tree import TreeSizer
 
-__all__ = ["Cascade", "GenerationResult", "StreamChunk"]
+__all__ = ["Cascade", "EngineParams", "GenerationResult", "StreamChunk"]
+
+DEFAULT_PLANNER = "default"  # ask ``planning.default_planner`` (the auto-planner for "auto")
 
 
 class Cascade:
@@ -36,9 +41,20 @@ class Cascade:
     ``Cascade(Levels.from_models(...), config)`` (models in memory); ``with_config`` gives another
     configuration over the same loaded levels. One generation runs at a time per Cascade (a lock
     serialises callers).
+
+    ``planner``: what plans an ``"auto"`` configuration (``planning.Planner``); by default the one
+    the package attaches (measured costs, observed acceptance), None for none. ``params``: the
+    schedule's and tree sizer's tuning constants and the clock (``EngineParams``).
     """
 
-    def __init__(self, levels: Levels, config: CascadeConfig | None = None) -> None:
+    def __init__(
+        self,
+        levels: Levels,
+        config: CascadeConfig | None = None,
+        *,
+        planner: Planner | None | str = DEFAULT_PLANNER,
+        params: EngineParams | None = None,
+    ) -> None:
         config = config if config is not None else levels.default_config()
         target, drafters = levels.select(config)
         self.levels = levels
@@ -51,9 +67,12 @@ class Cascade:
         self.max_context = min(level.max_positions for level in [target, *drafters])
         self._mag = MaG(levels.bigram) if config.mag else None
         self._lock = threading.Lock()
-        # "auto" over loaded levels: measured and planned (autoplan.py), unless switched off
-        self.autoplan = AutoPlanner(levels, config) if config.is_auto and planning_enabled() else None
-        self._use(self.autoplan.plan if self.autoplan is not None else None)
+        self.params = params if params is not None else EngineParams()
+        self._tree_sizer = TreeSizer(self.params.tree)  # kept across plans: its fitted costs are the machine's
+        if planner == DEFAULT_PLANNER:
+            planner = planning.default_planner(levels, config)
+        self.planner = planner
+        self._use(planner.plan if planner is not None else None)
 
     def _use(self, plan: Plan | None) -> None:
         """Run ``plan`` (or, without one, the configuration as ``resolve()`` makes it explicit)."""
@@ -74,27 +93,40 @@ class Cascade:
         self.lenience = resolved.lenience
         self.adaptive = resolved.adaptive
         self.mag_first = resolved.mag_first
+        params = self.params.schedule
         if plan is not None:
             priors = [list(row) for row in plan.priors]
-            judge = self.autoplan.judge(run)
-            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first, priors, judge, len(drafters))
+            judge = self.planner.judge(run)
+            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first, priors, judge, len(drafters), params)
         elif resolved.adaptive:
-            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first)
+            schedule = AdaptiveSchedule(resolved.k_matrix, resolved.mag_first, params=params)
         else:
-            schedule = StaticSchedule(resolved.k_matrix, resolved.mag_first)
+            schedule = StaticSchedule(resolved.k_matrix, resolved.mag_first, params)
         step_levels = [target, *drafters] + ([self.mag] if self.mag is not None else [])
         self._step = CascadeStep(
-            step_levels, schedule, resolved.lenience, self.eos_token_ids, tree_budget=resolved.tree_budget
+            step_levels,
+            schedule,
+            resolved.lenience,
+            self.eos_token_ids,
+            tree_budget=resolved.tree_budget,
+            tree_sizer=self._tree_sizer,
+            clock=self.params.clock,
         )
 
     @classmethod
-    def from_config(cls, config: CascadeConfig | dict | str | Path) -> Cascade:
+    def from_config(
+        cls,
+        config: CascadeConfig | dict | str | Path,
+        *,
+        planner: Planner | None | str = DEFAULT_PLANNER,
+        params: EngineParams | None = None,
+    ) -> Cascade:
         """Build from a ``CascadeConfig``, a dict of its fields, or a path to a JSON config file."""
         if isinstance(config, (str, Path)):
             config = CascadeConfig.load(config)
         elif isinstance(config, dict):
             config = CascadeConfig.from_dict(config)
-        return cls(load_levels(config), config)
+        return cls(load_levels(config), config, planner=planner, params=params)
 
     @classmethod
     def from_pretrained(
@@ -116,9 +148,10 @@ class Cascade:
         tree: bool = False,
         tree_budget: int | None = None,
         drafter_window: int | None = None,
+        params: EngineParams | None = None,
     ) -> Cascade:
         """Load a target and drafters from local Hugging Face folders or ``.gguf`` files (a front
-        end over ``CascadeConfig``; the arguments are its fields)."""
+        end over ``CascadeConfig``; the arguments are its fields, and ``params``)."""
         config = CascadeConfig(
             target=str(target),
             drafters=tuple(str(p) for p in drafters),
@@ -137,12 +170,12 @@ class Cascade:
             tree_budget=tree_budget,
             drafter_window=drafter_window,
         )
-        return cls.from_config(config)
+        return cls.from_config(config, params=params)
 
     def with_config(self, config: CascadeConfig) -> Cascade:
-        """A cascade over these already-loaded levels with another configuration (no reload).
-        The levels are shared: use one of the two cascades at a time."""
-        return Cascade(self.levels, config)
+        """A cascade over these already-loaded levels with another configuration (no reload) and
+        the same engine parameters. The levels are shared: use one of the two cascades at a time."""
+        return Cascade(self.levels, config, params=self.params)
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -271,9 +304,9 @@ class Cascade:
             ids = list(prompt_ids)
             num_steps = 0
             while out.finish_reason is None:
-                tokens, origins = step.step(ids, out.remaining)
+                report = step.step(ids, out.remaining)
                 num_steps += 1
-                for chunk in out.push(tokens, origins, step.names):
+                for chunk in out.push(report.tokens, report.origins, step.names):
                     ids.extend(chunk.token_ids)
                     yield chunk
             self.synchronize()
@@ -283,9 +316,9 @@ class Cascade:
                 emitted[origin] += 1
             level_stats = step.level_stats(emitted)  # before observing, which runs the levels again
             plan_seconds = 0.0
-            if self.autoplan is not None and self.autoplan.observing:
+            if self.planner is not None and self.planner.observing:
                 # after the clock: observing (and, once enough is seen, re-planning) is not decoding
-                plan = self.autoplan.observe(prompt_ids, out.token_ids)
+                plan = self.planner.observe(prompt_ids, out.token_ids)
                 if plan is not None:
                     self._use(plan)
                 plan_seconds = time.perf_counter() - finished

@@ -2,8 +2,9 @@
 
 The schedule owns every length decision of a step, MaG first's included. ``StaticSchedule`` is
 the configured K-matrix, unchanged, and MaG-first drafts of a fixed length (row 0's total, at
-least ``MAG_FIRST_START``). ``AdaptiveSchedule`` starts from them and follows the running
-acceptance (online adaptation):
+least ``ScheduleParams.static_mag_first_tokens``). ``AdaptiveSchedule`` starts from them and
+follows the running acceptance (online adaptation), learning from one ``StepReport`` per step
+(``observe``) with the constants of a ``ScheduleParams``:
 
 * per (reviewer row, drafter column) entry: a decayed count of the drafter's tokens accepted and
   rejected gives a running acceptance rate; the entry is the configured length scaled by how the
@@ -28,33 +29,64 @@ verification stays exact and the output stays the target's: adaptation changes s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Protocol
 
 from .kmatrix import KMatrix
+from .report import Segment, StepReport
 
-Segment = tuple[int, int, int]  # (column, first draft position, end position) one drafter filled
+__all__ = ["AdaptiveSchedule", "LevelJudge", "ScheduleParams", "Segment", "StaticSchedule"]
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """The schedules' tuning constants (module docstring); tests and callers pass their own."""
+
+    # a static MaG-first draft is this long (or row 0's total, if longer). 24 measured on the
+    # pycode family (AMD EPYC, greedy, committed prompts, forwards priced at measured costs): as
+    # fast as the adaptive rule below for the shipped configurations, where 8 was 7-10% slower
+    static_mag_first_tokens: int = 24
+    prior_acceptance: float = 0.6  # the acceptance a configured entry is assumed to have been chosen for
+    prior_weight: float = 4.0  # pseudo-observations behind the prior
+    decay: float = 0.9  # weight of older observations after each new one (recent acceptance matters most)
+    max_growth: int = 4  # an entry may grow to this many times its configured value (at least 8)
+    first_backoff: int = 8  # reviews before a switched-off drafter is retried
+    max_backoff: int = 512
+    judge_after: int = 8  # speculative steps before their speed is compared with plain decoding
+    slower: float = 1.05  # speculation is switched off when it costs this much more per token than plain
+    # an adaptive MaG-first draft starts at this many tokens, then is about twice what the last one
+    # got accepted, within the bounds below
+    mag_first_start: int = 8
+    mag_first_min_tokens: int = 4
+    mag_first_max_tokens: int = 32
+    # per-level switch (with a judge): how often drafters are judged, and by how much a drafter's
+    # absence must be predicted faster before it is switched off
+    judge_levels_first: int = 16  # ordinary speculative steps before the first judgement
+    first_level_backoff: int = 32  # ordinary steps before a drafter switched off as a level is retried
+    judge_levels_max: int = 256  # the interval doubles up to this while every drafter keeps paying
+    level_margin: float = 0.03
+    long_decay: float = 0.98  # acceptance and cost scales for judging: a longer memory than the lengths'
 
 
 class StaticSchedule:
     """The configured K-matrix for every step, and a fixed length for MaG-first drafts."""
 
     adaptive = False
-    times_levels = False  # whether the step reports each forward's seconds (``after_forward``)
-    # a MaG-first draft is this long (or row 0's total, if longer). 24 measured on the pycode
-    # family (AMD EPYC, greedy, committed prompts, forwards priced at measured costs): as fast as
-    # the adaptive rule below for the shipped configurations, where 8 was 7-10% slower
-    MAG_FIRST_START = 24
 
-    def __init__(self, k_matrix: KMatrix, mag_first: int | None = None) -> None:
+    def __init__(self, k_matrix: KMatrix, mag_first: int | None = None, params: ScheduleParams | None = None) -> None:
+        self.params = params if params is not None else ScheduleParams()
         self.k_matrix = k_matrix
         self._ends = [k_matrix.cumulative(r) for r in range(k_matrix.size)]
         # MaG first: a MaG proposal continuing a suffix match of at least ``mag_first`` tokens
         # goes to the target alone for that step (None: off)
         self.mag_first = mag_first
         row0_total = sum(k_matrix.rows[0]) if k_matrix.size else 0
-        self.mag_first_start = max(self.MAG_FIRST_START, row0_total)
+        self.mag_first_start = max(self._first_mag_first_tokens(), row0_total)
         self.mag_first_tokens = self.mag_first_start
+
+    def _first_mag_first_tokens(self) -> int:
+        return self.params.static_mag_first_tokens
 
     @property
     def size(self) -> int:
@@ -98,6 +130,28 @@ class StaticSchedule:
     def current(self) -> list[list[int]]:
         return self.k_matrix.as_lists()
 
+    def observe(self, report: StepReport) -> None:
+        """Learn from a finished step (one call per step; ``report.py``).
+
+        The one policy between token trees and this clock: the schedule judges *speculation*
+        against plain decoding, and whether a tree paid is the tree sizer's business, so a tree
+        step counts here as its chain alone would have run: the step's seconds less what the
+        sizer's fit says the tree's extra nodes cost, and the chain's tokens."""
+        for review in report.reviews:
+            if review.reviewer < self.size:  # a reviewer row exists (even if its draft came out empty)
+                self.after_review(review.reviewer, list(review.segments), review.num_accepted)
+        self._observe_forwards(report)
+        if report.mag_first:
+            self.after_mag_first(report.num_accepted)
+        seconds, num_tokens = report.seconds, len(report.tokens)
+        if report.tree is not None and report.tree.tree is not None:
+            seconds = max(report.seconds - report.tree.extra_seconds, 0.0)
+            num_tokens = report.num_accepted + 1
+        self.after_step(seconds, num_tokens, report.speculative)
+
+    def _observe_forwards(self, report: StepReport) -> None:
+        """Forward times matter only to a schedule with a judge (``AdaptiveSchedule``)."""
+
 
 class LevelJudge(Protocol):
     """Predicts the speed (tokens/s) of a K-matrix from per-pair acceptance rates and per-level
@@ -113,26 +167,6 @@ class AdaptiveSchedule(StaticSchedule):
     """Starts from a K-matrix and adapts it online (see the module docstring)."""
 
     adaptive = True
-    PRIOR_ACCEPTANCE = 0.6  # the acceptance a configured entry is assumed to have been chosen for
-    PRIOR_WEIGHT = 4.0  # pseudo-observations behind the prior
-    DECAY = 0.9  # weight of older observations after each new one (recent acceptance matters most)
-    MAX_GROWTH = 4  # an entry may grow to this many times its configured value (at least 8)
-    FIRST_BACKOFF = 8  # reviews before a switched-off drafter is retried
-    MAX_BACKOFF = 512
-    JUDGE_AFTER = 8  # speculative steps before their speed is compared with plain decoding
-    SLOWER = 1.05  # speculation is switched off when it costs this much more per token than plain
-    # a MaG-first draft starts at 8 tokens, then is about twice what the last one got accepted,
-    # within these bounds
-    MAG_FIRST_START = 8
-    MAG_FIRST_MIN_TOKENS = 4
-    MAG_FIRST_MAX_TOKENS = 32
-    # per-level switch (with a judge): how often drafters are judged, and by how much a drafter's
-    # absence must be predicted faster before it is switched off
-    JUDGE_LEVELS_FIRST = 16  # ordinary speculative steps before the first judgement
-    FIRST_LEVEL_BACKOFF = 32  # ordinary steps before a drafter switched off as a level is retried
-    JUDGE_LEVELS_MAX = 256  # the interval doubles up to this while every drafter keeps paying
-    LEVEL_MARGIN = 0.03
-    LONG_DECAY = 0.98  # acceptance and cost scales for judging: a longer memory than the lengths'
 
     def __init__(
         self,
@@ -141,25 +175,33 @@ class AdaptiveSchedule(StaticSchedule):
         priors: list[list[float]] | None = None,
         judge: LevelJudge | None = None,
         num_neural: int | None = None,
+        params: ScheduleParams | None = None,
     ) -> None:
         """``priors[r][c]``: the acceptance entry (r, c) was chosen for (default
-        ``PRIOR_ACCEPTANCE``); ``judge`` turns on the per-level switch for the first
+        ``params.prior_acceptance``); ``judge`` turns on the per-level switch for the first
         ``num_neural`` columns (the neural drafters; MaG, when on, is the last column)."""
-        super().__init__(k_matrix, mag_first)
+        super().__init__(k_matrix, mag_first, params)
         self.priors = [
             [min(max(p, 0.02), 0.98) for p in row]
-            for row in (priors or [[self.PRIOR_ACCEPTANCE] * k_matrix.size] * k_matrix.size)
+            for row in (priors or [[self.params.prior_acceptance] * k_matrix.size] * k_matrix.size)
         ]
         self.judge = judge
         self.num_neural = num_neural if num_neural is not None else k_matrix.size
-        self.times_levels = judge is not None  # the step reports each forward's seconds
         self.gated_step = False
         self.reset(use_timing=True)
+
+    def _first_mag_first_tokens(self) -> int:
+        return self.params.mag_first_start
+
+    def _observe_forwards(self, report: StepReport) -> None:
+        if self.judge is not None:  # forward times scale the judge's calibrated costs
+            for forward in report.forwards:
+                self.after_forward(forward.level, forward.num_tokens, forward.seconds)
 
     def after_mag_first(self, num_accepted: int) -> None:
         # the next gated draft follows past acceptance only, never the token being drafted
         doubled = 2 * (num_accepted + 1)
-        self.mag_first_tokens = min(self.MAG_FIRST_MAX_TOKENS, max(self.MAG_FIRST_MIN_TOKENS, doubled))
+        self.mag_first_tokens = min(self.params.mag_first_max_tokens, max(self.params.mag_first_min_tokens, doubled))
         self.gated_step = True
 
     def resume(self) -> None:
@@ -173,12 +215,12 @@ class AdaptiveSchedule(StaticSchedule):
         self.use_timing = use_timing
         self.configured = self.k_matrix.as_lists()
         self.rows = [row[:] for row in self.configured]
-        self.caps = [[max(8, self.MAX_GROWTH * k) for k in row] for row in self.configured]
-        weight = self.PRIOR_WEIGHT
+        self.caps = [[max(8, self.params.max_growth * k) for k in row] for row in self.configured]
+        weight = self.params.prior_weight
         self.successes = [[p * weight for p in row] for row in self.priors]
         self.failures = [[(1 - p) * weight for p in row] for row in self.priors]
         self.retry_in = [[0] * len(row) for row in self.rows]  # reviews left while an entry is off
-        self.backoff = [[self.FIRST_BACKOFF] * len(row) for row in self.rows]
+        self.backoff = [[self.params.first_backoff] * len(row) for row in self.rows]
         # per-level switch: long-memory acceptance, measured / calibrated forward seconds per level
         self.long_successes = [[p * weight for p in row] for row in self.priors]
         self.long_failures = [[(1 - p) * weight for p in row] for row in self.priors]
@@ -186,14 +228,14 @@ class AdaptiveSchedule(StaticSchedule):
         self.calibrated_seconds = [0.0] * (self.num_neural + 1)
         self.level_off = [False] * self.num_neural
         self.level_retry_in = [0] * self.num_neural  # ordinary steps left while a drafter is off
-        self.level_backoff = [self.FIRST_LEVEL_BACKOFF] * self.num_neural
-        self.judge_every = self.JUDGE_LEVELS_FIRST
-        self.steps_to_judge = self.JUDGE_LEVELS_FIRST
+        self.level_backoff = [self.params.first_level_backoff] * self.num_neural
+        self.judge_every = self.params.judge_levels_first
+        self.steps_to_judge = self.params.judge_levels_first
         # whole-speculation switch: decayed seconds and tokens of speculative and of plain steps
         self.spec_time = self.spec_tokens = 0.0
         self.plain_time = self.plain_tokens = 0.0
         self.plain_steps_left = 2 if use_timing else 0  # first plain steps measure plain decoding's cost
-        self.spec_backoff = self.FIRST_BACKOFF * 4
+        self.spec_backoff = self.params.first_backoff * 4
         self.spec_steps_judged = 0
 
     def ends(self, reviewer: int) -> list[int]:
@@ -214,20 +256,20 @@ class AdaptiveSchedule(StaticSchedule):
                 continue  # an earlier token was rejected: this share was never judged
             accepted = min(num_accepted, end) - start
             rejected = 1 if num_accepted < end else 0
-            self.successes[reviewer][column] = self.DECAY * self.successes[reviewer][column] + accepted
-            self.failures[reviewer][column] = self.DECAY * self.failures[reviewer][column] + rejected
+            self.successes[reviewer][column] = self.params.decay * self.successes[reviewer][column] + accepted
+            self.failures[reviewer][column] = self.params.decay * self.failures[reviewer][column] + rejected
             if self.judge is not None:
                 long_s, long_f = self.long_successes[reviewer], self.long_failures[reviewer]
-                long_s[column] = self.LONG_DECAY * long_s[column] + accepted
-                long_f[column] = self.LONG_DECAY * long_f[column] + rejected
+                long_s[column] = self.params.long_decay * long_s[column] + accepted
+                long_f[column] = self.params.long_decay * long_f[column] + rejected
             if column < self.num_neural and self.level_off[column]:
                 continue  # switched off as a level: only its retry brings it back
             row[column] = self._length(reviewer, column)
             if row[column] == 0:
                 self.retry_in[reviewer][column] = self.backoff[reviewer][column]
-                self.backoff[reviewer][column] = min(2 * self.backoff[reviewer][column], self.MAX_BACKOFF)
+                self.backoff[reviewer][column] = min(2 * self.backoff[reviewer][column], self.params.max_backoff)
             elif accepted == end - start:
-                self.backoff[reviewer][column] = self.FIRST_BACKOFF
+                self.backoff[reviewer][column] = self.params.first_backoff
         # switched-off entries count down one review of this row, then come back with 1
         retry = self.retry_in[reviewer]
         for column, left in enumerate(retry):
@@ -253,8 +295,8 @@ class AdaptiveSchedule(StaticSchedule):
 
     def after_forward(self, level: int, num_tokens: int, seconds: float) -> None:
         """A neural level (0 = target) ran ``num_tokens`` tokens and its review in ``seconds``
-        (only called when ``times_levels``): how its calibrated costs compare with now."""
-        decay = self.LONG_DECAY
+        (with a judge): how its calibrated costs compare with now."""
+        decay = self.params.long_decay
         self.measured_seconds[level] = decay * self.measured_seconds[level] + seconds
         self.calibrated_seconds[level] = decay * self.calibrated_seconds[level] + self.judge.forward_seconds(
             level, num_tokens
@@ -269,24 +311,24 @@ class AdaptiveSchedule(StaticSchedule):
         # decayed sums of time and tokens: their ratio is the recent cost per token, weighted by
         # tokens (an average of per-step ratios would overweight one-token steps)
         if not speculative:
-            self.plain_time = self.DECAY * self.plain_time + seconds
-            self.plain_tokens = self.DECAY * self.plain_tokens + num_tokens
+            self.plain_time = self.params.decay * self.plain_time + seconds
+            self.plain_tokens = self.params.decay * self.plain_tokens + num_tokens
             self.plain_steps_left = max(self.plain_steps_left - 1, 0)
             if self.plain_steps_left == 0:
                 self.spec_time = self.spec_tokens = 0.0
                 self.spec_steps_judged = 0
             return
-        self.spec_time = self.DECAY * self.spec_time + seconds
-        self.spec_tokens = self.DECAY * self.spec_tokens + num_tokens
+        self.spec_time = self.params.decay * self.spec_time + seconds
+        self.spec_tokens = self.params.decay * self.spec_tokens + num_tokens
         self.spec_steps_judged += 1
-        if self.spec_steps_judged < self.JUDGE_AFTER or self.plain_tokens == 0:
+        if self.spec_steps_judged < self.params.judge_after or self.plain_tokens == 0:
             return
-        if self.spec_time / self.spec_tokens > self.SLOWER * self.plain_time / self.plain_tokens:
+        if self.spec_time / self.spec_tokens > self.params.slower * self.plain_time / self.plain_tokens:
             # speculating costs more per token than not: decode plainly for a while, then retry
             self.plain_steps_left = self.spec_backoff
-            self.spec_backoff = min(2 * self.spec_backoff, self.MAX_BACKOFF)
+            self.spec_backoff = min(2 * self.spec_backoff, self.params.max_backoff)
         else:
-            self.spec_backoff = self.FIRST_BACKOFF * 4
+            self.spec_backoff = self.params.first_backoff * 4
 
     # -- the per-level switch ----------------------------------------------------------------------
 
@@ -299,8 +341,8 @@ class AdaptiveSchedule(StaticSchedule):
         if self.steps_to_judge <= 0:
             switched = self._judge_levels()
             # while every drafter keeps paying, judge less and less often
-            longer = min(2 * self.judge_every, self.JUDGE_LEVELS_MAX)
-            self.judge_every = self.JUDGE_LEVELS_FIRST if switched else longer
+            longer = min(2 * self.judge_every, self.params.judge_levels_max)
+            self.judge_every = self.params.judge_levels_first if switched else longer
             self.steps_to_judge = self.judge_every
         for column in range(self.num_neural):
             if self.level_off[column] and column not in switched:
@@ -327,11 +369,11 @@ class AdaptiveSchedule(StaticSchedule):
             for row in without:
                 row[column] = 0
             # (without any drafter left in row 0, ordinary steps decode plainly; MaG first still drafts)
-            if self.judge.speed(without, rates, scales) > (1 + self.LEVEL_MARGIN) * with_it:
+            if self.judge.speed(without, rates, scales) > (1 + self.params.level_margin) * with_it:
                 self._level_off(column)
                 switched.append(column)
             else:
-                self.level_backoff[column] = self.FIRST_LEVEL_BACKOFF  # it pays: a later failure starts afresh
+                self.level_backoff[column] = self.params.first_level_backoff  # it pays: a later failure starts afresh
         return switched
 
     def _level_off(self, column: int) -> None:
@@ -339,15 +381,15 @@ class AdaptiveSchedule(StaticSchedule):
         for row in self.rows:
             row[column] = 0
         self.level_retry_in[column] = self.level_backoff[column]
-        self.level_backoff[column] = min(2 * self.level_backoff[column], self.MAX_BACKOFF)
+        self.level_backoff[column] = min(2 * self.level_backoff[column], self.params.max_backoff)
 
     def _level_on(self, column: int) -> None:
         """Retry a drafter: its configured lengths, and its long-memory acceptance back at the
         prior (the evidence that switched it off is old by now)."""
         self.level_off[column] = False
-        weight = self.PRIOR_WEIGHT
+        weight = self.params.prior_weight
         for r, row in enumerate(self.rows):
             row[column] = self.configured[r][column]
             p = self.priors[r][column]
             self.long_successes[r][column], self.long_failures[r][column] = p * weight, (1 - p) * weight
-        self.steps_to_judge = min(self.steps_to_judge, self.JUDGE_LEVELS_FIRST)
+        self.steps_to_judge = min(self.steps_to_judge, self.params.judge_levels_first)

@@ -14,6 +14,9 @@ With ``tree_budget`` set, step 3 may verify a token tree instead of the chain: t
 candidates ``TreeSizer`` finds worth their cost (``tree.py``; it says why only the target
 verifies trees). Where none is, the chain is verified as a chain.
 
+A step steers nothing itself: it returns a ``StepReport`` (``report.py``) of what it did, and its
+observers (the statistics, the schedule, the tree sizer) learn from that one report.
+
 In sampling mode every draft token travels with the distribution it was drawn from (a point mass
 for MaG, the induced law ``pi`` of ``verify.py`` for a neural reviewer's tokens) because the
 next review's acceptance test is exact only against that distribution.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,16 +34,28 @@ from . import verify
 from .levels.base import MAG as MAG_KIND
 from .levels.base import NeuralLevel
 from .levels.mag import MaG
+from .report import ForwardRecord, ReviewRecord, Segment, StepObserver, StepReport, TreeOutcome
 from .sampling import SamplingParams, warp
-from .schedule import Segment, StaticSchedule
+from .schedule import ScheduleParams, StaticSchedule
 from .stats import LevelStats, ReviewCounters, TreeCounters
-from .tree import Branch, DraftTree, TreeSizer, confidence_bucket, length_bucket
+from .tree import Branch, DraftTree, TreeParams, TreeSizer, confidence_bucket, length_bucket
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """The engine's tuning constants and clock, passed in (tests pass their own): the schedule's
+    (``schedule.ScheduleParams``), the tree sizer's (``tree.TreeParams``), and the clock every
+    step and forward is timed with."""
+
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)
+    tree: TreeParams = field(default_factory=TreeParams)
+    clock: Callable[[], float] = time.perf_counter
 
 
 class Draft:
     """Draft tokens, the level each was first proposed by, and (sampling) the law it follows."""
 
-    __slots__ = ("tokens", "origins", "probs", "segments", "seconds")
+    __slots__ = ("tokens", "origins", "probs", "segments", "second_choices")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -49,7 +65,7 @@ class Draft:
         # trees only: per token, the proposing drafter's best other choice at that position and how
         # sure it was of its first (tree.confidence_bucket), None for MaG's tokens; deterministic
         # given the drafted tokens, so a point mass in a tree
-        self.seconds: list[tuple[int, int] | None] = []
+        self.second_choices: list[tuple[int, int] | None] = []
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -59,16 +75,45 @@ class Draft:
         tokens: list[int],
         origins: list[int],
         probs: list[torch.Tensor | None],
-        seconds: list[tuple[int, int] | None] | None = None,
+        second_choices: list[tuple[int, int] | None] | None = None,
     ) -> None:
         self.tokens.extend(tokens)
         self.origins.extend(origins)
         self.probs.extend(probs)
-        self.seconds.extend(seconds if seconds is not None else [None] * len(tokens))
+        self.second_choices.extend(second_choices if second_choices is not None else [None] * len(tokens))
 
     def cut(self, length: int) -> None:
-        del self.tokens[length:], self.origins[length:], self.probs[length:], self.seconds[length:]
+        del self.tokens[length:], self.origins[length:], self.probs[length:], self.second_choices[length:]
         self.segments = [(c, start, min(end, length)) for c, start, end in self.segments if start < length]
+
+
+class StepTally:
+    """Per-generation statistics from step reports: every reviewer's counters (by draft position
+    and proposing level) and, for tree configurations, the tree counters."""
+
+    def __init__(self, names: list[str], trees: bool) -> None:
+        self.names = names
+        self.reviews = [ReviewCounters() for _ in names]
+        self.trees = TreeCounters() if trees else None
+
+    def observe(self, report: StepReport) -> None:
+        outcome = report.tree
+        tree_verified = outcome is not None and outcome.tree is not None
+        for review in report.reviews:
+            if review.origins and not (review.reviewer == 0 and tree_verified):
+                self.reviews[review.reviewer].record([self.names[o] for o in review.origins], review.num_accepted)
+        if outcome is None or self.trees is None:
+            return
+        if outcome.tree is None:  # no candidate paid for a tree: the chain went as a chain
+            num_chain, num_accepted = len(outcome.chain_origins), outcome.num_chain_accepted
+            self.trees.num_unbranched += 1
+            self.trees.record(num_chain, num_chain, num_accepted, num_accepted)
+            return
+        # the target's review counters see the line it followed: the path, then the child it rejected
+        if outcome.line_origins:
+            self.reviews[0].record([self.names[o] for o in outcome.line_origins], len(outcome.path))
+        tree = outcome.tree
+        self.trees.record(len(tree), tree.num_chain, len(outcome.path), outcome.num_chain_accepted, outcome.won_by)
 
 
 class CascadeStep:
@@ -76,7 +121,9 @@ class CascadeStep:
     each call gets the committed token ids; the levels' caches memoise what they have run.
 
     ``levels``: target, neural drafters (largest first), then MaG if on. ``schedule`` decides
-    every draft length (the K-matrix's and MaG first's); ``lenience`` is how drafters review."""
+    every draft length (the K-matrix's and MaG first's); ``lenience`` is how drafters review.
+    ``tree_sizer`` (its own, unless one is passed to keep what an earlier step object learned)
+    chooses tree candidates when ``tree_budget`` is set."""
 
     def __init__(
         self,
@@ -85,14 +132,16 @@ class CascadeStep:
         lenience: float,
         eos_ids: frozenset[int],
         tree_budget: int | None = None,
+        tree_sizer: TreeSizer | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.levels = levels
         self.tree_budget = tree_budget  # max nodes of the target's draft tree; None: chains
-        self.tree_sizer = TreeSizer()  # which candidates are worth a node, and whether a tree pays
-        self._tree_step = False  # whether the current step may verify a tree
+        self.tree_sizer = tree_sizer if tree_sizer is not None else TreeSizer()
         self.schedule = schedule
         self.lenience = lenience
         self.eos_ids = eos_ids
+        self.clock = clock
         self.names = [level.name for level in levels]
         self.mag_index = len(levels) - 1 if levels[-1].kind == MAG_KIND else None
         self.begin(SamplingParams(), None, stop_at_eos=False)
@@ -108,9 +157,9 @@ class CascadeStep:
         self.schedule.begin(carry_over=params.greedy or params.seed is None)
         for level in self.levels:
             level.reset()
-        self.reviews = [ReviewCounters() for _ in self.levels]
-        self.tree_counters = TreeCounters() if self.tree_budget else None
+        self.tally = StepTally(self.names, trees=bool(self.tree_budget))
         self.tree_sizer.begin(use_timing=params.greedy or params.seed is None)
+        self.observers: tuple[StepObserver, ...] = (self.tally, self.schedule, self.tree_sizer)
         self._one_hot_cache: dict[int, torch.Tensor] = {}
 
     def prefill(self, prompt_ids: list[int]) -> None:
@@ -122,48 +171,43 @@ class CascadeStep:
             else:
                 level.prefill(prompt_ids[:-1])
 
-    def step(self, ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
-        """Emit between 1 and ``max_tokens`` new tokens after the committed ``ids``; returns the
-        tokens and, for each, the level that first proposed it (0 = the target itself)."""
-        started = time.perf_counter()
+    def step(self, ids: list[int], max_tokens: int) -> StepReport:
+        """Emit between 1 and ``max_tokens`` new tokens after the committed ``ids``: the report's
+        ``tokens`` and, for each, the level that first proposed it (0 = the target itself). Every
+        observer learns from the report before it is returned."""
+        started = self.clock()
         self.num_committed = len(ids)
-        speculative = self.schedule.speculate()
-        self._tree_step = bool(speculative and self.tree_budget and self.mag_index is not None)
-        gated = self._mag_first(ids, max_tokens - 1) if speculative else None
-        draft = gated or (self._fill(0, ids, max_tokens - 1) if speculative else Draft())
-        tree = self._grow_tree(ids, draft, max_tokens - 1) if self._tree_step else None
+        report = StepReport(speculative=self.schedule.speculate())
+        limit = max_tokens - 1
+        # a tree needs MaG (its candidates) and a budget; the drafters then also note their second choices
+        may_branch = bool(report.speculative and self.tree_budget and self.mag_index is not None)
+        draft = Draft()
+        if report.speculative:
+            gated = self._mag_first(ids, limit)
+            report.mag_first = bool(gated)
+            draft = gated if gated else self._fill(0, ids, limit, report, may_branch)
+        tree = self._grow_tree(ids, draft, limit) if may_branch else None
         if tree is not None:
-            tokens, origins, num_accepted = self._verify_tree(ids, tree, draft)
+            self._verify_tree(ids, tree, draft, report)
         else:
-            outcome, _ = self._review(0, ids, draft, lenience=1.0)
-            num_accepted = outcome.num_accepted
-            tokens = draft.tokens[:num_accepted] + [outcome.next_token]
-            origins = draft.origins[:num_accepted] + [0]
-            if self._tree_step:  # no candidate paid for a tree: the chain went as a chain
-                self.tree_counters.num_unbranched += 1
-                self.tree_counters.record(len(draft), len(draft), num_accepted, num_accepted)
-                self.tree_sizer.learn_chain(draft.origins, num_accepted)
-        if gated:
-            self.schedule.after_mag_first(num_accepted)
-        # the review read its result back to the host (.tolist()), so the clock is synchronised
-        seconds = time.perf_counter() - started
-        if tree is None:
-            self.schedule.after_step(seconds, len(tokens), speculative)
-        else:
-            # the schedule judges the chain (speculation against plain decoding); whether the tree
-            # paid is TreeSizer's business: it sees the step as the chain alone would have run
-            chain_seconds = seconds - self.tree_sizer.extra_seconds(len(tree) - tree.num_chain)
-            self.schedule.after_step(max(chain_seconds, 0.0), num_accepted + 1, speculative)
-        if self._tree_step:
-            self.tree_sizer.after_step(seconds, len(tokens))
-        return tokens, origins
+            outcome, _ = self._review(0, ids, draft, 1.0, report)
+            report.num_accepted = outcome.num_accepted
+            report.tokens = draft.tokens[: outcome.num_accepted] + [outcome.next_token]
+            report.origins = draft.origins[: outcome.num_accepted] + [0]
+            if may_branch:
+                report.tree = TreeOutcome(None, tuple(draft.origins), num_chain_accepted=outcome.num_accepted)
+        # the verification read its result back to the host (.tolist()): the clock is synchronised
+        report.seconds = self.clock() - started
+        for observer in self.observers:
+            observer.observe(report)
+        return report
 
-    def _verify_tree(self, ids: list[int], tree: DraftTree, draft: Draft) -> tuple[list[int], list[int], int]:
-        """The target verifies ``tree`` (the chain ``draft`` and its alternatives) in one forward.
-        Returns the emitted tokens, their origins and how many of the chain's tokens were accepted
-        (what the schedule learns from, as for a chain)."""
+    def _verify_tree(self, ids: list[int], tree: DraftTree, draft: Draft, report: StepReport) -> None:
+        """The target verifies ``tree`` (the chain ``draft`` and its alternatives) in one forward;
+        fills ``report``'s tokens and tree outcome (its ``num_accepted``: the chain's accepted
+        tokens, what the schedule learns from, as for a chain)."""
         target = self.levels[0]
-        started, tokens_before = time.perf_counter(), target.counters.num_tokens_run
+        started, tokens_before = self.clock(), target.counters.num_tokens_run
         logits = target.tree_logits(ids, tree.tokens, tree.parents)  # (N + 1, V)
         if self.params.greedy:
             outcome = verify.verify_tree_greedy(logits, tree.tokens, tree.parents)
@@ -173,28 +217,30 @@ class CascadeStep:
         path = outcome.path
         target.commit_path(path)
         # the verification read its result back to the host: the clock is synchronised
-        num_run, seconds = target.counters.num_tokens_run - tokens_before, time.perf_counter() - started
-        self.tree_sizer.after_forward(num_run, seconds, tree=True)
-        self.tree_sizer.learn_tree(tree, path)
-        if self.schedule.times_levels:
-            self.schedule.after_forward(0, num_run, seconds)
+        num_run, seconds = target.counters.num_tokens_run - tokens_before, self.clock() - started
+        report.forwards.append(ForwardRecord(0, num_run, seconds, tree=True))
         num_chain_accepted = tree.chain_prefix(path)
-        # the target's review counters see the line it followed: the path, then the child it rejected
+        report.reviews.append(ReviewRecord(0, tuple(draft.origins), tuple(draft.segments), num_chain_accepted))
         children = verify.tree_children(tree.parents)[path[-1] + 1 if path else 0]
-        line = path + children[:1]
-        if line:
-            self.reviews[0].record([self.names[tree.origins[n]] for n in line], len(path))
+        line = path + children[:1]  # the path, then the child it rejected
         won = tree.kinds[path[num_chain_accepted]][0] if num_chain_accepted < len(path) else None
-        self.tree_counters.record(len(tree), tree.num_chain, len(path), num_chain_accepted, won)
-        if self.schedule.size:
-            self.schedule.after_review(0, draft.segments, num_chain_accepted)
-        tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
-        return tokens, [tree.origins[n] for n in path] + [0], num_chain_accepted
+        report.tree = TreeOutcome(
+            tree,
+            tuple(draft.origins),
+            path=tuple(path),
+            num_chain_accepted=num_chain_accepted,
+            line_origins=tuple(tree.origins[n] for n in line),
+            won_by=won,
+            extra_seconds=self.tree_sizer.extra_seconds(len(tree) - tree.num_chain),
+        )
+        report.num_accepted = num_chain_accepted
+        report.tokens = [tree.tokens[n] for n in path] + [outcome.next_token]
+        report.origins = [tree.origins[n] for n in path] + [0]
 
     def _grow_tree(self, ids: list[int], draft: Draft, limit: int) -> DraftTree | None:
         """The chain and the candidates ``TreeSizer`` finds worth their cost: the drafters' second
         choices beside the chain's tokens, MaG's continuation of the chain, and MaG's
-        alternatives at the root and under the first ``ALT_DEPTHS`` chain nodes (as deep as the
+        alternatives at the root and under the first ``alt_depths`` chain nodes (as deep as the
         chain below them, at least 2 tokens). Never past an EOS when stopping there, nor past
         ``limit`` (the tree's depth limit). None: the chain alone (nothing paid, or no room)."""
         # node i's keys and values sit in slot len(ids) + i: a tree never outgrows the context
@@ -207,6 +253,7 @@ class CascadeStep:
         stop_ids = self.eos_ids if self.stop_at_eos else frozenset()
         reached = next((i + 1 for i, token in enumerate(draft.tokens) if token in stop_ids), len(draft))
         mag = self.levels[self.mag_index]
+        params = self.tree_sizer.params
 
         def after_second(depth: int, token: int) -> Callable[[], list[int]]:
             """MaG's continuation of the second choice ``token`` at ``depth`` (asked for if wanted)."""
@@ -214,7 +261,7 @@ class CascadeStep:
             return lambda: mag.propose(context, self.num_committed, max(1, len(draft) - depth - 1)).tokens
 
         branches = []
-        for depth, second in enumerate(draft.seconds[:reached]):
+        for depth, second in enumerate(draft.second_choices[:reached]):
             if second is not None:
                 token, bucket = second
                 more = after_second(depth, token)
@@ -223,20 +270,17 @@ class CascadeStep:
         def extension() -> list[Branch]:
             if reached < len(draft) or len(draft) >= limit:
                 return []  # the chain ends in an EOS, or at the depth limit
-            tokens = mag.propose(ids + draft.tokens, self.num_committed, min(self.EXTEND, limit - len(draft))).tokens
+            tokens = mag.propose(ids + draft.tokens, self.num_committed, min(params.extend, limit - len(draft))).tokens
             return [Branch(len(draft) - 1, tokens, self.mag_index, "extend", length_bucket(len(draft)))]
 
         def alternatives(depth: int) -> list[Branch]:
             # at the root the chain may itself be MaG's longest match: it is merged, not repeated
             context, length = ids + draft.tokens[:depth], max(2, len(draft) - depth)
-            proposals = mag.propose_many(context, self.num_committed, length, TreeSizer.MAX_RANK)
+            proposals = mag.propose_many(context, self.num_committed, length, params.max_rank)
             return [Branch(depth - 1, tokens, self.mag_index, "mag", rank) for rank, tokens in enumerate(proposals)]
 
-        num_depths = min(reached, self.ALT_DEPTHS) + 1
+        num_depths = min(reached, params.alt_depths) + 1
         return self.tree_sizer.grow(tree, branches, extension, alternatives, num_depths, stop_ids)
-
-    ALT_DEPTHS = 8  # chain nodes MaG's alternatives may hang under (deeper ones are rarely reached)
-    EXTEND = 8  # MaG tokens offered past the chain's end
 
     def _mag_first(self, ids: list[int], limit: int) -> Draft | None:
         """MaG's draft for the target when its match is long enough to trust, else None. The
@@ -254,9 +298,10 @@ class CascadeStep:
             self._cut_after_eos(draft)
         return draft
 
-    def _fill(self, reviewer: int, context: list[int], limit: int) -> Draft:
+    def _fill(self, reviewer: int, context: list[int], limit: int, report: StepReport, branching: bool) -> Draft:
         """The draft that level ``reviewer`` will review after ``context``: at most ``limit`` tokens,
-        filled by the drafters of row ``reviewer`` of the K-matrix, larger drafters first."""
+        filled by the drafters of row ``reviewer`` of the K-matrix, larger drafters first.
+        ``branching``: the drafters note their second choices (a step that may verify a tree)."""
         draft = Draft()
         if reviewer >= self.schedule.size or limit <= 0:
             return draft  # no drafters below: the reviewer decodes autoregressively
@@ -265,7 +310,8 @@ class CascadeStep:
             goal = min(ends[column], limit)
             start = len(draft)
             while len(draft) < goal:
-                self._extend(column + 1, context + draft.tokens, draft, goal - len(draft), limit - len(draft))
+                room = limit - len(draft)
+                self._extend(column + 1, context + draft.tokens, draft, goal - len(draft), room, report, branching)
                 if self.stop_at_eos and self._cut_after_eos(draft):
                     break
             if len(draft) > start:
@@ -274,37 +320,44 @@ class CascadeStep:
                 return draft  # positions after an EOS can never be emitted
         return draft
 
-    def _extend(self, level_index: int, context: list[int], draft: Draft, need: int, room: int) -> None:
+    def _extend(
+        self,
+        level_index: int,
+        context: list[int],
+        draft: Draft,
+        need: int,
+        room: int,
+        report: StepReport,
+        branching: bool,
+    ) -> None:
         """Append at least one token (at most ``room``) from level ``level_index`` to ``draft``."""
         level = self.levels[level_index]
         if level.kind == MAG_KIND:
             tokens = level.propose(context, self.num_committed, need).tokens
             draft.add(tokens, [level_index] * need, [None] * need)
             return
-        sub = self._fill(level_index, context, room - 1)  # room - 1: leave space for its own token
-        outcome, logits = self._review(level_index, context, sub, self.lenience)
+        sub = self._fill(level_index, context, room - 1, report, branching)  # room - 1: space for its own token
+        outcome, logits = self._review(level_index, context, sub, self.lenience, report)
         num_accepted = outcome.num_accepted
         probs = list(outcome.token_probs) if outcome.token_probs is not None else [None] * (num_accepted + 1)
         tokens = sub.tokens[:num_accepted] + [outcome.next_token]
-        seconds = None
-        if self._tree_step:
+        second_choices = None
+        if branching:
             values, indices = logits[: num_accepted + 1].topk(2, dim=-1)  # (n, 2)
             gaps = (values[:, 0] - values[:, 1]).tolist()
-            seconds = [
+            second_choices = [
                 (b if a == token else a, confidence_bucket(gap))
                 for token, (a, b), gap in zip(tokens, indices.tolist(), gaps)
             ]
-        draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, seconds)
+        draft.add(tokens, sub.origins[:num_accepted] + [level_index], probs, second_choices)
 
     def _review(
-        self, level_index: int, context: list[int], draft: Draft, lenience: float
+        self, level_index: int, context: list[int], draft: Draft, lenience: float, report: StepReport
     ) -> tuple[verify.ReviewOutcome, torch.Tensor]:
-        """One forward of a neural level over ``context + draft`` and the accept / reject of the draft."""
+        """One forward of a neural level over ``context + draft`` and the accept / reject of the
+        draft, both written into ``report``."""
         level = self.levels[level_index]
-        sized = level_index == 0 and self._tree_step  # a chain the tree sizer compares trees with
-        timed = self.schedule.times_levels or sized
-        if timed:
-            started, tokens_before = time.perf_counter(), level.counters.num_tokens_run
+        started, tokens_before = self.clock(), level.counters.num_tokens_run
         logits = level.next_token_logits(context + draft.tokens, len(draft) + 1)  # (K + 1, V)
         if self.params.greedy:
             outcome = verify.review_greedy(logits, draft.tokens, lenience)
@@ -312,16 +365,12 @@ class CascadeStep:
             probs = warp(logits, self.params)  # (K + 1, V)
             draft_probs = self._stack_probs(draft, probs) if len(draft) else None
             outcome = verify.review_sampled(probs, draft.tokens, draft_probs, self.generator, lenience)
-        if timed:  # the review read its result back to the host: the clock is synchronised
-            num_run, seconds = level.counters.num_tokens_run - tokens_before, time.perf_counter() - started
-            if self.schedule.times_levels:
-                self.schedule.after_forward(level_index, num_run, seconds)
-            if sized:
-                self.tree_sizer.after_forward(num_run, seconds, tree=False)
-        if len(draft):
-            self.reviews[level_index].record([self.names[o] for o in draft.origins], outcome.num_accepted)
-        if level_index < self.schedule.size:  # a reviewer row exists (even if its draft came out empty)
-            self.schedule.after_review(level_index, draft.segments, outcome.num_accepted)
+        # the review read its result back to the host: the clock is synchronised
+        num_run, seconds = level.counters.num_tokens_run - tokens_before, self.clock() - started
+        report.forwards.append(ForwardRecord(level_index, num_run, seconds))
+        report.reviews.append(
+            ReviewRecord(level_index, tuple(draft.origins), tuple(draft.segments), outcome.num_accepted)
+        )
         return outcome, logits
 
     def _stack_probs(self, draft: Draft, like: torch.Tensor) -> torch.Tensor:
@@ -359,8 +408,8 @@ class CascadeStep:
                     num_tokens_run=counters.num_tokens_run,
                     num_params=level.num_params,
                     runner=level.runner_name,
-                    review=self.reviews[i] if kind != "mag" else None,
-                    tree=self.tree_counters if i == 0 else None,
+                    review=self.tally.reviews[i] if kind != "mag" else None,
+                    tree=self.tally.trees if i == 0 else None,
                 )
             )
         return tuple(out)

@@ -27,7 +27,7 @@ Decisions, and why:
   only where its nodes also buy back what a tree forward costs beyond a chain's.
 * **Candidates.** The drafters' second choices beside the chain's tokens (continued by MaG where
   that pays); MaG's alternatives at
-  the root and under the first ``ALT_DEPTHS`` chain nodes; MaG's continuation of the chain's last
+  the root and under the first ``TreeParams.alt_depths`` chain nodes; MaG's continuation of the chain's last
   token (a chain the K-matrix cut short can still be verified further where that pays).
 """
 
@@ -39,10 +39,38 @@ from dataclasses import dataclass
 
 import torch
 
+from .report import StepReport
+
 Law = torch.Tensor | None  # (V,) the law a candidate was drawn from; None = a point mass
 Kind = tuple  # an acceptance bucket: (source, ...) (TreeSizer counts acceptance per bucket)
 
 MAX_KIND_DEPTH = 15  # deeper nodes share their branch's bucket at this depth
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """The tree sizer's tuning constants (``TreeSizer``); tests and callers pass their own."""
+
+    # acceptance of each kind of node before any count, and the pseudo-tries behind it
+    prior_chain: float = 0.7
+    prior_second: float = 0.1
+    prior_mag: float = 0.1
+    prior_extend: float = 0.5
+    prior_weight: float = 2.0
+    max_count: float = 256.0  # tries past which a bucket's counts are halved
+    explore_every: int = 32  # every so many trees take every candidate (1: every tree takes all)
+    max_rank: int = 3  # MaG alternatives asked for per place (ranks 0, 1, 2)
+    alt_depths: int = 8  # chain nodes MaG's alternatives may hang under (deeper ones are rarely reached)
+    extend: int = 8  # MaG tokens offered past the chain's end
+    cost_decay: float = 0.98  # of the forward-cost fit and of the throughput
+    prior_token_share: float = 0.05  # a verified token's cost as a share of a forward, until fitted
+    min_spread: float = 0.5  # variance of the verified token counts below which no slope is fitted
+    refit_every: int = 8  # forwards between two fits of the costs
+
+    def prior(self, source: str) -> float:
+        return {"chain": self.prior_chain, "second": self.prior_second, "mag": self.prior_mag}.get(
+            source, self.prior_extend
+        )
 
 
 def length_bucket(num_tokens: int) -> int:
@@ -198,35 +226,26 @@ class TreeSizer:
       proposing level and depth; second choices by level; MaG's alternatives by rank and depth in
       their branch; the chain's extension by depth): a node is *tried* when its parent was
       accepted (or it hangs off the root) and *accepted* when it is on the accepted path. Counts
-      start from a small prior and are halved past ``MAX_COUNT`` (recent steps weigh most).
+      start from a small prior and are halved past ``params.max_count`` (recent steps weigh most).
     * **Cost**: the target's forward-and-verify seconds are fitted (decayed least squares over
       tree and chain steps) as a per-forward part, a per-token part, and what a tree forward
       costs beyond a chain forward of the same size (the tree mask, moving the accepted path's
       keys and values into place). Until the fit has seen enough spread, a token costs
-      ``PRIOR_TOKEN_SHARE`` of a forward and a tree nothing extra.
+      ``params.prior_token_share`` of a forward and a tree nothing extra.
     * Candidates are taken by value, highest first (a child is never worth more than its parent),
       while a node's value beats what its time would buy at the current speed
       (``value > seconds per token * tokens per second``); then the tree as a whole must buy back
-      its extra cost too, else the step verifies the chain alone. Every ``EXPLORE_EVERY``-th tree
+      its extra cost too, else the step verifies the chain alone. Every ``params.explore_every``-th tree
       takes every candidate, so that kinds that are not worth a node stay measured, and the cost
       fit keeps seeing trees.
 
     It reads only past steps and the clock, so it changes speed, never output. Without timing
     (seeded sampling must be reproducible) it learns within the generation only and prices a
-    node at ``PRIOR_TOKEN_SHARE`` of a step's tokens, so a seed gives the same trees, hence the
+    node at ``params.prior_token_share`` of a step's tokens, so a seed gives the same trees, hence the
     same output, whatever ran before; the first tree of such a generation takes every candidate."""
 
-    PRIORS = {"chain": 0.7, "second": 0.1, "mag": 0.1, "extend": 0.5}  # acceptance before any count
-    PRIOR_WEIGHT = 2.0  # pseudo-tries behind each prior
-    MAX_COUNT = 256.0  # tries past which a bucket's counts are halved
-    EXPLORE_EVERY = 32  # every so many trees take every candidate
-    MAX_RANK = 3  # MaG alternatives asked for per place (ranks 0, 1, 2)
-    COST_DECAY = 0.98  # of the forward-cost fit and of the throughput
-    PRIOR_TOKEN_SHARE = 0.05  # a verified token's cost as a share of a forward, until fitted
-    MIN_SPREAD = 0.5  # variance of the verified token counts below which no slope is fitted
-    REFIT_EVERY = 8  # forwards between two fits of the costs
-
-    def __init__(self) -> None:
+    def __init__(self, params: TreeParams | None = None) -> None:
+        self.params = params if params is not None else TreeParams()
         self.use_timing = False
         self._forget()
         # decayed sums for the fit seconds ~ a + b * tokens + c * is_tree: X'X's entries, X'y
@@ -251,13 +270,13 @@ class TreeSizer:
     # -- what it learns -----------------------------------------------------------------------------
 
     def rate(self, kind: Kind) -> float:
-        prior = self.PRIORS[kind[0]] * self.PRIOR_WEIGHT
-        return (self._hits.get(kind, 0.0) + prior) / (self._tries.get(kind, 0.0) + self.PRIOR_WEIGHT)
+        prior = self.params.prior(kind[0]) * self.params.prior_weight
+        return (self._hits.get(kind, 0.0) + prior) / (self._tries.get(kind, 0.0) + self.params.prior_weight)
 
     def _count(self, kind: Kind, hit: bool) -> None:
         tries = self._tries.get(kind, 0.0) + 1
         hits = self._hits.get(kind, 0.0) + hit
-        if tries > self.MAX_COUNT:
+        if tries > self.params.max_count:
             tries, hits = tries / 2, hits / 2
         self._tries[kind], self._hits[kind] = tries, hits
 
@@ -276,7 +295,7 @@ class TreeSizer:
     def after_forward(self, num_tokens: int, seconds: float, tree: bool) -> None:
         """The target ran ``num_tokens`` positions and verified them in ``seconds``."""
         x = (1.0, float(num_tokens), float(tree))
-        decay, sums = self.COST_DECAY, self._sums
+        decay, sums = self.params.cost_decay, self._sums
         for i, (a, b) in enumerate(self._PAIRS):
             sums[i] = decay * sums[i] + x[a] * x[b]
         for i in range(3):
@@ -285,15 +304,30 @@ class TreeSizer:
 
     _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # the entries of X'X kept in _sums[:6]
 
+    def observe(self, report: StepReport) -> None:
+        """Learn from a finished step that could have verified a tree (others are not its business):
+        the target's forward costs, which nodes were accepted, the step's throughput."""
+        outcome = report.tree
+        if outcome is None:
+            return
+        for forward in report.forwards:
+            if forward.level == 0:
+                self.after_forward(forward.num_tokens, forward.seconds, tree=forward.tree)
+        if outcome.tree is not None:
+            self.learn_tree(outcome.tree, list(outcome.path))
+        else:
+            self.learn_chain(list(outcome.chain_origins), outcome.num_chain_accepted)
+        self.after_step(report.seconds, len(report.tokens))
+
     def after_step(self, seconds: float, num_tokens: int) -> None:
-        decay = self.COST_DECAY
+        decay = self.params.cost_decay
         self._step_seconds = decay * self._step_seconds + (seconds if self.use_timing else 0.0)
         self._step_tokens = decay * self._step_tokens + num_tokens
         self._steps = decay * self._steps + 1
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds per verified token, extra seconds of a tree forward); None before any forward."""
-        if self._sums[0] > 0 and (self._costs is None or self._forwards_since_fit >= self.REFIT_EVERY):
+        if self._sums[0] > 0 and (self._costs is None or self._forwards_since_fit >= self.params.refit_every):
             self._costs, self._forwards_since_fit = self._fit(), 0
         return self._costs
 
@@ -303,8 +337,8 @@ class TreeSizer:
         on a step's path)."""
         s00, s01, s02, s11, s12, s22, y0, y1, y2 = self._sums
         mean_seconds = y0 / s00
-        fallback = (self.PRIOR_TOKEN_SHARE * mean_seconds, 0.0)
-        if s11 / s00 - (s01 / s00) ** 2 < self.MIN_SPREAD:
+        fallback = (self.params.prior_token_share * mean_seconds, 0.0)
+        if s11 / s00 - (s01 / s00) ** 2 < self.params.min_spread:
             return fallback  # (nearly) every forward the same size so far: no slope to fit
         if s22 > 0:  # trees were timed: fit their extra cost too
             matrix = ((s00, s01, s02), (s01, s11, s12), (s02, s12, s22))
@@ -327,14 +361,22 @@ class TreeSizer:
         per_token, per_tree = costs
         return per_tree + per_token * num_extra_nodes
 
-    def threshold(self) -> tuple[float, float] | None:
-        """(the value a node must have, the value a tree must add beyond its nodes' share)
-        in emitted tokens; None: take every candidate, in order."""
+    def start_tree(self) -> tuple[float, float] | None:
+        """Count a new tree and return its threshold: (the value a node must have, the value a
+        tree must add beyond its nodes' share) in emitted tokens; None: take every candidate, in
+        order (every ``explore_every``-th tree, and before any step was seen)."""
         self._num_trees += 1
-        if self._num_trees % self.EXPLORE_EVERY == 0 or self._steps == 0:
+        if self._num_trees % self.params.explore_every == 0:
+            return None
+        return self.threshold()
+
+    def threshold(self) -> tuple[float, float] | None:
+        """The threshold of a tree that takes candidates by value (``start_tree``), from what was
+        learned so far; None: no measurement to price nodes with yet."""
+        if self._steps == 0:
             return None
         if not self.use_timing:  # no clock: a node costs a share of a step, which is worth its tokens
-            return self.PRIOR_TOKEN_SHARE * self._step_tokens / self._steps, 0.0
+            return self.params.prior_token_share * self._step_tokens / self._steps, 0.0
         costs = self.costs()
         if costs is None or self._step_seconds == 0:
             return None
@@ -358,7 +400,7 @@ class TreeSizer:
         (under chain node ``depth - 1``, for depths below ``num_alternative_depths``); the last
         two are asked for only where something they return could be worth a node. None where no
         candidate pays for a tree: the chain is then verified as a chain."""
-        threshold = self.threshold()
+        threshold = self.start_tree()
         if threshold is None:
             branches = branches + extension()
             for depth in range(num_alternative_depths):
@@ -373,7 +415,7 @@ class TreeSizer:
             reach[node + 1] = reach[node] * self.rate(tree.kinds[node])
         if reach[-1] * self.rate(("extend", length_bucket(tree.num_chain), 0)) > per_node:
             branches = branches + extension()
-        best_alternative = max(self.rate(("mag", rank, 0)) for rank in range(self.MAX_RANK))
+        best_alternative = max(self.rate(("mag", rank, 0)) for rank in range(self.params.max_rank))
         for depth in range(num_alternative_depths):
             if reach[depth] * best_alternative > per_node:
                 branches = branches + alternatives(depth)

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..schedule import AdaptiveSchedule, StaticSchedule
+from ..schedule import ScheduleParams
 
 # the schedules' MaG-first draft lengths, read from schedule.py so the model follows it
-STATIC_START = StaticSchedule.MAG_FIRST_START
-ADAPTIVE_START = AdaptiveSchedule.MAG_FIRST_START
-ADAPTIVE_MIN_TOKENS = AdaptiveSchedule.MAG_FIRST_MIN_TOKENS
-ADAPTIVE_MAX_TOKENS = AdaptiveSchedule.MAG_FIRST_MAX_TOKENS
+STATIC_START = ScheduleParams().static_mag_first_tokens
+ADAPTIVE_START = ScheduleParams().mag_first_start
+ADAPTIVE_MIN_TOKENS = ScheduleParams().mag_first_min_tokens
+ADAPTIVE_MAX_TOKENS = ScheduleParams().mag_first_max_tokens
 MAX_STRIDE = 16  # ordinary steps emitting more tokens than this on average are walked at this stride
 
 
