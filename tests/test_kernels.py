@@ -19,7 +19,7 @@ import torch
 
 from csdrafting import ConfigError
 from csdrafting.levels import kernels
-from csdrafting.levels.llama import LlamaRunner
+from csdrafting.levels.lean_llama import LlamaRunner
 from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
 from test_cache_and_stopping import drive_level

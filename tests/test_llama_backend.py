@@ -153,7 +153,7 @@ def test_hf_folders_convert_once_into_the_cache(family, cache_home, monkeypatch)
 
 
 def test_cache_key_follows_the_folder_content(family, tmp_path, cache_home):
-    from csdrafting.llama_backend import cached_gguf
+    from csdrafting.gguf_cache import cached_gguf
 
     folder = tmp_path / "copy"
     shutil.copytree(family["random"], folder)
@@ -168,7 +168,7 @@ def test_cache_key_follows_the_folder_content(family, tmp_path, cache_home):
 
 def test_a_failed_conversion_leaves_no_file_in_the_cache(family, cache_home, monkeypatch):
     import csdrafting.convert
-    from csdrafting.llama_backend import cached_gguf
+    from csdrafting.gguf_cache import cached_gguf
 
     def dying_convert(folder, output, outtype):
         Path(output).write_bytes(b"GGUF half a file")
@@ -194,7 +194,7 @@ def pycode_gguf(tmp_path_factory):
 def test_gguf_tokenizer_round_trips_like_the_hf_tokenizer(pycode_gguf):
     from transformers import AutoTokenizer
 
-    from csdrafting.llama_backend import LlamaCppTokenizer
+    from csdrafting.gguf_tokenizer import LlamaCppTokenizer
 
     hf = AutoTokenizer.from_pretrained(MODELS_DIR / "pycode-1m")
     adapter = LlamaCppTokenizer(pycode_gguf)
@@ -386,7 +386,7 @@ def _tree_path_ids(node: int) -> list[int]:
 def test_llama_cpp_tree_logits_and_kept_path_equal_fresh_forwards(ggufs, path, max_leaves):
     """One batch over the tree (or, past the runner's sequences, one forward per path) gives every
     node the logits of its path alone; after commit_path the cache continues the kept path."""
-    from csdrafting.llama_backend import llama_level
+    from csdrafting.backends import llama_level
 
     def fresh(ids):
         return llama_level("fresh", ggufs["target"]).next_token_logits(ids, 1)[0]

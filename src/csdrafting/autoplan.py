@@ -69,6 +69,7 @@ import torch
 
 from .config import AUTO_MAG_FIRST, CascadeConfig
 from .errors import CSDraftingError
+from .files import atomic_write_text, cache_dir
 from .levels.mag import MaG
 from .sampling import SamplingParams
 from .tune.measure import (
@@ -129,11 +130,6 @@ AUTO_SPACE = SearchSpace(
 
 def planning_enabled() -> bool:
     return os.environ.get(ENV_PLAN, "on").strip().lower() not in ("off", "0", "false", "no")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "csdrafting"
 
 
 def cpu_model() -> str:
@@ -332,10 +328,7 @@ class AutoPlanner:
             "summary": plan.as_dict(),  # for people reading the file
         }
         try:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps(data))
-            scratch.replace(self.cache_path)
+            atomic_write_text(self.cache_path, json.dumps(data))
         except OSError:
             pass  # a read-only home: plan anyway, just without a cache
 

@@ -44,7 +44,7 @@ DEFAULT_TREE_BUDGET = 16  # tree=True: max draft-tree nodes (pycode-22m turns co
 AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
-BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (llama_backend.py)
+BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (backends.py)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class CascadeConfig:
     dtype: str = "float32"
     runner: str = "auto"
     backend: str = "torch"
-    drafter_outtype: str | None = None  # GGUF type of converted drafters; None: llama_backend's default
+    drafter_outtype: str | None = None  # GGUF type of converted drafters; None: gguf_cache's default
     tree: bool = False
     tree_budget: int | None = None
     drafter_window: int | None = None  # drafters read only the last N prompt tokens (levels/window.py)

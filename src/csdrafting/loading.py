@@ -16,21 +16,15 @@ from pathlib import Path
 import torch
 
 from .config import CascadeConfig
+from .backends import LLAMA_CPP, is_gguf, level_backend, llama_level
 from .errors import ConfigError, ModelLoadError
+from .files import require_file
+from .gguf_cache import DEFAULT_DRAFTER_OUTTYPE, cached_gguf, target_outtype
+from .gguf_tokenizer import LlamaCppTokenizer
 from .levels.base import NeuralLevel
 from .levels.llamacpp import import_llama_cpp
 from .levels.mag import BigramTable
 from .levels.model import model_level
-from .llama_backend import (
-    DEFAULT_DRAFTER_OUTTYPE,
-    LLAMA_CPP,
-    LlamaCppTokenizer,
-    cached_gguf,
-    is_gguf,
-    level_backend,
-    llama_level,
-    target_outtype,
-)
 
 BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no table is given
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +131,7 @@ def load_levels(config: CascadeConfig) -> Levels:
     """Load the target, the drafters, the tokenizer and the bigram table ``config`` names.
 
     Each level's backend: llama.cpp for a ``.gguf`` path, else ``config.backend`` (an HF folder on
-    llama.cpp is converted once and cached, see ``llama_backend.py``)."""
+    llama.cpp is converted once and cached, see ``backends.py`` and ``gguf_cache.py``)."""
     if config.target is None:
         raise ConfigError("the configuration names no target model")
     paths = [config.target, *config.drafters]
@@ -190,8 +184,7 @@ def target_tokenizer(path: str):
 
 def check_level_path(path: str, backend: str) -> None:
     if is_gguf(path):
-        if not Path(path).is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
+        require_file(path, "GGUF file")
         import_llama_cpp()  # a clear error when the extra is missing, before any model loads
     else:
         check_model_folder(path)
@@ -200,16 +193,15 @@ def check_level_path(path: str, backend: str) -> None:
 
 
 def hf_eos_ids(folder: str, tokenizer) -> list[int]:
-    """EOS ids of an HF folder without loading its weights (generation_config, then config)."""
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError):
-            continue
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [eos]
+    """EOS ids of an HF folder without loading its weights: ``eos_ids``' chain over its JSON files."""
+    return _first_eos_ids([_read_json_or_none(Path(folder) / name) for name in ("generation_config.json", "config.json")], tokenizer)
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def load_bigram(config: CascadeConfig) -> BigramTable | None:
@@ -302,11 +294,16 @@ def as_level(name: str, model, runner: str) -> NeuralLevel:
 
 
 def eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    """EOS ids of a loaded model: its generation config's, else its config's, else the tokenizer's."""
+    return _first_eos_ids([getattr(model, "generation_config", None), model.config], tokenizer)
+
+
+def _first_eos_ids(configs: list, tokenizer) -> list[int]:
+    """The first ``eos_token_id`` set in ``configs`` (config objects or their JSON dicts, None
+    skipped), else the tokenizer's, as a list (a config may give one id or several)."""
+    for config in configs:
+        eos = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [eos]

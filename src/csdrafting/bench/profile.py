@@ -255,7 +255,7 @@ def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, re
 
 
 def _layer_parts(runner, start: int, num_new: int):
-    """Two calls over every layer of the lean runner (it reaches into ``levels/llama.py``): its
+    """Two calls over every layer of the lean runner (it reaches into ``levels/lean_llama.py``): its
     four matmuls with the kernels its forward runs for ``num_new`` tokens, and its attention over
     the cached keys and values of ``start + num_new`` positions, on random activations."""
     import torch.nn.functional as F
@@ -356,7 +356,8 @@ class _Stopwatch:
 
 def in_generation(models, methods, prompt_ids: list[int], max_new_tokens: int) -> list[dict]:
     """Per method: decode time split into model forwards, runner overhead, MaG and cascade logic."""
-    from .runner import CascadeMethod, Request
+    from .records import Request
+    from .runner import CascadeMethod
 
     request = Request(prompt_ids, max_new_tokens, True, True, 0.0, None, None, 0)
     results = []
@@ -505,7 +506,8 @@ def _fmt(value) -> str:
 
 def run_profile(config: ProfileConfig, log=print) -> dict:
     from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
-    from .runner import Models, device_name, environment
+    from .models import Models
+    from .runner import device_name, environment
     from .suite import LLAMA_SUFFIX, build_suite, load_suite_file
 
     if config.repeats < 1:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..files import atomic_write_text, cache_dir
 
 ENV_VAR = "CSD_KERNEL"
 AUTO = "auto"
@@ -417,11 +417,6 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{processor} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type} | {dtype_name}"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "csdrafting"
-
-
 class KernelCache:
     """Measured kernel times on disk, one JSON file: ``{"schema": 1, "machines": {key: {shape:
     {bucket: {kernel: ms}}}}}``. A missing, unreadable or malformed file reads as empty; writes
@@ -452,15 +447,5 @@ class KernelCache:
         entry.update(times)
         machines[key] = entry
         text = json.dumps({"schema": CACHE_SCHEMA, "machines": machines}, indent=1, sort_keys=True) + "\n"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".json", dir=self.path.parent)
-        except OSError:
-            return
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            atomic_write_text(self.path, text)

@@ -1,6 +1,6 @@
 """Neural levels over transformers models (torch backend).
 
-Two runners compute the forward passes: the lean ``LlamaRunner`` (``llama.py``) for Llama
+Two runners compute the forward passes: the lean ``LlamaRunner`` (``lean_llama.py``) for Llama
 weights, and ``TransformersRunner`` (the model's own forward with a ``DynamicCache``) for any
 other causal LM. ``model_level`` wraps the chosen runner in a ``PrefixMemoLevel``.
 """
@@ -11,8 +11,8 @@ import torch
 
 from ..errors import ConfigError
 from .base import tree_layout
-from .llama import LlamaRunner
-from .llama import supports as lean_supports
+from .lean_llama import LlamaRunner
+from .lean_llama import supports as lean_supports
 from .memo import PrefixMemoLevel
 
 
