@@ -20,7 +20,7 @@ import torch
 
 from csdrafting import Cascade, CascadeConfig, Levels, autoplan
 from csdrafting.schedule import AdaptiveSchedule
-from tiny import TableLevel, make_cascade, plan_automatically, random_table
+from tiny import KERNEL, TableLevel, make_cascade, plan_automatically, random_table
 
 VOCAB = 6
 COSTS = {"target": (10e-3, 1e-3), "near": (1e-3, 0.05e-3), "far": (9.5e-3, 1e-3)}  # far: as costly as the target
@@ -227,7 +227,8 @@ def test_real_family_plans_and_generates_the_targets_tokens(monkeypatch, tmp_pat
     cached; greedy output equal to plain decoding."""
     plan_automatically(monkeypatch, tmp_path)
     models = Path(__file__).resolve().parents[1] / "models"
-    cascade = Cascade.from_pretrained(models / "pycode-22m", [models / "pycode-5m", models / "pycode-1m"])
+    drafters = (str(models / "pycode-5m"), str(models / "pycode-1m"))
+    cascade = Cascade.from_config(CascadeConfig(str(models / "pycode-22m"), drafters, kernel=KERNEL))
     plan = cascade.plan
     assert plan.source == "prior" and plan.seconds > 0
     assert set(plan.config.drafters) <= {str(models / "pycode-5m"), str(models / "pycode-1m")}

@@ -230,7 +230,7 @@ def test_profile(family, tmp_path, capsys):
     assert {(r["level"], r["weight"]) for r in result["kernels"]} == {
         (n, w) for n in ("tiny-target", "tiny-copy", "tiny-rand") for w in ("qkv", "o", "gate_up", "down", "head")
     }
-    forced = os.environ["CSD_KERNEL"] != "auto"  # linear unless the run sets another (conftest)
+    forced = os.environ["CSDRAFTING_KERNEL"] != "auto"  # linear unless the run sets another (conftest)
     assert all(r["forced"] == forced and len(r["kernels"]) == 4 for r in result["kernels"])
     assert {(r["level"], r["new_tokens"]) for r in result["forward_split"]} == {
         (n, k) for n in ("tiny-target", "tiny-copy", "tiny-rand") for k in (1, 3)

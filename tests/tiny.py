@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from csdrafting import Cascade, CascadeConfig, Levels, verify
+from csdrafting.edge import default_kernel
 from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
 
@@ -67,16 +68,20 @@ class TableLevel(PrefixMemoLevel):
         return self.runner.logits_after(ids)
 
 
+# the lean runner's kernel in every test: $CSDRAFTING_KERNEL, "linear" unless the run sets another
+# (conftest), so that no test times kernels; test_kernels.py runs each kernel itself
+KERNEL = default_kernel()
+
+
 def make_cascade(
     target, drafters=(), tokenizer=None, *, names=None, runner="auto", bigram=None, eos_token_ids=None, **fields
 ) -> Cascade:
     """A cascade over models or levels built in memory; ``fields`` are ``CascadeConfig`` fields."""
     levels = Levels.from_models(
-        target, drafters, tokenizer, names=names, runner=runner, bigram=bigram, eos_token_ids=eos_token_ids
+        target, drafters, tokenizer, names=names, runner=runner, kernel=KERNEL, bigram=bigram, eos_token_ids=eos_token_ids
     )
-    return Cascade(
-        levels, CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, **fields)
-    )
+    config = CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, kernel=KERNEL, **fields)
+    return Cascade(levels, config)
 
 
 def random_table(seed: int, vocab_size: int, mode: str = "position", positions: int = 16, scale: float = 1.5):

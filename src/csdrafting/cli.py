@@ -82,6 +82,13 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--runner", default=None, choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
     group.add_argument(
+        "--kernel",
+        default=None,
+        choices=["auto", "linear", "onednn", "transposed", "packed"],
+        help="the lean runner's matmul kernel: auto (timed on this machine, cached; default, or "
+        "$CSDRAFTING_KERNEL) or one for every matmul",
+    )
+    group.add_argument(
         "--backend",
         default=None,
         help="how model folders run: torch (default) or llama.cpp (converted to GGUF once and cached; "
@@ -127,13 +134,15 @@ def config_from_args(args, model_flags: bool = True):
     from dataclasses import replace
 
     from .config import CascadeConfig
+    from .edge import config_defaults
 
+    defaults = config_defaults()  # the environment's, below the file's and the flags'
     if getattr(args, "config", None):
-        config = CascadeConfig.load(args.config)
+        config = CascadeConfig.load(args.config, defaults)
     elif args.target is None and args.drafter is None and not args.no_mag and DEFAULT_CONFIG.is_file():
-        config = CascadeConfig.load(DEFAULT_CONFIG)  # the embedded family, as tuned for it
+        config = CascadeConfig.load(DEFAULT_CONFIG, defaults)  # the embedded family, as tuned for it
     else:
-        config = CascadeConfig()
+        config = CascadeConfig(**defaults)
     changes = {}
     if model_flags and args.target is not None:
         changes["target"] = args.target
@@ -154,6 +163,7 @@ def config_from_args(args, model_flags: bool = True):
         "dtype",
         "mag_first",
         "runner",
+        "kernel",
         "backend",
         "drafter_outtype",
         "drafter_window",

@@ -30,6 +30,9 @@ BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no t
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the configuration fields fixed when levels load: another value needs another load
 LOAD_FIELDS = ("device", "dtype", "runner", "backend", "drafter_outtype", "bigram")
+# also fixed when levels load, but not asked of a configuration over loaded levels: the planner,
+# the tuner's replay and the bench build those without repeating the loaded levels' kernel
+KERNEL_FIELD = "kernel"
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,13 @@ class Levels:
         *,
         names: Sequence[str] | None = None,
         runner: str = "auto",
+        kernel: str = "auto",
         bigram: BigramTable | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> Levels:
         """Levels from transformers models (or objects that already are ``NeuralLevel``s), named
-        ``target``, ``drafter1``, ``drafter2`` ... unless ``names`` are given."""
+        ``target``, ``drafter1``, ``drafter2`` ... unless ``names`` are given. ``runner`` and
+        ``kernel``: as ``CascadeConfig``'s, for the models that become levels here."""
         names = list(names) if names is not None else ["target"] + [f"drafter{i + 1}" for i in range(len(drafters))]
         if len(names) != 1 + len(drafters):
             raise ConfigError(f"names must give one name per level ({1 + len(drafters)}), got {len(names)}")
@@ -80,8 +85,8 @@ class Levels:
         if eos_token_ids is None:
             eos_token_ids = eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []
         return cls(
-            as_level(names[0], target, runner),
-            tuple(as_level(name, model, runner) for name, model in zip(names[1:], drafters)),
+            as_level(names[0], target, runner, kernel),
+            tuple(as_level(name, model, runner, kernel) for name, model in zip(names[1:], drafters)),
             tokenizer,
             frozenset(eos_token_ids),
             bigram,
@@ -92,7 +97,7 @@ class Levels:
         """Every loaded drafter and MaG, with the automatic schedule."""
         base = self.loaded_with or CascadeConfig()
         return CascadeConfig(
-            **{name: getattr(base, name) for name in LOAD_FIELDS},
+            **{name: getattr(base, name) for name in (*LOAD_FIELDS, KERNEL_FIELD)},
             target=self.sources[0],
             drafters=self.sources[1:],
         )
@@ -156,7 +161,7 @@ def load_levels(config: CascadeConfig) -> Levels:
         if i == 0:
             eos = eos_ids(model, tokenizer)
         # these modules are ours alone: the lean runner may take their weights over
-        levels.append(model_level(name, model, config.runner, own_weights=True))
+        levels.append(model_level(name, model, config.runner, own_weights=True, kernel=config.kernel))
     if eos is None:  # a llama.cpp target: the HF folder's EOS ids, else the GGUF's end-of-generation ids
         eos = hf_eos_ids(config.target, tokenizer) if not is_gguf(config.target) else tokenizer.eos_token_ids
     return Levels(
@@ -284,10 +289,10 @@ def check_same_tokenizer(target_tokenizer, drafter_path, target_vocab: dict | No
     return target_vocab
 
 
-def as_level(name: str, model, runner: str) -> NeuralLevel:
+def as_level(name: str, model, runner: str, kernel: str = "auto") -> NeuralLevel:
     """A transformers model becomes a neural level; an object that already is a level is kept."""
     if isinstance(model, torch.nn.Module):
-        return model_level(name, model, runner)
+        return model_level(name, model, runner, kernel=kernel)
     if isinstance(model, NeuralLevel):
         return model
     raise ConfigError(f"{name} must be a transformers causal LM or a NeuralLevel, got {type(model).__name__}")

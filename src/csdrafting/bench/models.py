@@ -43,6 +43,7 @@ class Models:
         runner: str,
         drafter_outtype: str = "q8_0",
         gguf_dir: Path | None = None,
+        kernel: str = "auto",
     ):
         self.device = resolve_device(device)
         self.dtype_name = dtype
@@ -64,6 +65,7 @@ class Models:
             name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
         }
         self.runner = runner
+        self.kernel = kernel
         self._torch_dtype = torch_dtype
         self._level_modules: dict[tuple[str, str], torch.nn.Module] = {}  # our copies, see the class docstring
         self._levels: dict[tuple[str, str], object] = {}
@@ -91,7 +93,7 @@ class Models:
     @classmethod
     def for_config(cls, config) -> Models:
         """The models a ``BenchConfig`` or ``ProfileConfig`` names (both carry the same fields)."""
-        fields = ("target", "drafters", "device", "dtype", "bigram", "runner", "drafter_outtype", "gguf_dir")
+        fields = ("target", "drafters", "device", "dtype", "bigram", "runner", "drafter_outtype", "gguf_dir", "kernel")
         return cls(*(getattr(config, name) for name in fields))
 
     def gguf(self, name: str) -> Path:
@@ -126,7 +128,7 @@ class Models:
         if key not in self._levels:
             # one copy per level: the lean runner may take its module's weights over (packed)
             self._level_modules[key] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = model_level(name, self._level_modules[key], runner, own_weights=True)
+            self._levels[key] = model_level(name, self._level_modules[key], runner, own_weights=True, kernel=self.kernel)
         return self._levels[key]
 
     def levels(self, drafters: list[str], runner: str | None = None):

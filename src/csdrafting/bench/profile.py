@@ -44,6 +44,7 @@ class ProfileConfig:
     dtype: str = "float32"
     bigram: str | None = None
     runner: str = "auto"
+    kernel: str = "auto"  # the lean runner's matmul kernel (CascadeConfig.kernel)
     prompts_file: str | None = None
     prompt_index: int = 0
     tokens: tuple[int, ...] = (1, 4, 8)
@@ -539,7 +540,7 @@ def run_profile(config: ProfileConfig, log=print) -> dict:
         methods = [m for m in methods if any(fnmatch.fnmatchcase(x, p) for p in config.only for x in names[m.name])]
     generation = in_generation(models, methods, prompt_ids, config.max_new_tokens)
 
-    env = environment(models.device, config.dtype)
+    env = environment(models.device, config.dtype, config.kernel)
     header = (
         f"## Hot-path profile: {device_name(models.device)} ({env['device']}, {env['num_threads']} threads), "
         f"{config.dtype}, prompt {prompts[config.prompt_index]['id']} ({len(prompt_ids)} tokens); "

@@ -34,7 +34,7 @@ import torch
 
 from .. import timing
 from ..errors import ConfigError
-from ..levels.kernels import ENV_VAR as KERNEL_ENV_VAR
+from ..levels.kernels import cpu_model
 from ..paths import PACKAGE_DIR
 from .llamacpp_peers import LlamaCppPeer
 from .models import Models
@@ -48,25 +48,14 @@ COST_MODEL_LABEL = (
 )
 
 
-# -- prompts -----------------------------------------------------------------------------------
-
-
 # -- environment -------------------------------------------------------------------------------
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
-def environment(device: torch.device, dtype: str) -> dict:
+def environment(device: torch.device, dtype: str, kernel: str) -> dict:
     """Versions and machine, recorded on every row."""
     import numpy
     import transformers
@@ -104,7 +93,7 @@ def environment(device: torch.device, dtype: str) -> dict:
         "dtype": dtype,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "kernel": os.environ.get(KERNEL_ENV_VAR) or "auto",  # the lean runner's matmul kernels (forced or timed)
+        "kernel": kernel,  # the lean runner's matmul kernels (forced or timed)
     }
 
 
@@ -355,6 +344,7 @@ class BenchConfig:
     dtype: str = "float32"
     bigram: str | None = None
     runner: str = "auto"
+    kernel: str = "auto"  # the lean runner's matmul kernel (CascadeConfig.kernel)
     trials: int = 1
     warmup: int = 1
     seed: int = 0
@@ -414,7 +404,7 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     clock_start = time.perf_counter()
     models = Models.for_config(config)
-    env = environment(models.device, config.dtype)
+    env = environment(models.device, config.dtype, config.kernel)
     if any(m.backend == "llama.cpp" for m in suite.methods):
         import llama_cpp
 
