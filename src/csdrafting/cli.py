@@ -71,6 +71,11 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tree-budget", type=int, default=None, metavar="N", help="at most N draft-tree nodes (implies --tree)"
     )
+    add_loading_arguments(group)
+
+
+def add_loading_arguments(group) -> None:
+    """The cascade flags fixed when levels load: device, precision, threads, runner, kernel, backend."""
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32)")
     group.add_argument(
