@@ -86,8 +86,8 @@ def main() -> int:
 
 def check_llama_cpp(args) -> int:
     import csdrafting
+    from csdrafting.gguf_cache import cached_gguf
     from csdrafting.levels.llamacpp import LlamaCppRunner, greedy_with_margins
-    from csdrafting.llama_backend import cached_gguf
 
     prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     default = csdrafting.CascadeConfig.load(MODELS / "csd_default.json")

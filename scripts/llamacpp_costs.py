@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from csdrafting.convert import convert  # noqa: E402
-from csdrafting.levels.llama import LlamaRunner  # noqa: E402
+from csdrafting.levels.lean_llama import LlamaRunner  # noqa: E402
 from csdrafting.levels.llamacpp import LlamaCppRunner  # noqa: E402
 from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR  # noqa: E402
 from csdrafting.prompts import load_prompts  # noqa: E402

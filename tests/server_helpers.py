@@ -16,10 +16,11 @@ import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from csdrafting import Cascade, KMatrix
+from csdrafting import Cascade, CascadeConfig, KMatrix
 from csdrafting.cli import DEFAULT_DRAFTERS, DEFAULT_TARGET
 from csdrafting.server.cli import bind_socket
 from csdrafting.server.transport import uvicorn_config
+from tiny import KERNEL
 
 MODEL = "pycode-22m"
 TIMEOUT = 30.0  # seconds, every client request
@@ -29,7 +30,8 @@ def embedded_cascade() -> Cascade:
     """The embedded family with the default K-matrix held fixed: the automatic schedule adapts
     across requests, which keeps greedy text but changes steps and seeded samples."""
     k_matrix = json.dumps(KMatrix.default(len(DEFAULT_DRAFTERS), True).as_lists())
-    return Cascade.from_pretrained(DEFAULT_TARGET, DEFAULT_DRAFTERS, k_matrix=k_matrix)
+    drafters = tuple(str(p) for p in DEFAULT_DRAFTERS)
+    return Cascade.from_config(CascadeConfig(str(DEFAULT_TARGET), drafters, k_matrix=k_matrix, kernel=KERNEL))
 
 
 class ServerThread:

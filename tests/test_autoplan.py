@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from csdrafting import Cascade, CascadeConfig, EngineParams, Levels, autoplan
+from csdrafting.edge import ENV_AUTO_PLAN
 from csdrafting.schedule import AdaptiveSchedule, ScheduleParams
-from tiny import TableLevel, make_cascade, plan_automatically, random_table
+from tiny import KERNEL, TableLevel, make_cascade, plan_automatically, random_table
 
 VOCAB = 6
 COSTS = {"target": (10e-3, 1e-3), "near": (1e-3, 0.05e-3), "far": (9.5e-3, 1e-3)}  # far: as costly as the target
@@ -190,7 +191,7 @@ def test_mag_alone_and_no_drafter_at_all(monkeypatch, tmp_path):
 
 def test_planning_can_be_switched_off(monkeypatch, tmp_path):
     plan_automatically(monkeypatch, tmp_path, COSTS)
-    monkeypatch.setenv(autoplan.ENV_PLAN, "off")
+    monkeypatch.setenv(ENV_AUTO_PLAN, "off")
     cascade = auto_cascade()
     assert cascade.plan is None and cascade.planner is None
     assert cascade.describe()["plan"] is None
@@ -230,7 +231,8 @@ def test_real_family_plans_and_generates_the_targets_tokens(monkeypatch, tmp_pat
     cached; greedy output equal to plain decoding."""
     plan_automatically(monkeypatch, tmp_path)
     models = Path(__file__).resolve().parents[1] / "models"
-    cascade = Cascade.from_pretrained(models / "pycode-22m", [models / "pycode-5m", models / "pycode-1m"])
+    drafters = (str(models / "pycode-5m"), str(models / "pycode-1m"))
+    cascade = Cascade.from_config(CascadeConfig(str(models / "pycode-22m"), drafters, kernel=KERNEL))
     plan = cascade.plan
     assert plan.source == "prior" and plan.seconds > 0
     assert set(plan.config.drafters) <= {str(models / "pycode-5m"), str(models / "pycode-1m")}

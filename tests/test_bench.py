@@ -230,7 +230,7 @@ def test_profile(family, tmp_path, capsys):
     assert {(r["level"], r["weight"]) for r in result["kernels"]} == {
         (n, w) for n in ("tiny-target", "tiny-copy", "tiny-rand") for w in ("qkv", "o", "gate_up", "down", "head")
     }
-    forced = os.environ["CSD_KERNEL"] != "auto"  # linear unless the run sets another (conftest)
+    forced = os.environ["CSDRAFTING_KERNEL"] != "auto"  # linear unless the run sets another (conftest)
     assert all(r["forced"] == forced and len(r["kernels"]) == 4 for r in result["kernels"])
     assert {(r["level"], r["new_tokens"]) for r in result["forward_split"]} == {
         (n, k) for n in ("tiny-target", "tiny-copy", "tiny-rand") for k in (1, 3)
@@ -282,9 +282,9 @@ def test_suite_backends():
 
 
 def test_llama_backend_needs_the_extra(family, monkeypatch, capsys):
-    import csdrafting.bench.llama as bench_llama
+    import csdrafting.bench.llamacpp_peers as peers
 
-    monkeypatch.setattr(bench_llama, "llama_available", lambda: False)
+    monkeypatch.setattr(peers, "llama_extra_available", lambda: False)
     assert main(["bench", *_model_args(family), "--backends", "llama.cpp", "--suite", "smoke"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install -e '.[llama]'" in err[0]
@@ -294,7 +294,7 @@ def test_llama_backend_needs_the_extra(family, monkeypatch, capsys):
 def test_bench_llama_backend(family, tmp_path, capsys):
     """llama.cpp peers and our methods on llama.cpp levels: greedy rows equal llama.cpp's plain
     decoding, GGUFs convert once into the cache, the report checks issue #9's bars."""
-    import csdrafting.bench.llama as bench_llama
+    from csdrafting.gguf_cache import cached_gguf
 
     gguf_dir = tmp_path / "gguf"
     results = tmp_path / "llama.jsonl"
@@ -331,7 +331,7 @@ def test_bench_llama_backend(family, tmp_path, capsys):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr("csdrafting.convert.convert", no_conversion)
     try:
-        path = bench_llama.cached_gguf(family["tiny-target"], "f32", gguf_dir)
+        path = cached_gguf(family["tiny-target"], "f32", gguf_dir)
     finally:
         monkeypatch.undo()
     assert path.is_file() and path.parent == gguf_dir

@@ -19,7 +19,17 @@ import torch
 from csdrafting import CSDraftingError, GenerationInputError
 from csdrafting.levels.memo import PrefixMemoLevel, common_prefix_length
 from csdrafting.levels.model import model_level
-from tiny import TableLevel, copy_model, hf_greedy, make_cascade, noisy_copy, random_table, tiny_gpt2, tiny_llama
+from tiny import (
+    KERNEL,
+    TableLevel,
+    copy_model,
+    hf_greedy,
+    make_cascade,
+    noisy_copy,
+    random_table,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 MODELS_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "models"
 PROMPT = [5, 17, 33, 2, 81, 40, 7]
@@ -37,9 +47,9 @@ def full_forward(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]  # (T, V)
 
 
-def fresh_forward(model, runner: str, ids: list[int]) -> torch.Tensor:
+def fresh_forward(model, runner: str, ids: list[int], kernel: str = KERNEL) -> torch.Tensor:
     """The same runner's logits (T, V) for the whole sequence, from an empty cache."""
-    return model_level("fresh", model, runner).next_token_logits(ids, len(ids))
+    return model_level("fresh", model, runner, kernel=kernel).next_token_logits(ids, len(ids))
 
 
 # the lean runner keeps float64 in RMSNorm where transformers computes it in float32
@@ -50,7 +60,9 @@ HF_TOLERANCE = {"lean": 1e-4, "transformers": 1e-9}
 # -- cache invariants --------------------------------------------------------------------------
 
 
-def drive_level(level: PrefixMemoLevel, model, seed: int, num_ops: int = 40, atol: float = 1e-9) -> Counter:
+def drive_level(
+    level: PrefixMemoLevel, model, seed: int, num_ops: int = 40, atol: float = 1e-9, kernel: str = KERNEL
+) -> Counter:
     """Random draft / verify / rollback traffic on one level, checking every answer against a
     fresh forward (within ``atol``: a float32 kernel rounds differently at another token count).
     Returns how often each kind of move happened (so the test can check coverage)."""
@@ -81,7 +93,7 @@ def drive_level(level: PrefixMemoLevel, model, seed: int, num_ops: int = 40, ato
         shared = common_prefix_length(level._ids, ids)
         before = level.counters.num_tokens_run
         logits = level.next_token_logits(ids, num_positions)  # (N, V)
-        expected = fresh_forward(model, level.runner_name, ids)[-num_positions:]
+        expected = fresh_forward(model, level.runner_name, ids, kernel)[-num_positions:]
         torch.testing.assert_close(logits, expected, rtol=1e-9, atol=atol, msg=f"op {op} ({move})")
         tolerance = HF_TOLERANCE[level.runner_name]
         torch.testing.assert_close(logits, full_forward(model, ids)[-num_positions:], rtol=0, atol=tolerance)
@@ -99,20 +111,19 @@ def drive_level(level: PrefixMemoLevel, model, seed: int, num_ops: int = 40, ato
 @pytest.mark.parametrize(
     "runner,kernel", [("lean", "linear"), ("lean", "transposed"), ("transformers", None)], ids=lambda v: str(v)
 )
-def test_cached_logits_equal_fresh_forward_llama(llama, runner, kernel, monkeypatch):
-    if kernel is not None:  # every float64 kernel (test_kernels.py: the float32 ones)
-        monkeypatch.setenv("CSD_KERNEL", kernel)
+def test_cached_logits_equal_fresh_forward_llama(llama, runner, kernel):
+    kernel = kernel or KERNEL  # every float64 kernel (test_kernels.py: the float32 ones)
     for seed in range(3):
         # its own copy, so the runner may take any layout (own_weights)
-        level = model_level("t", copy_model(llama["target"]), runner, own_weights=True)
+        level = model_level("t", copy_model(llama["target"]), runner, own_weights=True, kernel=kernel)
         assert level.runner_name == runner
-        moves = drive_level(level, llama["target"], seed)
+        moves = drive_level(level, llama["target"], seed, kernel=kernel)
         assert min(moves[m] for m in ("extend", "rollback", "diverge", "prefill", "fully cached")) > 0, moves
 
 
 def test_cached_logits_equal_fresh_forward_gpt2():
     model = tiny_gpt2(0)
-    level = model_level("g", model, "auto")
+    level = model_level("g", model, "auto", kernel=KERNEL)
     assert level.runner_name == "transformers"
     moves = drive_level(level, model, seed=7)
     assert moves["rollback"] > 0 and moves["diverge"] > 0
@@ -121,7 +132,7 @@ def test_cached_logits_equal_fresh_forward_gpt2():
 def test_lean_runner_buffers_grow_without_losing_the_cache():
     """The lean runner preallocates 256 positions and grows: cross that boundary mid-sequence."""
     model = tiny_llama(3, max_positions=600)
-    level = model_level("t", model, "lean")
+    level = model_level("t", model, "lean", kernel=KERNEL)
     rng = random.Random(0)
     ids = [rng.randrange(96) for _ in range(250)]
     level.next_token_logits(ids, 1)
@@ -138,7 +149,7 @@ def test_lean_runner_buffers_grow_without_losing_the_cache():
 
 def test_lean_runner_matches_transformers_in_float64(llama):
     ids = PROMPT + [9, 11]
-    lean = model_level("t", llama["target"], "lean").next_token_logits(ids, len(ids))
+    lean = model_level("t", llama["target"], "lean", kernel=KERNEL).next_token_logits(ids, len(ids))
     torch.testing.assert_close(lean, full_forward(llama["target"], ids), rtol=1e-9, atol=1e-9)
 
 
@@ -183,8 +194,8 @@ class RecordingLevel:
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
 def test_drafter_catches_up_after_a_fully_accepted_draft(llama, runner):
     k = 3
-    target = model_level("target", llama["target"], runner)
-    drafter = RecordingLevel(model_level("drafter", llama["copy"], runner))
+    target = model_level("target", llama["target"], runner, kernel=KERNEL)
+    drafter = RecordingLevel(model_level("drafter", llama["copy"], runner, kernel=KERNEL))
     cascade = make_cascade(target, [drafter], mag=False, k_matrix=[[k]], eos_token_ids=[])
     num_new = 4 * (k + 1)
     result = cascade.generate(PROMPT, num_new, ignore_eos=True)
@@ -206,8 +217,8 @@ def test_drafter_catches_up_after_a_fully_accepted_draft(llama, runner):
 
 
 def test_drafter_rolls_back_after_a_rejection(llama):
-    target = model_level("target", llama["target"], "lean")
-    drafter = RecordingLevel(model_level("drafter", llama["noisy"], "lean"))
+    target = model_level("target", llama["target"], "lean", kernel=KERNEL)
+    drafter = RecordingLevel(model_level("drafter", llama["noisy"], "lean", kernel=KERNEL))
     cascade = make_cascade(target, [drafter], mag=False, k_matrix=[[4]], eos_token_ids=[])
     result = cascade.generate(PROMPT, 30, ignore_eos=True)
     assert result.token_ids == hf_greedy(llama["target"], PROMPT, 30)

@@ -17,9 +17,11 @@ from collections import Counter
 import pytest
 import torch
 
-from csdrafting import ConfigError
+from csdrafting import CascadeConfig, ConfigError
+from csdrafting.config import KERNELS
+from csdrafting.edge import config_defaults
 from csdrafting.levels import kernels
-from csdrafting.levels.llama import LlamaRunner
+from csdrafting.levels.lean_llama import LlamaRunner
 from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
 from test_cache_and_stopping import drive_level
@@ -104,11 +106,11 @@ def test_every_kernel_computes_transformers_logits(family, kernel):
 
 
 @pytest.mark.parametrize("kernel", ALL_KERNELS)
-def test_every_kernel_keeps_the_cache_invariants(family, kernel, monkeypatch):
-    monkeypatch.setenv("CSD_KERNEL", kernel)  # the fresh forwards drive_level compares with
+def test_every_kernel_keeps_the_cache_invariants(family, kernel):
     models = family[dtype_of(kernel)]
     atol = 1e-9 if dtype_of(kernel) == torch.float64 else 1e-4
-    moves = drive_level(lean_level("t", models["target"], kernel), models["target"], seed=1, atol=atol)
+    level = lean_level("t", models["target"], kernel)
+    moves = drive_level(level, models["target"], seed=1, atol=atol, kernel=kernel)  # fresh forwards: same kernel
     assert min(moves[m] for m in ("extend", "rollback", "diverge", "prefill")) > 0, moves
 
 
@@ -179,8 +181,7 @@ def test_forced_kernel_is_used_without_timing(monkeypatch, tmp_path):
     shapes = {"qkv": (12, 8), "head": (20, 8)}
     choices = kernels.plan(shapes, CPU, torch.float64, "transposed", cache=kernels.KernelCache(tmp_path / "k.json"))
     assert {c.layout for c in choices.values()} == {"transposed"} and all(c.forced for c in choices.values())
-    monkeypatch.setenv("CSD_KERNEL", "linear")
-    assert kernels.plan(shapes, CPU, torch.float64)["qkv"].kernels == ("linear",) * 4
+    assert kernels.plan(shapes, CPU, torch.float64, "linear")["qkv"].kernels == ("linear",) * 4
     assert not (tmp_path / "k.json").exists()
 
 
@@ -195,12 +196,16 @@ def test_a_forced_kernel_falls_back_to_its_library_on_the_plain_layout():
         assert choices["head"].layout == "plain" and choices["head"].kernels == ("onednn",) * 4
 
 
-def test_unknown_or_unavailable_kernels_are_config_errors(monkeypatch):
+def test_unknown_or_unavailable_kernels_are_config_errors():
     with pytest.raises(ConfigError, match="kernel must be"):
         kernels.plan({"qkv": (12, 8)}, CPU, torch.float64, "fast")
-    monkeypatch.setenv("CSD_KERNEL", "fastest")
-    with pytest.raises(ConfigError, match="CSD_KERNEL"):
-        kernels.plan({"qkv": (12, 8)}, CPU, torch.float64)
+    with pytest.raises(ConfigError, match="kernel must be"):
+        CascadeConfig(kernel="fastest")
+    with pytest.raises(ConfigError, match="CSDRAFTING_KERNEL"):
+        config_defaults({"CSDRAFTING_KERNEL": "fastest"})
+    assert config_defaults({"CSDRAFTING_KERNEL": "packed"}) == {"kernel": "packed"}
+    assert config_defaults({}) == {} and CascadeConfig().kernel == "auto"
+    assert set(CascadeConfig.__dataclass_fields__) >= {"kernel"} and KERNELS == ("auto", *kernels.KERNELS)
     with pytest.raises(ConfigError, match="not available"):
         kernels.plan({"qkv": (12, 8)}, CPU, torch.float64, "onednn")  # oneDNN has no float64
 

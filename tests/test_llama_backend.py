@@ -22,7 +22,7 @@ import torch
 from csdrafting import Cascade, CascadeConfig, ConfigError, ModelLoadError
 from csdrafting.cli import main
 from csdrafting.paths import DEFAULT_PROMPTS_FILE, MODELS_DIR
-from tiny import FULL_TREES, broken_reviewer, chisquare_pvalue, noisy_copy, tiny_llama
+from tiny import FULL_TREES, KERNEL, broken_reviewer, chisquare_pvalue, noisy_copy, tiny_llama
 
 HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
 pytestmark = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def run_cascade(config: CascadeConfig, params=None) -> list:
 
 
 def test_gguf_paths_load_with_llama_cpp_whatever_the_backend(ggufs):
-    config = CascadeConfig(target=str(ggufs["target"]), drafters=(str(ggufs["noisy"]),), backend="torch")
+    config = CascadeConfig(kernel=KERNEL, target=str(ggufs["target"]), drafters=(str(ggufs["noisy"]),), backend="torch")
     cascade = Cascade.from_config(config)
     described = cascade.describe()
     assert described["runner"] == "llama.cpp"
@@ -133,7 +133,9 @@ def test_hf_folders_convert_once_into_the_cache(family, cache_home, monkeypatch)
 
     monkeypatch.setattr(csdrafting.convert, "convert", counting_convert)
     shutil.rmtree(cache_home, ignore_errors=True)
-    config = CascadeConfig(target=str(family["target"]), drafters=(str(family["noisy"]),), backend="llama.cpp")
+    config = CascadeConfig(
+        kernel=KERNEL, target=str(family["target"]), drafters=(str(family["noisy"]),), backend="llama.cpp"
+    )
     first = Cascade.from_config(config)
     # the target keeps the precision it runs in (float32), the drafter gets the default q8_0
     assert sorted(calls) == [("noisy", "q8_0"), ("target", "f32")]
@@ -142,18 +144,24 @@ def test_hf_folders_convert_once_into_the_cache(family, cache_home, monkeypatch)
     assert len(files) == 2 and all(name.endswith(".gguf") for name in files)  # no temporary left
     Cascade.from_config(config)
     assert len(calls) == 2  # the second load converts nothing
-    Cascade.from_config(CascadeConfig(target=str(family["target"]), backend="llama.cpp", drafter_outtype="f16"))
+    Cascade.from_config(
+        CascadeConfig(kernel=KERNEL, target=str(family["target"]), backend="llama.cpp", drafter_outtype="f16")
+    )
     assert len(calls) == 2  # the target's outtype does not follow drafter_outtype
     Cascade.from_config(
         CascadeConfig(
-            target=str(family["target"]), drafters=(str(family["noisy"]),), backend="llama.cpp", drafter_outtype="f16"
+            kernel=KERNEL,
+            target=str(family["target"]),
+            drafters=(str(family["noisy"]),),
+            backend="llama.cpp",
+            drafter_outtype="f16",
         )
     )
     assert calls[-1] == ("noisy", "f16") and len(calls) == 3  # another outtype is another file
 
 
 def test_cache_key_follows_the_folder_content(family, tmp_path, cache_home):
-    from csdrafting.llama_backend import cached_gguf
+    from csdrafting.gguf_cache import cached_gguf
 
     folder = tmp_path / "copy"
     shutil.copytree(family["random"], folder)
@@ -168,7 +176,7 @@ def test_cache_key_follows_the_folder_content(family, tmp_path, cache_home):
 
 def test_a_failed_conversion_leaves_no_file_in_the_cache(family, cache_home, monkeypatch):
     import csdrafting.convert
-    from csdrafting.llama_backend import cached_gguf
+    from csdrafting.gguf_cache import cached_gguf
 
     def dying_convert(folder, output, outtype):
         Path(output).write_bytes(b"GGUF half a file")
@@ -194,7 +202,7 @@ def pycode_gguf(tmp_path_factory):
 def test_gguf_tokenizer_round_trips_like_the_hf_tokenizer(pycode_gguf):
     from transformers import AutoTokenizer
 
-    from csdrafting.llama_backend import LlamaCppTokenizer
+    from csdrafting.gguf_tokenizer import LlamaCppTokenizer
 
     hf = AutoTokenizer.from_pretrained(MODELS_DIR / "pycode-1m")
     adapter = LlamaCppTokenizer(pycode_gguf)
@@ -211,7 +219,7 @@ def test_gguf_tokenizer_round_trips_like_the_hf_tokenizer(pycode_gguf):
 
 
 def test_text_in_and_out_for_a_gguf_only_family(pycode_gguf):
-    cascade = Cascade.from_config(CascadeConfig(target=str(pycode_gguf)))
+    cascade = Cascade.from_config(CascadeConfig(kernel=KERNEL, target=str(pycode_gguf)))
     assert type(cascade.tokenizer).__name__ == "LlamaCppTokenizer"
     assert cascade.eos_token_ids == frozenset({0})
     result = cascade.generate("def add(a, b):\n", 12, ignore_eos=True)
@@ -222,7 +230,9 @@ def test_text_in_and_out_for_a_gguf_only_family(pycode_gguf):
 
 
 def test_a_converted_folder_keeps_its_hf_tokenizer(tmp_path):
-    cascade = Cascade.from_config(CascadeConfig(target=str(MODELS_DIR / "pycode-1m"), backend="llama.cpp"))
+    cascade = Cascade.from_config(
+        CascadeConfig(kernel=KERNEL, target=str(MODELS_DIR / "pycode-1m"), backend="llama.cpp")
+    )
     assert type(cascade.tokenizer).__name__ != "LlamaCppTokenizer"
     assert cascade.describe()["runner"] == "llama.cpp"
     assert cascade.generate("import os\n", 8, ignore_eos=True).text
@@ -242,6 +252,7 @@ CASCADES = [  # (drafters, k_matrix, lenience); MaG is on in each
 @pytest.mark.parametrize(("drafters", "k_matrix", "lenience"), CASCADES)
 def test_cascades_equal_llama_cpp_plain_greedy(ggufs, drafters, k_matrix, lenience):
     config = CascadeConfig(
+        kernel=KERNEL,
         target=str(ggufs["target"]),
         drafters=tuple(str(ggufs[name]) for name in drafters),
         k_matrix=k_matrix,
@@ -262,6 +273,7 @@ def test_cascades_equal_llama_cpp_plain_greedy(ggufs, drafters, k_matrix, lenien
 
 def test_mixed_backends_torch_target_and_llama_cpp_drafters(family, ggufs):
     config = CascadeConfig(
+        kernel=KERNEL,
         target=str(family["target"]),
         drafters=(str(ggufs["noisy"]), str(ggufs["random"])),
         k_matrix=[[2, 1, 2], [0, 2, 2], [0, 0, 2]],
@@ -283,7 +295,9 @@ def test_mixed_backends_torch_target_and_llama_cpp_drafters(family, ggufs):
 
 
 def test_mixed_backends_llama_cpp_target_and_torch_drafters(family, ggufs):
-    config = CascadeConfig(target=str(ggufs["target"]), drafters=(str(family["noisy"]),), k_matrix=[[3, 2], [0, 2]])
+    config = CascadeConfig(
+        kernel=KERNEL, target=str(ggufs["target"]), drafters=(str(family["noisy"]),), k_matrix=[[3, 2], [0, 2]]
+    )
     cascade = Cascade.from_config(config)
     assert cascade.describe()["level_runners"] == {"target.gguf": "llama.cpp", "noisy": "lean"}
     compared = 0
@@ -304,7 +318,9 @@ def test_the_identity_check_rejects_a_broken_verifier(ggufs, monkeypatch):
         return verify.ReviewOutcome(len(draft_ids), int(reviewer_logits[len(draft_ids)].argmax()))
 
     monkeypatch.setattr(verify, "review_greedy", accept_all)
-    config = CascadeConfig(target=str(ggufs["target"]), drafters=(str(ggufs["random"]),), k_matrix=[[3, 1], [0, 1]])
+    config = CascadeConfig(
+        kernel=KERNEL, target=str(ggufs["target"]), drafters=(str(ggufs["random"]),), k_matrix=[[3, 1], [0, 1]]
+    )
     with pytest.raises(AssertionError, match="outputs part at"):
         for prompt, result in zip(PROMPTS, run_cascade(config)):
             assert_identical_up_to_near_ties(result.token_ids, llama_plain_greedy(ggufs["target"], prompt, NUM_NEW))
@@ -347,7 +363,9 @@ def sample_two_tokens(cascade, prompt: list[int]) -> tuple[dict, int]:
 @pytest.fixture(scope="module")
 def sampling_cascade(ggufs):
     # the noisy drafter (q8_0) overlaps the target's law: accept rules and residuals both matter
-    config = CascadeConfig(target=str(ggufs["target"]), drafters=(str(ggufs["noisy"]),), k_matrix=[[2, 1], [0, 1]])
+    config = CascadeConfig(
+        kernel=KERNEL, target=str(ggufs["target"]), drafters=(str(ggufs["noisy"]),), k_matrix=[[2, 1], [0, 1]]
+    )
     return Cascade.from_config(config), exact_two_token_law(ggufs["target"], PROMPTS[0])
 
 
@@ -386,7 +404,7 @@ def _tree_path_ids(node: int) -> list[int]:
 def test_llama_cpp_tree_logits_and_kept_path_equal_fresh_forwards(ggufs, path, max_leaves):
     """One batch over the tree (or, past the runner's sequences, one forward per path) gives every
     node the logits of its path alone; after commit_path the cache continues the kept path."""
-    from csdrafting.llama_backend import llama_level
+    from csdrafting.backends import llama_level
 
     def fresh(ids):
         return llama_level("fresh", ggufs["target"]).next_token_logits(ids, 1)[0]
@@ -413,6 +431,7 @@ def test_llama_cpp_tree_logits_and_kept_path_equal_fresh_forwards(ggufs, path, m
 @pytest.mark.parametrize(("drafters", "k_matrix"), [((), [[4]]), (("noisy",), [[2, 4], [0, 3]])])
 def test_trees_on_llama_cpp_equal_plain_greedy(ggufs, drafters, k_matrix):
     config = CascadeConfig(
+        kernel=KERNEL,
         target=str(ggufs["target"]),
         drafters=tuple(str(ggufs[name]) for name in drafters),
         k_matrix=k_matrix,
@@ -506,11 +525,11 @@ def test_vocabulary_text_mismatch_between_backends(pycode_gguf, tmp_path):
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(ModelLoadError, match="different tokenizer"):
-        Cascade.from_config(CascadeConfig(target=str(pycode_gguf), drafters=(str(folder),)))
+        Cascade.from_config(CascadeConfig(kernel=KERNEL, target=str(pycode_gguf), drafters=(str(folder),)))
 
 
 def test_llama_cpp_levels_need_the_cpu(ggufs):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device to be refused on")
     with pytest.raises(ConfigError, match="llama.cpp levels run on the CPU"):
-        Cascade.from_config(CascadeConfig(target=str(ggufs["target"]), device="cuda"))
+        Cascade.from_config(CascadeConfig(kernel=KERNEL, target=str(ggufs["target"]), device="cuda"))

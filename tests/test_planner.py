@@ -42,6 +42,7 @@ from csdrafting.tune.planner import (
     used_levels,
 )
 from simulate import simulate
+from tiny import KERNEL
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
@@ -236,14 +237,14 @@ def tuned(tmp_path_factory):
 
 
 def test_tune_writes_a_config_that_generates_the_targets_tokens(tuned):
-    from csdrafting import Cascade
+    from csdrafting import Cascade, CascadeConfig
 
     output, report, plot, _ = tuned
     assert plot.stat().st_size > 0
     config = json.loads(output.read_text())
     assert config["adaptive"] is False
     cascade = Cascade.from_config(output)
-    plain = Cascade.from_pretrained(MODELS_DIR / "pycode-22m", mag=False, k_matrix=[])
+    plain = Cascade.from_config(CascadeConfig(str(MODELS_DIR / "pycode-22m"), mag=False, k_matrix=[], kernel=KERNEL))
     prompt = "import os\n\ndef main("
     assert cascade.generate(prompt, 24).token_ids == plain.generate(prompt, 24).token_ids
     assert cascade.describe()["k_matrix"] == config["k_matrix"]
@@ -255,7 +256,7 @@ def test_tune_writes_a_config_that_generates_the_targets_tokens(tuned):
 
 def test_replay_reproduces_a_real_run(tuned):
     """Greedy: the replay's target steps and forward calls equal those of the real cascade."""
-    from csdrafting import Cascade
+    from csdrafting import Cascade, CascadeConfig
     from csdrafting.levels.mag import BigramTable
     from csdrafting.tune.measure import Profile
     from csdrafting.tune.replay import Replayer
@@ -267,7 +268,10 @@ def test_replay_reproduces_a_real_run(tuned):
     replayer = Replayer(profile.traces, ["pycode-22m", "pycode-5m", "pycode-1m"], 8192, bigram)
     drafters = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
     for k_matrix in ([[2, 1, 4], [0, 1, 3], [0, 0, 3]], [[3, 0, 0], [0, 0, 4], [0, 0, 0]]):
-        real = Cascade.from_pretrained(MODELS_DIR / "pycode-22m", drafters, k_matrix=k_matrix, adaptive=False)
+        config = CascadeConfig(
+            str(MODELS_DIR / "pycode-22m"), tuple(map(str, drafters)), k_matrix=k_matrix, adaptive=False, kernel=KERNEL
+        )
+        real = Cascade.from_config(config)
         result = real.generate(trace.prompt_ids, len(trace.output_ids), ignore_eos=True)
         assert result.token_ids == trace.output_ids
         replayed = replayer.run(k_matrix)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from csdrafting.levels.model import model_level
-from tiny import TableLevel, copy_model, random_table, tiny_gpt2, tiny_llama
+from tiny import KERNEL, TableLevel, copy_model, random_table, tiny_gpt2, tiny_llama
 
 PROMPT = [5, 17, 3, 9, 41, 5, 17, 60, 2]
 # a root with three children; a chain of four under the first; a branch under node 1
@@ -17,7 +17,7 @@ PARENTS = [-1, 0, 1, 2, -1, 4, 1, 6]
 
 
 def fresh_logits(model, runner, ids):
-    return model_level("fresh", copy_model(model), runner).next_token_logits(ids, 1)[0]
+    return model_level("fresh", copy_model(model), runner, kernel=KERNEL).next_token_logits(ids, 1)[0]
 
 
 def path_ids(node):
@@ -39,7 +39,7 @@ MODELS = {
 def test_tree_logits_and_compaction_equal_fresh_forwards(name, path):
     make, runner = MODELS[name]
     model = make()
-    level = model_level("t", copy_model(model), runner)
+    level = model_level("t", copy_model(model), runner, kernel=KERNEL)
     level.prefill(PROMPT[:-1])
     context = PROMPT + [7, 8]  # two tokens of catch-up before the tree
     logits = level.tree_logits(context, TOKENS, PARENTS)  # (N + 1, V)

@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from csdrafting import Cascade, CascadeConfig, EngineParams, Levels, verify
+from csdrafting.edge import default_kernel
 from csdrafting.levels.memo import PrefixMemoLevel
 from csdrafting.sampling import SamplingParams, warp
 from csdrafting.tree import TreeParams
@@ -68,6 +69,11 @@ class TableLevel(PrefixMemoLevel):
         return self.runner.logits_after(ids)
 
 
+# the lean runner's kernel in every test: $CSDRAFTING_KERNEL, "linear" unless the run sets another
+# (conftest), so that no test times kernels; test_kernels.py runs each kernel itself
+KERNEL = default_kernel()
+
+
 def make_cascade(
     target,
     drafters=(),
@@ -83,9 +89,18 @@ def make_cascade(
     """A cascade over models or levels built in memory; ``fields`` are ``CascadeConfig`` fields,
     ``params`` the engine's (``EngineParams``)."""
     levels = Levels.from_models(
-        target, drafters, tokenizer, names=names, runner=runner, bigram=bigram, eos_token_ids=eos_token_ids
+        target,
+        drafters,
+        tokenizer,
+        names=names,
+        runner=runner,
+        kernel=KERNEL,
+        bigram=bigram,
+        eos_token_ids=eos_token_ids,
     )
-    config = CascadeConfig(target=levels.sources[0], drafters=levels.sources[1:], runner=runner, **fields)
+    config = CascadeConfig(
+        target=levels.sources[0], drafters=levels.sources[1:], runner=runner, kernel=KERNEL, **fields
+    )
     return Cascade(levels, config, params=params)
 
 
@@ -365,9 +380,10 @@ def synthetic_calibrate(costs: dict[str, tuple[float, float]], calls: list | Non
 def plan_automatically(monkeypatch, cache_dir, costs: dict | None = None, calls: list | None = None) -> None:
     """Turn ``"auto"`` planning on for one test (the suite runs with it off), with its cache in
     ``cache_dir`` and, given ``costs``, synthetic forward costs instead of timing."""
-    from csdrafting.autoplan import ENV_PLAN, AutoPlanner
+    from csdrafting.autoplan import AutoPlanner
+    from csdrafting.edge import ENV_AUTO_PLAN
 
-    monkeypatch.setenv(ENV_PLAN, "on")
+    monkeypatch.setenv(ENV_AUTO_PLAN, "on")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
     if costs is not None:
         monkeypatch.setattr(AutoPlanner, "calibrate", synthetic_calibrate(costs, calls))

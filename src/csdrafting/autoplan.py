@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import random
 import time
@@ -72,7 +71,9 @@ from pathlib import Path
 import torch
 
 from .config import AUTO_MAG_FIRST, CascadeConfig
+from .edge import planning_enabled
 from .errors import CSDraftingError
+from .files import atomic_write_text, cache_dir
 from .levels.mag import MaG
 from .sampling import SamplingParams
 from .tune.measure import (
@@ -101,7 +102,6 @@ from .tune.planner import (
     search_gated,
 )
 
-ENV_PLAN = "CSDRAFTING_AUTO_PLAN"  # "off" (or 0/false/no): "auto" is resolve()'s fixed start
 # 2: forward costs fitted in the context with two parameters (planner.LevelCost); 3: observing goes
 # on after the first re-plan (a cached "observed" plan is final only at FINAL_OBSERVED_TOKENS)
 CACHE_VERSION = 3
@@ -131,20 +131,10 @@ AUTO_SPACE = SearchSpace(
 )
 
 
-def planning_enabled() -> bool:
-    return os.environ.get(ENV_PLAN, "on").strip().lower() not in ("off", "0", "false", "no")
-
-
 def planner_for(levels, config: CascadeConfig) -> AutoPlanner | None:
     """The package's default planner (``planning.set_default_planner``): an ``AutoPlanner`` for an
-    ``"auto"`` configuration, unless ``CSDRAFTING_AUTO_PLAN`` switches planning off (this edge is
-    the one place that reads it)."""
+    ``"auto"`` configuration, unless ``CSDRAFTING_AUTO_PLAN`` switches planning off (``edge.py``)."""
     return AutoPlanner(levels, config) if config.is_auto and planning_enabled() else None
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "csdrafting"
 
 
 def cpu_model() -> str:
@@ -343,10 +333,7 @@ class AutoPlanner:
             "summary": plan.as_dict(),  # for people reading the file
         }
         try:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = self.cache_path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps(data))
-            scratch.replace(self.cache_path)
+            atomic_write_text(self.cache_path, json.dumps(data))
         except OSError:
             pass  # a read-only home: plan anyway, just without a cache
 

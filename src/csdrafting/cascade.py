@@ -143,6 +143,7 @@ class Cascade:
         device: str = "cpu",
         dtype: str = "float32",
         runner: str = "auto",
+        kernel: str = "auto",
         backend: str = "torch",
         drafter_outtype: str | None = None,
         tree: bool = False,
@@ -164,6 +165,7 @@ class Cascade:
             device=device,
             dtype=dtype,
             runner=runner,
+            kernel=kernel,
             backend=backend,
             drafter_outtype=drafter_outtype,
             tree=tree,
@@ -196,6 +198,7 @@ class Cascade:
             "device": str(self.device),
             "dtype": str(getattr(getattr(self.target, "runner", None), "dtype", "")).replace("torch.", ""),
             "runner": self.target.runner_name,
+            "kernel": self.config.kernel,
             "level_runners": {level.name: level.runner_name for level in (self.target, *self.drafters)},
             "plan": self.plan.as_dict() if self.plan is not None else None,
         }

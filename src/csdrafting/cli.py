@@ -71,6 +71,11 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tree-budget", type=int, default=None, metavar="N", help="at most N draft-tree nodes (implies --tree)"
     )
+    add_loading_arguments(group)
+
+
+def add_loading_arguments(group) -> None:
+    """The cascade flags fixed when levels load: device, precision, threads, runner, kernel, backend."""
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: float32)")
     group.add_argument(
@@ -81,6 +86,13 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
         "fewer threads avoid stalls where one thread waits for a descheduled peer)",
     )
     group.add_argument("--runner", default=None, choices=["auto", "lean", "transformers"], help=argparse.SUPPRESS)
+    group.add_argument(
+        "--kernel",
+        default=None,
+        choices=["auto", "linear", "onednn", "transposed", "packed"],
+        help="the lean runner's matmul kernel: auto (timed on this machine, cached; default, or "
+        "$CSDRAFTING_KERNEL) or one for every matmul",
+    )
     group.add_argument(
         "--backend",
         default=None,
@@ -127,13 +139,15 @@ def config_from_args(args, model_flags: bool = True):
     from dataclasses import replace
 
     from .config import CascadeConfig
+    from .edge import config_defaults
 
+    defaults = config_defaults()  # the environment's, below the file's and the flags'
     if getattr(args, "config", None):
-        config = CascadeConfig.load(args.config)
+        config = CascadeConfig.load(args.config, defaults)
     elif args.target is None and args.drafter is None and not args.no_mag and DEFAULT_CONFIG.is_file():
-        config = CascadeConfig.load(DEFAULT_CONFIG)  # the embedded family, as tuned for it
+        config = CascadeConfig.load(DEFAULT_CONFIG, defaults)  # the embedded family, as tuned for it
     else:
-        config = CascadeConfig()
+        config = CascadeConfig(**defaults)
     changes = {}
     if model_flags and args.target is not None:
         changes["target"] = args.target
@@ -154,6 +168,7 @@ def config_from_args(args, model_flags: bool = True):
         "dtype",
         "mag_first",
         "runner",
+        "kernel",
         "backend",
         "drafter_outtype",
         "drafter_window",

@@ -18,7 +18,8 @@ A configuration file is its JSON form::
 Relative model paths are resolved against the file's folder first, then the working directory.
 ``backend`` ("torch" or "llama.cpp") says how HF folders load; a ``.gguf`` path always loads with
 llama.cpp, so levels of both backends can mix. ``drafter_outtype`` is the GGUF type HF drafter
-folders are converted to on llama.cpp (the target keeps its own precision).
+folders are converted to on llama.cpp (the target keeps its own precision). ``kernel`` picks the lean
+runner's matmul kernels: ``"auto"`` (time them on this machine, cached) or one name for every matmul.
 ``drafter_window`` (an int, or null) has every neural drafter read only the last that many prompt
 tokens (``levels/window.py``): less drafter prefill, the same output (the target verifies).
 Unknown keys are an error (a typo must not silently fall back to a default).
@@ -44,7 +45,9 @@ DEFAULT_TREE_BUDGET = 16  # tree=True: max draft-tree nodes (pycode-22m turns co
 AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
-BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (llama_backend.py)
+BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (backends.py)
+# the lean runner's matmul kernels: "auto" times them on this machine, a name forces one (levels/kernels.py)
+KERNELS = ("auto", "linear", "onednn", "transposed", "packed")
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ class CascadeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     runner: str = "auto"
+    kernel: str = AUTO  # the lean runner's matmul kernel; the CLI takes its default from $CSDRAFTING_KERNEL
     backend: str = "torch"
-    drafter_outtype: str | None = None  # GGUF type of converted drafters; None: llama_backend's default
+    drafter_outtype: str | None = None  # GGUF type of converted drafters; None: gguf_cache's default
     tree: bool = False
     tree_budget: int | None = None
     drafter_window: int | None = None  # drafters read only the last N prompt tokens (levels/window.py)
@@ -94,6 +98,7 @@ class CascadeConfig:
         _check_mag_first(self.mag_first)
         _check_choice("dtype", self.dtype, DTYPE_NAMES)
         _check_choice("runner", self.runner, RUNNERS)
+        _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("backend", self.backend, BACKENDS)
         if self.drafter_outtype is not None:
             _check_choice("drafter_outtype", self.drafter_outtype, OUTTYPES)
@@ -138,14 +143,16 @@ class CascadeConfig:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict, base: Path | None = None) -> CascadeConfig:
+    def from_dict(cls, data: dict, base: Path | None = None, defaults: dict | None = None) -> CascadeConfig:
+        """``defaults``: values for fields ``data`` does not give (the edge's, e.g. from the
+        environment: ``edge.config_defaults``), before the dataclass's own defaults."""
         if not isinstance(data, dict):
             raise ConfigError("a cascade configuration must be a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; known keys: {sorted(known)}")
-        data = dict(data)
+        data = {**(defaults or {}), **data}
         if data.get("k_matrix") is None or data.get("k_matrix") == "default":
             data["k_matrix"] = AUTO  # older files wrote null (or "default") for the automatic schedule
         if data.get("target") is not None:
@@ -159,7 +166,7 @@ class CascadeConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> CascadeConfig:
+    def load(cls, path: str | Path, defaults: dict | None = None) -> CascadeConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -167,7 +174,7 @@ class CascadeConfig:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"configuration {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-        return cls.from_dict(data, base=path.parent)
+        return cls.from_dict(data, base=path.parent, defaults=defaults)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ModelLoadError
+from .files import atomic_write
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's name for the GPT-2 regex split without detokenization clean-up (see above)
@@ -52,7 +53,7 @@ class ConvertResult:
 
 def convert(hf_folder: str | os.PathLike, output: str | os.PathLike, outtype: str = "f32") -> ConvertResult:
     """Write the Llama model in ``hf_folder`` to the GGUF file ``output`` (replaced if it exists)."""
-    gguf = _import_gguf()
+    gguf = import_gguf()
     if outtype not in OUTTYPES:
         raise ConfigError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     folder = Path(hf_folder)
@@ -63,39 +64,40 @@ def convert(hf_folder: str | os.PathLike, output: str | os.PathLike, outtype: st
     weights = _load_weights(folder)
     tokenizer = _read_tokenizer(folder)
 
-    output = Path(output)
-    partial = output.with_name(output.name + ".partial")  # a failed conversion leaves no half file
-    writer = gguf.GGUFWriter(partial, "llama")
-    _add_hyperparameters(writer, gguf, config, outtype, folder.name)
-    if tokenizer is None:
-        writer.add_tokenizer_model("none")  # llama.cpp then makes vocab_size placeholder tokens
-    else:
-        _add_tokenizer(writer, gguf, tokenizer, config)
-    fallbacks = []
-    num_tensors = num_params = 0
+    tensors, fallbacks, num_params = [], [], 0  # (name, data, ggml type); q8_0 matrices kept f16
     for name, array in _gguf_tensors(weights, config):
         data, qtype = _encode(array, outtype, gguf)
         if outtype == "q8_0" and array.ndim == 2 and qtype != gguf.GGMLQuantizationType.Q8_0:
             fallbacks.append(name)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-        num_tensors += 1
+        tensors.append((name, data, qtype))
         num_params += array.size
-    try:
+
+    def write_gguf(temporary: Path) -> None:
+        writer = gguf.GGUFWriter(temporary, "llama")
+        _add_hyperparameters(writer, gguf, config, outtype, folder.name)
+        if tokenizer is None:
+            writer.add_tokenizer_model("none")  # llama.cpp then makes vocab_size placeholder tokens
+        else:
+            _add_tokenizer(writer, gguf, tokenizer, config)
+        for name, data, qtype in tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        partial.replace(output)
+
+    output = Path(output)
+    try:
+        atomic_write(output, write_gguf)  # a failed conversion leaves no half file
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise ModelLoadError(f"cannot write {output}: {exc}") from None
-    return ConvertResult(output, outtype, num_tensors, num_params, tokenizer is not None, tuple(fallbacks))
+    return ConvertResult(output, outtype, len(tensors), num_params, tokenizer is not None, tuple(fallbacks))
 
 
-def _import_gguf():
+def import_gguf():
     try:
         import gguf
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):
         raise ConfigError("converting to GGUF needs the gguf package: pip install -e '.[llama]'") from None
     return gguf
 

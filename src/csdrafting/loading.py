@@ -15,27 +15,24 @@ from pathlib import Path
 
 import torch
 
+from .backends import LLAMA_CPP, is_gguf, level_backend, llama_level
 from .config import CascadeConfig
 from .errors import ConfigError, ModelLoadError
+from .files import require_file
+from .gguf_cache import DEFAULT_DRAFTER_OUTTYPE, cached_gguf, target_outtype
+from .gguf_tokenizer import LlamaCppTokenizer
 from .levels.base import NeuralLevel
 from .levels.llamacpp import import_llama_cpp
 from .levels.mag import BigramTable
 from .levels.model import model_level
-from .llama_backend import (
-    DEFAULT_DRAFTER_OUTTYPE,
-    LLAMA_CPP,
-    LlamaCppTokenizer,
-    cached_gguf,
-    is_gguf,
-    level_backend,
-    llama_level,
-    target_outtype,
-)
 
 BIGRAM_FILENAME = "csd_bigram.npy"  # looked up in the target's folder when no table is given
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the configuration fields fixed when levels load: another value needs another load
 LOAD_FIELDS = ("device", "dtype", "runner", "backend", "drafter_outtype", "bigram")
+# also fixed when levels load, but not asked of a configuration over loaded levels: the planner,
+# the tuner's replay and the bench build those without repeating the loaded levels' kernel
+KERNEL_FIELD = "kernel"
 
 
 @dataclass(frozen=True)
@@ -73,11 +70,13 @@ class Levels:
         *,
         names: Sequence[str] | None = None,
         runner: str = "auto",
+        kernel: str = "auto",
         bigram: BigramTable | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> Levels:
         """Levels from transformers models (or objects that already are ``NeuralLevel``s), named
-        ``target``, ``drafter1``, ``drafter2`` ... unless ``names`` are given."""
+        ``target``, ``drafter1``, ``drafter2`` ... unless ``names`` are given. ``runner`` and
+        ``kernel``: as ``CascadeConfig``'s, for the models that become levels here."""
         names = list(names) if names is not None else ["target"] + [f"drafter{i + 1}" for i in range(len(drafters))]
         if len(names) != 1 + len(drafters):
             raise ConfigError(f"names must give one name per level ({1 + len(drafters)}), got {len(names)}")
@@ -86,8 +85,8 @@ class Levels:
         if eos_token_ids is None:
             eos_token_ids = eos_ids(target, tokenizer) if isinstance(target, torch.nn.Module) else []
         return cls(
-            as_level(names[0], target, runner),
-            tuple(as_level(name, model, runner) for name, model in zip(names[1:], drafters)),
+            as_level(names[0], target, runner, kernel),
+            tuple(as_level(name, model, runner, kernel) for name, model in zip(names[1:], drafters)),
             tokenizer,
             frozenset(eos_token_ids),
             bigram,
@@ -98,7 +97,7 @@ class Levels:
         """Every loaded drafter and MaG, with the automatic schedule."""
         base = self.loaded_with or CascadeConfig()
         return CascadeConfig(
-            **{name: getattr(base, name) for name in LOAD_FIELDS},
+            **{name: getattr(base, name) for name in (*LOAD_FIELDS, KERNEL_FIELD)},
             target=self.sources[0],
             drafters=self.sources[1:],
         )
@@ -137,7 +136,7 @@ def load_levels(config: CascadeConfig) -> Levels:
     """Load the target, the drafters, the tokenizer and the bigram table ``config`` names.
 
     Each level's backend: llama.cpp for a ``.gguf`` path, else ``config.backend`` (an HF folder on
-    llama.cpp is converted once and cached, see ``llama_backend.py``)."""
+    llama.cpp is converted once and cached, see ``backends.py`` and ``gguf_cache.py``)."""
     if config.target is None:
         raise ConfigError("the configuration names no target model")
     paths = [config.target, *config.drafters]
@@ -162,7 +161,7 @@ def load_levels(config: CascadeConfig) -> Levels:
         if i == 0:
             eos = eos_ids(model, tokenizer)
         # these modules are ours alone: the lean runner may take their weights over
-        levels.append(model_level(name, model, config.runner, own_weights=True))
+        levels.append(model_level(name, model, config.runner, own_weights=True, kernel=config.kernel))
     if eos is None:  # a llama.cpp target: the HF folder's EOS ids, else the GGUF's end-of-generation ids
         eos = hf_eos_ids(config.target, tokenizer) if not is_gguf(config.target) else tokenizer.eos_token_ids
     return Levels(
@@ -190,8 +189,7 @@ def target_tokenizer(path: str):
 
 def check_level_path(path: str, backend: str) -> None:
     if is_gguf(path):
-        if not Path(path).is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
+        require_file(path, "GGUF file")
         import_llama_cpp()  # a clear error when the extra is missing, before any model loads
     else:
         check_model_folder(path)
@@ -200,16 +198,17 @@ def check_level_path(path: str, backend: str) -> None:
 
 
 def hf_eos_ids(folder: str, tokenizer) -> list[int]:
-    """EOS ids of an HF folder without loading its weights (generation_config, then config)."""
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos = json.loads((Path(folder) / name).read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError):
-            continue
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [eos]
+    """EOS ids of an HF folder without loading its weights: ``eos_ids``' chain over its JSON files."""
+    return _first_eos_ids(
+        [_read_json_or_none(Path(folder) / name) for name in ("generation_config.json", "config.json")], tokenizer
+    )
+
+
+def _read_json_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def load_bigram(config: CascadeConfig) -> BigramTable | None:
@@ -292,21 +291,26 @@ def check_same_tokenizer(target_tokenizer, drafter_path, target_vocab: dict | No
     return target_vocab
 
 
-def as_level(name: str, model, runner: str) -> NeuralLevel:
+def as_level(name: str, model, runner: str, kernel: str = "auto") -> NeuralLevel:
     """A transformers model becomes a neural level; an object that already is a level is kept."""
     if isinstance(model, torch.nn.Module):
-        return model_level(name, model, runner)
+        return model_level(name, model, runner, kernel=kernel)
     if isinstance(model, NeuralLevel):
         return model
     raise ConfigError(f"{name} must be a transformers causal LM or a NeuralLevel, got {type(model).__name__}")
 
 
 def eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    """EOS ids of a loaded model: its generation config's, else its config's, else the tokenizer's."""
+    return _first_eos_ids([getattr(model, "generation_config", None), model.config], tokenizer)
+
+
+def _first_eos_ids(configs: list, tokenizer) -> list[int]:
+    """The first ``eos_token_id`` set in ``configs`` (config objects or their JSON dicts, None
+    skipped), else the tokenizer's, as a list (a config may give one id or several)."""
+    for config in configs:
+        eos = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [eos]

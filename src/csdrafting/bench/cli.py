@@ -137,13 +137,13 @@ def _add_backend_arguments(parser: argparse.ArgumentParser, group) -> None:
 def _backends(args, suite_backends: list[str] | None) -> list[str]:
     """The backends to run: --backends, else --backend when the cascade flags have it, else the
     suite's, without llama.cpp when its library is missing (an explicit request for it errs)."""
-    from .llama import check_backends, llama_available
+    from .llamacpp_peers import check_backends, llama_extra_available
 
     explicit = args.backends or ([args.backend] if getattr(args, "backend", None) else None)
     if explicit:
         return check_backends(explicit)
     backends = list(suite_backends or ["torch"])
-    if "llama.cpp" in backends and not llama_available():
+    if "llama.cpp" in backends and not llama_extra_available():
         print("csd bench: llama-cpp-python is not installed, skipping the llama.cpp methods")
         backends.remove("llama.cpp")
     return check_backends(backends or ["torch"])
@@ -240,6 +240,7 @@ def cmd_bench(args) -> int:
         dtype=cascade_config.dtype,
         bigram=cascade_config.bigram,
         runner=args.runner or "auto",
+        kernel=cascade_config.kernel,
         trials=args.trials,
         warmup=args.warmup,
         seed=args.seed,
@@ -287,6 +288,7 @@ def cmd_profile(args) -> int:
         dtype=cascade_config.dtype,
         bigram=cascade_config.bigram,
         runner=args.runner or "auto",
+        kernel=cascade_config.kernel,
         prompts_file=args.prompts,
         prompt_index=args.prompt_index,
         tokens=args.tokens,

@@ -44,6 +44,7 @@ class ProfileConfig:
     dtype: str = "float32"
     bigram: str | None = None
     runner: str = "auto"
+    kernel: str = "auto"  # the lean runner's matmul kernel (CascadeConfig.kernel)
     prompts_file: str | None = None
     prompt_index: int = 0
     tokens: tuple[int, ...] = (1, 4, 8)
@@ -255,7 +256,7 @@ def _split_at(models, name: str, runner, prompt_ids: list[int], num_new: int, re
 
 
 def _layer_parts(runner, start: int, num_new: int):
-    """Two calls over every layer of the lean runner (it reaches into ``levels/llama.py``): its
+    """Two calls over every layer of the lean runner (it reaches into ``levels/lean_llama.py``): its
     four matmuls with the kernels its forward runs for ``num_new`` tokens, and its attention over
     the cached keys and values of ``start + num_new`` positions, on random activations."""
     import torch.nn.functional as F
@@ -356,7 +357,8 @@ class _Stopwatch:
 
 def in_generation(models, methods, prompt_ids: list[int], max_new_tokens: int) -> list[dict]:
     """Per method: decode time split into model forwards, runner overhead, MaG and cascade logic."""
-    from .runner import CascadeMethod, Request
+    from .records import Request
+    from .runner import CascadeMethod
 
     request = Request(prompt_ids, max_new_tokens, True, True, 0.0, None, None, 0)
     results = []
@@ -505,7 +507,8 @@ def _fmt(value) -> str:
 
 def run_profile(config: ProfileConfig, log=print) -> dict:
     from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
-    from .runner import Models, device_name, environment
+    from .models import Models
+    from .runner import device_name, environment
     from .suite import LLAMA_SUFFIX, build_suite, load_suite_file
 
     if config.repeats < 1:
@@ -537,7 +540,7 @@ def run_profile(config: ProfileConfig, log=print) -> dict:
         methods = [m for m in methods if any(fnmatch.fnmatchcase(x, p) for p in config.only for x in names[m.name])]
     generation = in_generation(models, methods, prompt_ids, config.max_new_tokens)
 
-    env = environment(models.device, config.dtype)
+    env = environment(models.device, config.dtype, config.kernel)
     header = (
         f"## Hot-path profile: {device_name(models.device)} ({env['device']}, {env['num_threads']} threads), "
         f"{config.dtype}, prompt {prompts[config.prompt_index]['id']} ({len(prompt_ids)} tokens); "

@@ -34,8 +34,11 @@ import torch
 
 from .. import timing
 from ..errors import ConfigError
-from ..levels.kernels import ENV_VAR as KERNEL_ENV_VAR
+from ..levels.kernels import cpu_model
 from ..paths import PACKAGE_DIR
+from .llamacpp_peers import LlamaCppPeer
+from .models import Models
+from .records import Outcome, Request
 from .suite import Method, Suite
 
 SCHEMA = "csd-bench/1"
@@ -45,25 +48,14 @@ COST_MODEL_LABEL = (
 )
 
 
-# -- prompts -----------------------------------------------------------------------------------
-
-
 # -- environment -------------------------------------------------------------------------------
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
-def environment(device: torch.device, dtype: str) -> dict:
+def environment(device: torch.device, dtype: str, kernel: str) -> dict:
     """Versions and machine, recorded on every row."""
     import numpy
     import transformers
@@ -101,7 +93,7 @@ def environment(device: torch.device, dtype: str) -> dict:
         "dtype": dtype,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "kernel": os.environ.get(KERNEL_ENV_VAR) or "auto",  # the lean runner's matmul kernels (forced or timed)
+        "kernel": kernel,  # the lean runner's matmul kernels (forced or timed)
     }
 
 
@@ -168,217 +160,7 @@ class MemoryProbe:
         }
 
 
-# -- models ------------------------------------------------------------------------------------
-
-
-class Models:
-    """The target and drafters: transformers' methods run on the modules as ``from_pretrained``
-    loads them; our levels get their own copies, loaded on first use (one per model and runner),
-    because our lean runner re-lays the weights out (fused projections, the kernels' layouts, or
-    packed into a form the module cannot run) and transformers' methods are measured as users run
-    them, not on our layout."""
-
-    def __init__(
-        self,
-        target: str,
-        drafters: list[str],
-        device: str,
-        dtype: str,
-        bigram: str | None,
-        runner: str,
-        drafter_outtype: str = "q8_0",
-        gguf_dir: Path | None = None,
-    ):
-        from ..levels.mag import BigramTable
-        from ..loading import DTYPES, check_same_tokenizer, load_model, load_tokenizer, resolve_device
-
-        self.device = resolve_device(device)
-        self.dtype_name = dtype
-        torch_dtype = DTYPES[dtype]
-        self.paths = {Path(target).name: str(target)}
-        for path in drafters:
-            name = Path(path).name
-            if name in self.paths:
-                raise ConfigError(f"two models are named {name!r}: benchmark models need distinct folder names")
-            self.paths[name] = str(path)
-        self.target_name = Path(target).name
-        self.drafter_names = [Path(p).name for p in drafters]
-        self.tokenizer = load_tokenizer(target)
-        for path in drafters:
-            check_same_tokenizer(self.tokenizer, path)
-        self.modules = {name: load_model(path, self.device, torch_dtype) for name, path in self.paths.items()}
-        self.num_params = {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
-        self.weight_bytes = {
-            name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
-        }
-        self.runner = runner
-        self._torch_dtype = torch_dtype
-        self._level_modules: dict[tuple[str, str], torch.nn.Module] = {}  # our copies, see the class docstring
-        self._levels: dict[tuple[str, str], object] = {}
-        target_module = self.modules[self.target_name]
-        eos = getattr(target_module.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = getattr(target_module.generation_config, "pad_token_id", None)
-        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.max_context = int(getattr(target_module.config, "max_position_embeddings", 1 << 30))
-        self.bigram_path = None
-        self.bigram = None
-        bigram_path = Path(bigram) if bigram is not None else Path(target) / "csd_bigram.npy"
-        if bigram is not None and not bigram_path.is_file():
-            raise ConfigError(f"bigram table not found: {bigram_path}")
-        if bigram_path.is_file():
-            self.bigram = BigramTable.load(bigram_path)
-            self.bigram_path = str(bigram_path)
-        # transformers peers: count forward calls per model with a pre-hook (microseconds per call)
-        self.num_forwards = dict.fromkeys(self.modules, 0)
-        for name, module in self.modules.items():
-            module.register_forward_pre_hook(self._counter(name))
-        self.drafter_outtype = drafter_outtype
-        self.gguf_dir = gguf_dir
-        self._llama_levels = None
-
-    @classmethod
-    def for_config(cls, config) -> Models:
-        """The models a ``BenchConfig`` or ``ProfileConfig`` names (both carry the same fields)."""
-        fields = ("target", "drafters", "device", "dtype", "bigram", "runner", "drafter_outtype", "gguf_dir")
-        return cls(*(getattr(config, name) for name in fields))
-
-    def gguf(self, name: str) -> Path:
-        """The GGUF file of model ``name`` (target f32, drafters at ``drafter_outtype``), converted once."""
-        from .llama import TARGET_OUTTYPE, cached_gguf
-
-        outtype = TARGET_OUTTYPE if name == self.target_name else self.drafter_outtype
-        return cached_gguf(self.paths[name], outtype, self.gguf_dir)
-
-    def llama_levels(self):
-        """One ``Levels`` over llama.cpp runners of every model, shared by the llama.cpp methods
-        (a configuration selects its drafters by name)."""
-        from .llama import llama_levels
-
-        if self._llama_levels is None:
-            names = [self.target_name, *self.drafter_names]
-            self._llama_levels = llama_levels(
-                self.gguf(self.target_name),
-                [self.gguf(n) for n in self.drafter_names],
-                names,
-                self.tokenizer,
-                self.bigram,
-                self.eos_token_ids,
-            )
-        return self._llama_levels
-
-    def _counter(self, name: str):
-        def hook(module, args):
-            self.num_forwards[name] += 1
-
-        return hook
-
-    def level(self, name: str, runner: str | None = None):
-        """One shared neural level per (model, runner), over our own copy of the model."""
-        from ..levels.model import model_level
-        from ..loading import load_model
-
-        runner = runner or self.runner
-        key = (name, runner)
-        if key not in self._levels:
-            # one copy per level: the lean runner may take its module's weights over (packed)
-            self._level_modules[key] = load_model(self.paths[name], self.device, self._torch_dtype)
-            self._levels[key] = model_level(name, self._level_modules[key], runner, own_weights=True)
-        return self._levels[key]
-
-    def levels(self, drafters: list[str], runner: str | None = None):
-        """``Levels`` over the shared levels of the target and ``drafters``, for one ``Cascade``."""
-        from ..loading import Levels
-
-        return Levels(
-            self.level(self.target_name, runner),
-            tuple(self.level(name, runner) for name in drafters),
-            self.tokenizer,
-            frozenset(self.eos_token_ids),
-            self.bigram,
-            (self.target_name, *drafters),
-        )
-
-    def runner_bytes(self, name: str, runner: str | None = None) -> int:
-        """Bytes our backend for ``name`` holds beyond the model's parameters (fused weight copies,
-        KV buffers): every tensor reachable from its attributes whose storage no parameter shares."""
-        runner = runner or self.runner
-        backend = getattr(self.level(name, runner), "runner", None)
-        if backend is None:
-            return 0
-        shared = {p.untyped_storage().data_ptr() for p in self._level_modules[name, runner].parameters()}
-        seen: set[int] = set()
-        total = 0
-        stack = list(vars(backend).values())
-        while stack:
-            item = stack.pop()
-            if isinstance(item, torch.Tensor):
-                if item.is_mkldnn:
-                    continue  # packed weights: held in place of the module's (released) parameters
-                ptr = item.untyped_storage().data_ptr()
-                if ptr not in shared and ptr not in seen:
-                    seen.add(ptr)
-                    total += item.untyped_storage().nbytes()
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-        return total
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def describe(self, names: list[str]) -> dict:
-        return {n: {"path": self.paths[n], "num_params": self.num_params[n]} for n in names}
-
-
 # -- one generation ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    greedy: bool
-    fixed_length: bool  # EOS ignored: exactly max_new_tokens tokens
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int
-
-
-@dataclass
-class Outcome:
-    token_ids: list[int]
-    finish_reason: str
-    prefill_seconds: float | None
-    decode_seconds: float | None
-    levels: list[dict]  # name, kind, num_forwards, num_params (+ our per-level statistics)
-    tokens_per_target_step: float | None
-    acceptance_rate: float | None
-    config: dict
-    engine_stats: dict | None = None
-
-    @classmethod
-    def of_peer(
-        cls, tokens: list[int], finish: str, prefill: float | None, wall: float, levels: list[dict], config: dict
-    ) -> Outcome:
-        """A peer's generation, timed from outside: the prefill ends at the first new token and
-        each target forward counts as a step (peers report no acceptance)."""
-        target_calls = levels[0]["num_forwards"]
-        return cls(
-            token_ids=tokens,
-            finish_reason=finish,
-            prefill_seconds=prefill,
-            decode_seconds=wall - prefill if prefill is not None else None,
-            levels=levels,
-            tokens_per_target_step=len(tokens) / target_calls if target_calls else None,
-            acceptance_rate=None,
-            config=config,
-        )
 
 
 class _FirstTokenClock:
@@ -534,8 +316,6 @@ def make_runner(method: Method, models: Models):
     if method.engine == "transformers":
         return TransformersMethod(method, models)
     if method.engine == "llama.cpp":
-        from .llama import LlamaCppPeer
-
         return LlamaCppPeer(method, models)
     return CascadeMethod(method, models)
 
@@ -563,6 +343,7 @@ class BenchConfig:
     dtype: str = "float32"
     bigram: str | None = None
     runner: str = "auto"
+    kernel: str = "auto"  # the lean runner's matmul kernel (CascadeConfig.kernel)
     trials: int = 1
     warmup: int = 1
     seed: int = 0
@@ -622,7 +403,7 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     clock_start = time.perf_counter()
     models = Models.for_config(config)
-    env = environment(models.device, config.dtype)
+    env = environment(models.device, config.dtype, config.kernel)
     if any(m.backend == "llama.cpp" for m in suite.methods):
         import llama_cpp
 

@@ -32,16 +32,14 @@ by ``MIN_GAIN`` (noise must not move the weights around).
 **Cache**: the measured times are kept as JSON in ``$XDG_CACHE_HOME/csdrafting/kernels.json``
 (or ``~/.cache/csdrafting``), keyed by CPU model, torch version, thread count, device and dtype;
 a model with a shape the cache lacks has all its shapes timed and added; an unreadable file is
-ignored (and rewritten). ``CSD_KERNEL``
-(``auto``, or a kernel name) forces one kernel for every weight and bucket, without timing.
+ignored (and rewritten). A kernel name instead of ``auto`` (``CascadeConfig.kernel``, whose CLI
+default is ``$CSDRAFTING_KERNEL``) forces one kernel for every weight and bucket, without timing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..files import atomic_write_text, cache_dir
 
-ENV_VAR = "CSD_KERNEL"
 AUTO = "auto"
 BUCKETS = ("1", "2-4", "5-16", "17+")  # new-token counts; see bucket_index
 BUCKET_TOKENS = (1, 4, 12, 32)  # the token count each bucket is timed at
@@ -185,26 +183,25 @@ def forced_choice(name: str, layouts: Iterable[str] = LAYOUTS) -> WeightChoice:
     return WeightChoice(KERNELS[name].layout, (name,) * len(BUCKETS), {}, forced=True)
 
 
-def requested_kernel(kernel: str | None) -> str:
-    """``kernel`` if given, else ``$CSD_KERNEL``, else ``auto``; checked."""
-    value = kernel if kernel is not None else (os.environ.get(ENV_VAR) or AUTO)
-    if value != AUTO and value not in KERNELS:
-        raise ConfigError(f"kernel must be {AUTO!r} or one of {', '.join(KERNELS)}, got {value!r} ({ENV_VAR})")
-    return value
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is ``auto`` or a kernel's name, else ``ConfigError``."""
+    if kernel != AUTO and kernel not in KERNELS:
+        raise ConfigError(f"kernel must be {AUTO!r} or one of {', '.join(KERNELS)}, got {kernel!r}")
+    return kernel
 
 
 def plan(
     shapes: dict[str, tuple[int, int]],
     device: torch.device,
     dtype: torch.dtype,
-    kernel: str | None = None,
+    kernel: str = AUTO,
     layouts: dict[str, Iterable[str]] | None = None,
     cache: KernelCache | None = None,
 ) -> dict[str, WeightChoice]:
     """A choice for every weight (name -> (out, in) shape). ``layouts``: the layouts each weight
-    may take (default: any; ``plain`` is always allowed). A forced kernel (``kernel`` or
-    ``$CSD_KERNEL``) is used without timing; ``auto`` reads the cache and times what it lacks."""
-    requested = requested_kernel(kernel)
+    may take (default: any; ``plain`` is always allowed). A forced kernel (a name) is used
+    without timing; ``auto`` reads the cache and times what it lacks."""
+    requested = check_kernel(kernel)
     allowed_layouts = {name: {"plain", *(LAYOUTS if layouts is None else layouts[name])} for name in shapes}
     if requested != AUTO:
         if requested not in available_kernels(device, dtype):
@@ -417,11 +414,6 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{processor} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type} | {dtype_name}"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "csdrafting"
-
-
 class KernelCache:
     """Measured kernel times on disk, one JSON file: ``{"schema": 1, "machines": {key: {shape:
     {bucket: {kernel: ms}}}}}``. A missing, unreadable or malformed file reads as empty; writes
@@ -452,15 +444,5 @@ class KernelCache:
         entry.update(times)
         machines[key] = entry
         text = json.dumps({"schema": CACHE_SCHEMA, "machines": machines}, indent=1, sort_keys=True) + "\n"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".json", dir=self.path.parent)
-        except OSError:
-            return
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            atomic_write_text(self.path, text)

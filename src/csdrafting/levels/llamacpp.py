@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from ..files import require_file
 
 MAX_DEFAULT_CONTEXT = 8192  # a default context beyond this costs KV memory few generations use
 MAX_UBATCH = 512  # llama.cpp's default micro-batch: longer inputs (prompts) run in chunks of this
@@ -51,11 +51,24 @@ def import_llama_cpp():
     return llama_cpp
 
 
+def llama_extra_available() -> bool:
+    """Whether the ``llama`` extra is usable: llama-cpp-python loads (``import_llama_cpp``) and gguf,
+    the converter's writer, imports (``convert.import_gguf``)."""
+    from ..convert import import_gguf
+
+    try:
+        import_llama_cpp()
+        import_gguf()
+    except ConfigError:
+        return False
+    return True
+
+
 _backend_ready = False
 _log_sink = None  # the no-op log callback; kept referenced, llama.cpp calls it for the process's life
 
 
-def _init_backend(lib, quiet: bool) -> None:
+def init_backend(lib, quiet: bool) -> None:
     """Initialise llama.cpp once per process; ``quiet`` routes its log lines to a no-op."""
     global _backend_ready, _log_sink
     if quiet and _log_sink is None:
@@ -88,10 +101,8 @@ class LlamaCppRunner:
             raise ConfigError(f"kv_type must be one of {', '.join(_GGML_TYPES)}, got {kv_type!r}")
         self._lib = lib = import_llama_cpp()
         self._model = self._context = self._batch = None
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {self.path}")
-        _init_backend(lib, quiet)
+        self.path = require_file(path, "GGUF file")
+        init_backend(lib, quiet)
         self._model = self._load_model()
         self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self.num_params = int(lib.llama_model_n_params(self._model))

@@ -1,6 +1,6 @@
 """Neural levels over transformers models (torch backend).
 
-Two runners compute the forward passes: the lean ``LlamaRunner`` (``llama.py``) for Llama
+Two runners compute the forward passes: the lean ``LlamaRunner`` (``lean_llama.py``) for Llama
 weights, and ``TransformersRunner`` (the model's own forward with a ``DynamicCache``) for any
 other causal LM. ``model_level`` wraps the chosen runner in a ``PrefixMemoLevel``.
 """
@@ -11,8 +11,8 @@ import torch
 
 from ..errors import ConfigError
 from .base import tree_layout
-from .llama import LlamaRunner
-from .llama import supports as lean_supports
+from .lean_llama import LlamaRunner
+from .lean_llama import supports as lean_supports
 from .memo import PrefixMemoLevel
 
 
@@ -91,16 +91,19 @@ class TransformersRunner:
         self.length = base + len(slots)
 
 
-def make_runner(model: torch.nn.Module, runner: str = "auto", own_weights: bool = False):
+def make_runner(model: torch.nn.Module, runner: str = "auto", own_weights: bool = False, kernel: str = "auto"):
     """The lean runner where it computes the model exactly, else transformers' forward.
     ``own_weights``: the caller hands the module over (loaded for this level alone), so the lean
-    runner may re-lay its weights out in a form the module cannot run (``LlamaRunner``)."""
+    runner may re-lay its weights out in a form the module cannot run (``LlamaRunner``).
+    ``kernel``: the lean runner's matmul kernel (``CascadeConfig.kernel``)."""
     if runner not in ("auto", "lean", "transformers"):
         raise ConfigError(f"runner must be 'auto', 'lean' or 'transformers', got {runner!r}")
     use_lean = runner == "lean" or (runner == "auto" and lean_supports(model.config))
-    return LlamaRunner(model, own_weights=own_weights) if use_lean else TransformersRunner(model)
+    return LlamaRunner(model, kernel, own_weights) if use_lean else TransformersRunner(model)
 
 
-def model_level(name: str, model: torch.nn.Module, runner: str = "auto", own_weights: bool = False) -> PrefixMemoLevel:
+def model_level(
+    name: str, model: torch.nn.Module, runner: str = "auto", own_weights: bool = False, kernel: str = "auto"
+) -> PrefixMemoLevel:
     """A transformers causal LM as a neural level of the cascade."""
-    return PrefixMemoLevel(name, make_runner(model, runner, own_weights))
+    return PrefixMemoLevel(name, make_runner(model, runner, own_weights, kernel))

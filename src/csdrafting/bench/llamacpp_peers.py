@@ -1,55 +1,22 @@
-"""The llama.cpp side of ``csd bench``: GGUF files for the benchmarked folders, our levels over
-llama.cpp, and llama-cpp-python's own methods as peers.
+"""llama-cpp-python's own decoding as peers in ``csd bench``: ``Llama.generate`` on the target
+GGUF, plain (greedy or sampled) and with ``LlamaPromptLookupDecoding`` as its ``draft_model``,
+with the runner's context settings (same threads, f32 KV cache, flash attention off), so both
+sides compute the same logits.
 
-* GGUFs: every model folder is converted once into the loader's cache (``llama_backend.cached_gguf``:
-  keyed by the folder's content and the output type); the target stays f32 (what an HF float32
-  folder is), drafters default to q8_0 (a drafter only changes speed, never the output).
-* Levels: ``llama_levels`` builds one ``Levels`` over every benchmarked model, shared by the
-  llama.cpp methods (each configuration selects its drafters from it).
-* Peers: ``Llama.generate`` on the target GGUF, plain (greedy or sampled) and with
-  ``LlamaPromptLookupDecoding`` as its ``draft_model``, with the runner's context settings (same
-  threads, f32 KV cache, flash attention off), so both sides compute the same logits.
+Our own methods on llama.cpp run over ``Models.llama_levels`` (``models.py``): every model folder
+is converted once into the loader's cache (``gguf_cache.cached_gguf``), the target in f32, the
+drafters at ``--drafter-outtype`` (a drafter only changes speed, never the output).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from ..llama_backend import DEFAULT_DRAFTER_OUTTYPE, cached_gguf, llama_level  # noqa: F401 (re-exported)
-
-TARGET_OUTTYPE = "f32"  # the target as given: an HF float32 folder
-DRAFTER_OUTTYPE = DEFAULT_DRAFTER_OUTTYPE  # measured fastest for the pycode drafters (llama_backend.py)
-
-
-def llama_available() -> bool:
-    """Whether llama-cpp-python and gguf import (the ``llama`` extra)."""
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def llama_levels(
-    target: Path,
-    drafters: list[Path],
-    names: list[str],
-    tokenizer,
-    bigram,
-    eos_token_ids: list[int],
-):
-    """``Levels`` over llama.cpp levels of GGUF files (target first, then drafters, largest first),
-    with the tokenizer, bigram table and EOS ids the torch methods use, so both backends draft
-    from the same MaG and stop on the same tokens."""
-    from ..loading import Levels
-
-    levels = [llama_level(name, path) for name, path in zip(names, [target, *drafters])]
-    return Levels.from_models(levels[0], levels[1:], tokenizer, names=names, bigram=bigram, eos_token_ids=eos_token_ids)
+from ..levels.llamacpp import llama_extra_available
+from .records import Outcome
 
 
 def check_backends(backends: list[str]) -> list[str]:
@@ -58,7 +25,7 @@ def check_backends(backends: list[str]) -> list[str]:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise ConfigError(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}, got {backends}")
-    if "llama.cpp" in backends and not llama_available():
+    if "llama.cpp" in backends and not llama_extra_available():
         raise ConfigError("the llama.cpp backend needs llama-cpp-python and gguf: pip install -e '.[llama]'")
     return list(dict.fromkeys(backends))
 
@@ -105,8 +72,6 @@ class LlamaCppPeer:
         }
 
     def generate(self, request):
-        from .runner import Outcome
-
         llm = self.llm
         eos = set(self.models.eos_token_ids)
         forwards = 0

@@ -39,9 +39,9 @@ class LlamaRunner:
 
     runner_name = "lean"
 
-    def __init__(self, model: torch.nn.Module, kernel: str | None = None, own_weights: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, kernel: str = kernels.AUTO, own_weights: bool = False) -> None:
         """``kernel``: ``auto`` (time the candidates, ``kernels.py``) or one kernel for every
-        matmul; default ``$CSD_KERNEL`` or ``auto``. ``own_weights``: the module is the runner's
+        matmul (``CascadeConfig.kernel``). ``own_weights``: the module is the runner's
         alone, so its weights may take any layout: transposed (the module's parameters become
         ``.t()`` views: it runs, but ``save_pretrained`` fails on them) or oneDNN's packed blocks
         (the module's parameters are released: it no longer runs). Without it every weight keeps
