@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .convert import OUTTYPES
 from .errors import ConfigError, ModelLoadError
-from .files import cache_dir
+from .files import atomic_write, cache_dir
 
 # Drafters may be approximate (the target verifies every token), so they get the fastest type.
 # Measured in phase 1 (scripts/llamacpp_costs.py, AMD EPYC, 2 threads, one-token forward):
@@ -67,5 +67,5 @@ def cached_gguf(folder: str | os.PathLike, outtype: str, cache: Path | None = No
     path = cache / f"{folder.name}-{outtype}-{folder_key(folder, outtype)}.gguf"
     if path.is_file():
         return path
-    convert(folder, path, outtype)  # atomic (files.atomic_write): no half-written GGUF under this name
-    return path
+    # the cache's own atomic write, whatever the converter does: no half-written GGUF under this name
+    return atomic_write(path, lambda temporary: convert(folder, temporary, outtype))
