@@ -16,7 +16,7 @@ from .paths import MODELS_DIR  # the embedded default family, shipped as package
 
 DEFAULT_TARGET = MODELS_DIR / "pycode-22m"
 DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
-# what `csd generate` runs with no model flags: the family's measured best cascade (README, Results)
+# what `csd generate` runs with no model flags: the family's measured best cascade (docs/bench.md, Results)
 DEFAULT_CONFIG = MODELS_DIR / "csd_default.json"
 
 

@@ -42,7 +42,7 @@ from .kmatrix import KMatrix
 
 AUTO = "auto"
 DEFAULT_TREE_BUDGET = 16  # tree=True: max draft-tree nodes (pycode-22m turns compute-bound near 16 on a CPU)
-AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (README: ablation)
+AUTO_MAG_FIRST = 3  # with k_matrix="auto": a MaG match of 3+ tokens drafts alone (docs/bench.md: ablation)
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 RUNNERS = ("auto", "lean", "transformers")  # how the torch backend runs a model's forward
 BACKENDS = ("torch", "llama.cpp")  # a .gguf level always runs on llama.cpp (backends.py)
