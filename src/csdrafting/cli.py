@@ -74,6 +74,19 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     add_loading_arguments(group)
 
 
+def add_cascade_command(subparsers, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand that takes the cascade flags, with ``examples`` below its --help text."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_cascade_arguments(parser)
+    return parser
+
+
 def add_loading_arguments(group) -> None:
     """The cascade flags fixed when levels load: device, precision, threads, runner, kernel, backend."""
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")

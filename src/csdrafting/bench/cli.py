@@ -35,19 +35,18 @@ def _csv(kind):
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_cascade_arguments
+    from ..cli import add_cascade_arguments, add_cascade_command
 
-    bench = subparsers.add_parser(
+    bench = add_cascade_command(
+        subparsers,
         "bench",
         help="benchmark against transformers' generate, assisted generation and prompt lookup",
         description="Run every method of a suite on the same prompts, interleaved, in one process; "
         "write one JSON line per (prompt, method, mode, length, trial). "
         "Subcommands: `report` turns results into a markdown table and plots, `profile` measures "
         "the runner's per-forward overhead.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
-    add_cascade_arguments(bench)
     _add_run_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -201,6 +200,21 @@ def _family(args) -> tuple[object, str, list[str], tuple[str, dict] | None]:
     return config, target, drafters, extra
 
 
+def _model_fields(args, cascade_config, target: str, drafters: list[str]) -> dict:
+    """The fields ``BenchConfig`` and ``ProfileConfig`` share: which models load, and how."""
+    return {
+        "target": target,
+        "drafters": drafters,
+        "device": cascade_config.device,
+        "dtype": cascade_config.dtype,
+        "bigram": cascade_config.bigram,
+        "runner": args.runner or "auto",
+        "kernel": cascade_config.kernel,
+        "drafter_outtype": args.drafter_outtype or "q8_0",
+        "gguf_dir": Path(args.gguf_dir) if args.gguf_dir else None,
+    }
+
+
 def cmd_bench(args) -> int:
     from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
     from .runner import BenchConfig, run_benchmark
@@ -231,16 +245,10 @@ def cmd_bench(args) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         output = Path("runs") / f"bench-{suite.name}-{stamp}.jsonl"
     config = BenchConfig(
-        target=target,
-        drafters=drafters,
+        **_model_fields(args, cascade_config, target, drafters),
         suite=suite,
         prompts=prompts,
         output=output,
-        device=cascade_config.device,
-        dtype=cascade_config.dtype,
-        bigram=cascade_config.bigram,
-        runner=args.runner or "auto",
-        kernel=cascade_config.kernel,
         trials=args.trials,
         warmup=args.warmup,
         seed=args.seed,
@@ -250,8 +258,6 @@ def cmd_bench(args) -> int:
         progress=not args.no_progress,
         save_tokens=args.save_tokens,
         prompts_file=prompts_file,
-        drafter_outtype=args.drafter_outtype or "q8_0",
-        gguf_dir=Path(args.gguf_dir) if args.gguf_dir else None,
     )
     if args.temperature <= 0 and any(m.startswith("sampling") for m in suite.modes):
         raise ConfigError("--temperature must be > 0 for the sampling modes")
@@ -282,13 +288,7 @@ def cmd_profile(args) -> int:
     cascade_config, target, drafters, flagged = _family(args)
     backends = _backends(args, ["torch"])
     config = ProfileConfig(
-        target=target,
-        drafters=drafters,
-        device=cascade_config.device,
-        dtype=cascade_config.dtype,
-        bigram=cascade_config.bigram,
-        runner=args.runner or "auto",
-        kernel=cascade_config.kernel,
+        **_model_fields(args, cascade_config, target, drafters),
         prompts_file=args.prompts,
         prompt_index=args.prompt_index,
         tokens=args.tokens,
@@ -300,8 +300,6 @@ def cmd_profile(args) -> int:
         extra_methods=[flagged] if flagged is not None else [],
         out=Path(args.out) if args.out else None,
         backends=tuple(backends),
-        drafter_outtype=args.drafter_outtype or "q8_0",
-        gguf_dir=Path(args.gguf_dir) if args.gguf_dir else None,
     )
     run_profile(config)
     return 0

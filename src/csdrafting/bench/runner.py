@@ -403,25 +403,11 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     started_at = datetime.datetime.now(datetime.timezone.utc)
     clock_start = time.perf_counter()
     models = Models.for_config(config)
-    env = environment(models.device, config.dtype, config.kernel)
-    if any(m.backend == "llama.cpp" for m in suite.methods):
-        import llama_cpp
-
-        env["llama_cpp_python"] = llama_cpp.__version__
-        env["drafter_outtype"] = config.drafter_outtype
-    run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    common = _common_fields(config, models, started_at)
+    env = common["env"]
     runners = {m.name: make_runner(m, models) for m in suite.methods}
     methods = list(suite.methods)
-    prompt_ids = [list(models.tokenizer(p["text"])["input_ids"]) for p in config.prompts]
-    longest = max(suite.lengths)
-    for prompt, ids in zip(config.prompts, prompt_ids):
-        if not ids:
-            raise ConfigError(f"prompt {prompt['id']} encodes to no tokens")
-        if len(ids) + longest > models.max_context:
-            raise ConfigError(
-                f"prompt {prompt['id']} ({len(ids)} tokens) + {longest} new tokens exceeds the target's "
-                f"context of {models.max_context} tokens"
-            )
+    prompt_ids = _encode_prompts(config, models)
     decodings = list(dict.fromkeys(m.split("-")[0] for m in suite.modes))
     num_rows = config.trials * len(config.prompts) * len(suite.lengths) * len(suite.modes) * len(methods)
     num_warmup = config.warmup * len(decodings) * len(methods)
@@ -434,81 +420,183 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
     memory = MemoryProbe(models.device)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     bar = _progress(num_rows + num_warmup, config.progress)
-    target_params = models.num_params[models.target_name]
-    common = {
-        "schema": SCHEMA,
-        "run_id": run_id,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "suite": suite.name,
-        "prompts_file": config.prompts_file,
-        "env": env,
-    }
-
-    def request(ids: list[int], length: int, mode: str, seed: int) -> Request:
-        decoding, stop = mode.split("-")
-        return Request(
-            prompt_ids=ids,
-            max_new_tokens=length,
-            greedy=decoding == "greedy",
-            fixed_length=stop == "fixed",
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            seed=seed,
-        )
-
+    loop = _BenchLoop(config, models, runners, bar, memory)
     cases = [
-        (p, prompt, ids, length, m, mode)
+        _Case(p, prompt, ids, length, m, mode)
         for p, (prompt, ids) in enumerate(zip(config.prompts, prompt_ids))
         for length in suite.lengths
         for m, mode in enumerate(suite.modes)
     ]
-
-    def run(method: Method, case, trial: int):
-        p, prompt, ids, length, _, mode = case
-        bar.set_postfix_str(f"{prompt['id']} {mode} {length} {method.name}")
-        memory.start()
-        outcome = runners[method.name].generate(request(ids, length, mode, config.seed + 1000 * trial + p))
-        bar.update()
-        return outcome, memory.stop()
-
-    def warm(method: Method, decoding: str):
-        bar.set_postfix_str(f"warm-up {method.name} {decoding}")
-        runners[method.name].generate(request(prompt_ids[0], longest, f"{decoding}-fixed", config.seed))
-        bar.update()
-
     try:
         with _quiet_transformers(), timing.frozen_setup_garbage(), open(config.output, "w", encoding="utf-8") as sink:
             for decoding in decodings:  # warm-up: one generation per method and decoding, not recorded
                 for _ in range(config.warmup):
-                    timing.warm_up(methods, lambda method, d=decoding: warm(method, d))
-            group = []  # one case's timed calls: rows are written when every method has run
+                    timing.warm_up(methods, lambda method, d=decoding: loop.warm(method, d, prompt_ids[0]))
             timed_calls = timing.interleaved(
-                methods, cases, config.trials, run, models.synchronize, order_offset=lambda i, case: case[4]
+                methods, cases, config.trials, loop.generate, models.synchronize, order_offset=lambda i, c: c.mode_index
             )
-            for timed in timed_calls:
-                group.append(timed)
-                if len(group) < len(methods):
-                    continue
-                by_method = {t.method.name: t for t in group}
-                p, prompt, ids, length, _, mode = timed.case
-                req = request(ids, length, mode, config.seed + 1000 * timed.trial + p)
-                for method in methods:  # rows in suite order
-                    t = by_method[method.name]
-                    outcome, mem = t.result
-                    baseline = suite.baseline_of(method)  # greedy identity: against its backend's plain
-                    baseline_tokens = by_method[baseline].result[0].token_ids
-                    row = _row({**common, "baseline": baseline}, method, prompt, p, t.trial, mode, req, outcome,
-                               t.seconds, mem, baseline_tokens, models, target_params, config)  # fmt: skip
-                    row["run_position"] = t.position
+            for group in _by_case(timed_calls, len(methods)):  # rows are written when every method has run
+                for row in loop.rows(group, common):
                     sink.write(json.dumps(row) + "\n")
                 sink.flush()
-                group = []
     finally:
         bar.close()
     elapsed = time.perf_counter() - clock_start
     log(f"csd bench: {num_rows} rows in {elapsed:.0f} s -> {config.output}")
     return config.output
+
+
+def _common_fields(config: BenchConfig, models: Models, started_at: datetime.datetime) -> dict:
+    """The fields every row of this run starts with: the run, the suite and the environment."""
+    env = environment(models.device, config.dtype, config.kernel)
+    if any(m.backend == "llama.cpp" for m in config.suite.methods):
+        import llama_cpp
+
+        env["llama_cpp_python"] = llama_cpp.__version__
+        env["drafter_outtype"] = config.drafter_outtype
+    return {
+        "schema": SCHEMA,
+        "run_id": started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "suite": config.suite.name,
+        "prompts_file": config.prompts_file,
+        "env": env,
+    }
+
+
+def _encode_prompts(config: BenchConfig, models: Models) -> list[list[int]]:
+    """The prompts' token ids; each must leave room in the target's context for the longest generation."""
+    prompt_ids = [list(models.tokenizer(p["text"])["input_ids"]) for p in config.prompts]
+    longest = max(config.suite.lengths)
+    for prompt, ids in zip(config.prompts, prompt_ids):
+        if not ids:
+            raise ConfigError(f"prompt {prompt['id']} encodes to no tokens")
+        if len(ids) + longest > models.max_context:
+            raise ConfigError(
+                f"prompt {prompt['id']} ({len(ids)} tokens) + {longest} new tokens exceeds the target's "
+                f"context of {models.max_context} tokens"
+            )
+    return prompt_ids
+
+
+@dataclass
+class _Case:
+    """One prompt, generation length and mode: every method runs it once per trial."""
+
+    prompt_index: int
+    prompt: dict
+    prompt_ids: list[int]
+    length: int
+    mode_index: int
+    mode: str
+
+
+def _request(config: BenchConfig, ids: list[int], length: int, mode: str, seed: int) -> Request:
+    decoding, stop = mode.split("-")
+    return Request(
+        prompt_ids=ids,
+        max_new_tokens=length,
+        greedy=decoding == "greedy",
+        fixed_length=stop == "fixed",
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        seed=seed,
+    )
+
+
+def _case_request(config: BenchConfig, case: _Case, trial: int) -> Request:
+    """A case's request in one trial: sampling seeds differ by trial and prompt."""
+    seed = config.seed + 1000 * trial + case.prompt_index
+    return _request(config, case.prompt_ids, case.length, case.mode, seed)
+
+
+def _by_case(timed_calls, num_methods: int):
+    """The timed calls in groups of one case's calls (every method once)."""
+    group = []
+    for timed in timed_calls:
+        group.append(timed)
+        if len(group) == num_methods:
+            yield group
+            group = []
+
+
+class _BenchLoop:
+    """What the timed loop calls: a method's generation for a case, a warm-up, and a case's rows."""
+
+    def __init__(self, config: BenchConfig, models: Models, runners: dict, bar, memory: MemoryProbe) -> None:
+        self.config = config
+        self.models = models
+        self.runners = runners
+        self.bar = bar
+        self.memory = memory
+        self.target_params = models.num_params[models.target_name]
+
+    def generate(self, method: Method, case: _Case, trial: int) -> tuple[Outcome, dict]:
+        self.bar.set_postfix_str(f"{case.prompt['id']} {case.mode} {case.length} {method.name}")
+        self.memory.start()
+        outcome = self.runners[method.name].generate(_case_request(self.config, case, trial))
+        self.bar.update()
+        return outcome, self.memory.stop()
+
+    def warm(self, method: Method, decoding: str, ids: list[int]) -> None:
+        self.bar.set_postfix_str(f"warm-up {method.name} {decoding}")
+        longest = max(self.config.suite.lengths)
+        self.runners[method.name].generate(_request(self.config, ids, longest, f"{decoding}-fixed", self.config.seed))
+        self.bar.update()
+
+    def rows(self, group: list, common: dict) -> list[dict]:
+        """One case's rows, in suite order; greedy tokens compared with the baseline of each method's backend."""
+        by_method = {t.method.name: t for t in group}
+        req = _case_request(self.config, group[-1].case, group[-1].trial)
+        rows = []
+        for method in self.config.suite.methods:
+            timed = by_method[method.name]
+            baseline = self.config.suite.baseline_of(method)
+            baseline_tokens = by_method[baseline].result[0].token_ids
+            row = self._row({**common, "baseline": baseline}, timed, req, baseline_tokens)
+            row["run_position"] = timed.position
+            rows.append(row)
+        return rows
+
+    def _row(self, common: dict, timed, req: Request, baseline_tokens: list[int]) -> dict:
+        method, case = timed.method, timed.case
+        outcome, mem = timed.result
+        decoding, stop = case.mode.split("-")
+        greedy = decoding == "greedy"
+        num_new = len(outcome.token_ids)
+        cost, swi = cost_model(outcome.levels, num_new, self.target_params)
+        mismatch = _first_mismatch(outcome.token_ids, baseline_tokens) if greedy else None
+        row = {
+            **common,
+            **_method_fields(method, outcome, self.models),
+            "prompt_id": case.prompt["id"],
+            "prompt_index": case.prompt_index,
+            "num_prompt_tokens": len(req.prompt_ids),
+            "trial": timed.trial,
+            "mode": case.mode,
+            "decoding": decoding,
+            "stop": stop,
+            "max_new_tokens": req.max_new_tokens,
+            "sampling": {
+                "temperature": 0.0 if greedy else req.temperature,
+                "top_k": None if greedy else req.top_k,
+                "top_p": None if greedy else req.top_p,
+                "seed": None if greedy else req.seed,
+                "ignore_eos": req.fixed_length,
+            },
+            **_speed_fields(outcome, timed.seconds),
+            "cost_target_forwards": cost,
+            "swi": swi,
+            "matches_baseline": (mismatch is None) if greedy else None,
+            "first_mismatch": mismatch,
+            "memory": mem,
+        }
+        if outcome.engine_stats is not None:
+            row["engine_stats"] = outcome.engine_stats
+        if self.config.save_tokens:
+            row["token_ids"] = outcome.token_ids
+        return row
 
 
 def _first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -518,27 +606,8 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _row(
-    common,
-    method,
-    prompt,
-    p,
-    trial,
-    mode,
-    req,
-    outcome,
-    wall_seconds,
-    mem,
-    baseline_tokens,
-    models,
-    target_params,
-    config,
-):
-    decoding, stop = mode.split("-")
-    num_new = len(outcome.token_ids)
-    cost, swi = cost_model(outcome.levels, num_new, target_params)
-    greedy = decoding == "greedy"
-    mismatch = _first_mismatch(outcome.token_ids, baseline_tokens) if greedy else None
+def _method_fields(method: Method, outcome: Outcome, models: Models) -> dict:
+    """The method, its configuration, the models it used and their bytes."""
     used = [lv["name"] for lv in outcome.levels if lv.get("kind") in ("target", "drafter")]
     runner = method.spec.get("runner") if method.engine == "csd" else None
     if method.backend == "llama.cpp":  # weights: the GGUF files llama.cpp maps
@@ -546,8 +615,7 @@ def _row(
     else:
         weights_bytes = sum(models.weight_bytes[n] for n in used)
         runner_bytes = sum(models.runner_bytes(n, runner) for n in used) if method.engine == "csd" else 0
-    row = {
-        **common,
+    return {
         "method": method.name,
         "engine": method.engine,
         "backend": method.backend,
@@ -557,21 +625,13 @@ def _row(
         "models": models.describe(used),
         "weights_bytes": weights_bytes,
         "runner_bytes": runner_bytes,
-        "prompt_id": prompt["id"],
-        "prompt_index": p,
-        "num_prompt_tokens": len(req.prompt_ids),
-        "trial": trial,
-        "mode": mode,
-        "decoding": decoding,
-        "stop": stop,
-        "max_new_tokens": req.max_new_tokens,
-        "sampling": {
-            "temperature": 0.0 if greedy else req.temperature,
-            "top_k": None if greedy else req.top_k,
-            "top_p": None if greedy else req.top_p,
-            "seed": None if greedy else req.seed,
-            "ignore_eos": req.fixed_length,
-        },
+    }
+
+
+def _speed_fields(outcome: Outcome, wall_seconds: float) -> dict:
+    """Tokens, times and forwards of one generation."""
+    num_new = len(outcome.token_ids)
+    return {
         "num_new_tokens": num_new,
         "finish_reason": outcome.finish_reason,
         "wall_seconds": wall_seconds,
@@ -583,14 +643,4 @@ def _row(
         "acceptance_rate": outcome.acceptance_rate,
         "num_forwards": {lv["name"]: lv.get("num_forwards") for lv in outcome.levels},
         "levels": outcome.levels,
-        "cost_target_forwards": cost,
-        "swi": swi,
-        "matches_baseline": (mismatch is None) if greedy else None,
-        "first_mismatch": mismatch,
-        "memory": mem,
     }
-    if outcome.engine_stats is not None:
-        row["engine_stats"] = outcome.engine_stats
-    if config.save_tokens:
-        row["token_ids"] = outcome.token_ids
-    return row

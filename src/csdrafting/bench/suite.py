@@ -164,8 +164,6 @@ def build_suite(
     definitions = dict(data["methods"])
     for name, spec in extra_methods:
         definitions[name] = spec
-    resolver = _Resolver(definitions, drafter_names)
-
     names = list(entry.get("methods", []))
     for name, _ in extra_methods:
         if name not in names:
@@ -173,6 +171,25 @@ def build_suite(
     for baseline in reversed(baselines.values()):
         if baseline not in names:
             names.insert(0, baseline)
+    methods = _resolve_methods(_Resolver(definitions, drafter_names), names, backends)
+    if only:
+        methods = _only(methods, only, kept=set(baselines.values()))
+    for baseline in baselines.values():
+        if baseline not in methods:
+            raise ConfigError(f"the baseline method {baseline!r} is not defined")
+    return Suite(
+        name=suite_name,
+        methods=tuple(methods.values()),
+        modes=tuple(dict.fromkeys(_modes(modes or entry.get("modes") or ["greedy-fixed"]))),
+        lengths=tuple(dict.fromkeys(_lengths(lengths or entry.get("max_new_tokens") or [128]))),
+        baseline=baselines[backends[0]],
+        description=entry.get("description", ""),
+        baselines=baselines,
+    )
+
+
+def _resolve_methods(resolver: _Resolver, names: list[str], backends: list[str]) -> dict[str, Method]:
+    """The methods ``names`` (or their templates) expand to, on the selected backends, by name."""
     methods: dict[str, Method] = {}
     seen_configs: dict[str, str] = {}
     for pattern in names:
@@ -183,38 +200,36 @@ def build_suite(
                     continue  # a template reproduced a method already listed (e.g. k00 = csd-full's)
                 seen_configs.setdefault(key, method.name)
                 methods[method.name] = method
-    kept = set(baselines.values())
-    if only:
-        # a pattern names a method on every backend: "csd-full" keeps csd-full@llama.cpp too
-        methods = {
-            n: m
-            for n, m in methods.items()
-            if n in kept or any(fnmatch.fnmatchcase(x, p) for p in only for x in (n, n.removesuffix(LLAMA_SUFFIX)))
-        }
-    for baseline in baselines.values():
-        if baseline not in methods:
-            raise ConfigError(f"the baseline method {baseline!r} is not defined")
-    baseline = baselines[backends[0]]
+    return methods
 
-    modes = list(modes or entry.get("modes") or ["greedy-fixed"])
+
+def _only(methods: dict[str, Method], patterns: list[str], kept: set[str]) -> dict[str, Method]:
+    """The methods ``kept`` and those matching a glob pattern; a pattern names a method on every
+    backend: "csd-full" keeps csd-full@llama.cpp too."""
+    return {
+        n: m
+        for n, m in methods.items()
+        if n in kept or any(fnmatch.fnmatchcase(x, p) for p in patterns for x in (n, n.removesuffix(LLAMA_SUFFIX)))
+    }
+
+
+def _modes(modes: list[str]) -> list[str]:
+    modes = list(modes)
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
-    lengths = list(lengths or entry.get("max_new_tokens") or [128])
+    return modes
+
+
+def _lengths(lengths) -> list[int]:
+    """Generation lengths: a positive integer or a list of them."""
     if isinstance(lengths, int):
         lengths = [lengths]
+    lengths = list(lengths)
     for length in lengths:
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ConfigError(f"generation lengths must be positive integers, got {length!r}")
-    return Suite(
-        name=suite_name,
-        methods=tuple(methods.values()),
-        modes=tuple(dict.fromkeys(modes)),
-        lengths=tuple(dict.fromkeys(lengths)),
-        baseline=baseline,
-        description=entry.get("description", ""),
-        baselines=baselines,
-    )
+    return lengths
 
 
 def _on_backends(method: Method, backends: list[str]) -> list[Method]:

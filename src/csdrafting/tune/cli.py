@@ -3,14 +3,21 @@ and check the prediction against a measured run. Registered by ``csdrafting.cli`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # for annotations only: this module imports the tuning code where it runs
+    from ..cascade import Cascade
+    from ..config import CascadeConfig
+    from .planner import Acceptance, Candidate, CostModel, Prediction, SearchResult
 
 EXAMPLES = """\
 examples:
@@ -23,19 +30,18 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_cascade_arguments, add_prompt_arguments
+    from ..cli import add_cascade_command, add_prompt_arguments
 
-    tune = subparsers.add_parser(
+    tune = add_cascade_command(
+        subparsers,
         "tune",
         help="measure this device, plan the fastest K-matrix and lenience, write a config file",
         description="Measure every level's forward cost and every drafter's acceptance on sample "
         "prompts, search K-matrices (and lenience) for the best predicted speed, leave out drafters "
         "that do not pay, write the configuration, then measure it against plain decoding and "
         "plain speculative decoding. The cascade flags choose the family (--k-matrix is ignored).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
-    add_cascade_arguments(tune)
     group = tune.add_argument_group("tuning")
     add_prompt_arguments(group)
     group.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: 128)")
@@ -68,25 +74,102 @@ def _relative(path: str, folder: Path) -> str:
     return os.path.relpath(resolved, base) if resolved.is_relative_to(base) else str(resolved)
 
 
-def cmd_tune(args) -> int:
-    import torch
+@dataclass(frozen=True)
+class _Family:
+    """The levels being tuned: the family's configuration, a cascade holding its levels, and their
+    names (the target, the drafters largest first, then "mag"); level ``v`` is ``names[v]``."""
 
-    from ..cascade import Cascade
+    config: CascadeConfig
+    cascade: Cascade
+    names: list[str]
+
+    @property
+    def num_neural(self) -> int:
+        return len(self.cascade.drafters)
+
+    @property
+    def has_mag(self) -> bool:
+        return self.cascade.mag is not None
+
+    @property
+    def mag_level(self) -> int | None:
+        return self.num_neural + 1 if self.has_mag else None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the search found: the best configuration (``result.best``), the best plain speculative
+    decoding (``sd``), and the hand-written default K-matrix over all levels with its prediction."""
+
+    result: SearchResult
+    sd: Candidate | None
+    default_rows: list
+    default_prediction: Prediction
+    replay: Callable | None  # (rows, lenience, mag_first) -> Prediction, when there are traces (greedy)
+    acceptance: Acceptance
+    costs: CostModel
+
+    def predict(self, rows, lenience: float = 1.0, mag_first: int | None = None) -> Prediction:
+        """The replay of the measured traces where there are any, else the expected-walltime
+        model (which does not model ``mag_first``)."""
+        from .planner import predict
+
+        if self.replay is not None:
+            return self.replay(rows, lenience, mag_first)
+        return predict(rows, self.acceptance, self.costs, lenience)
+
+
+def cmd_tune(args) -> int:
     from ..prompts import DEFAULT_PROMPTS_FILE, load_prompts
     from ..sampling import SamplingParams
-    from .compare import Method, compare, speedups
-    from .measure import measure, replayer_for
-    from .planner import best_plain_speculative, predict, search, search_gated
 
+    _check_arguments(args)
+    params = SamplingParams(temperature=args.temperature, seed=0)
+    family = _load_family(args)
+    prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
+    prompts_ids = [family.cascade.encode(p["text"]) for p in prompts]
+    for ids in prompts_ids:
+        family.cascade.validate_request(ids, args.max_new_tokens)
+
+    # 1. measure (or reuse) costs and acceptance
+    profile = _measure_or_load(args, family, prompts_ids, params)
+    # 2. plan
+    plan = _plan(family, profile, max_draft=args.max_new_tokens - 1)
+    # 3. write the configuration
+    best = plan.result.best
+    tuned = _method("tuned", best.k_matrix, best.lenience, best.prediction.speedup, best.keep, best.mag_first)
+    tuned_config = _write_tuned_config(args, family, tuned, best)
+    methods, default_method = _compared_methods(family, tuned, plan)
+    _print_predictions(plan, methods, default_method)
+
+    # 4. check: measure the tuned configuration against plain and plain SD (and the grid)
+    measured = None
+    grid_methods = []
+    if not args.no_verify:
+        if args.grid:
+            grid_methods = _grid_methods(family, plan, default_method)
+        measured = _check(args, family, methods, grid_methods, prompts_ids, params)
+    if args.plot:
+        _plot(args.plot, plan.result, family.names, plan.default_prediction, plan.sd, measured)
+        print(f"plot: {args.plot}")
+    if args.report:
+        _report(args.report, profile, plan.result, family.names, tuned_config, methods + grid_methods, measured)
+        print(f"report: {args.report}")
+    return 0
+
+
+def _check_arguments(args) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
     if args.cost_rounds < 1:
         raise ConfigError(f"--cost-rounds must be >= 1, got {args.cost_rounds}")
-    params = SamplingParams(temperature=args.temperature, seed=0)
-    from dataclasses import replace
 
+
+def _load_family(args) -> _Family:
+    """The family the cascade flags name (the whole embedded family when they name none)."""
+    from ..cascade import Cascade
     from ..cli import DEFAULT_DRAFTERS, config_from_args
 
     config = config_from_args(args)
@@ -98,53 +181,62 @@ def cmd_tune(args) -> int:
     # the family's cascade only holds the levels (every measured configuration is built from
     # it): an explicit K-matrix, so that "auto" does not measure and plan it on its own
     cascade = Cascade.from_config(replace(config, k_matrix=_default_rows_reduced(config), adaptive=False))
-    prompts = load_prompts(args.prompts or DEFAULT_PROMPTS_FILE, args.num_prompts)
-    prompts_ids = [cascade.encode(p["text"]) for p in prompts]
-    for ids in prompts_ids:
-        cascade.validate_request(ids, args.max_new_tokens)
     names = [cascade.target.name] + [d.name for d in cascade.drafters] + (["mag"] if cascade.mag else [])
-    num_neural = len(cascade.drafters)
-    mag_level = num_neural + 1 if cascade.mag is not None else None
+    return _Family(config, cascade, names)
 
-    # 1. measure (or reuse) costs and acceptance
+
+def _measure_or_load(args, family: _Family, prompts_ids: list[list[int]], params):
+    """The ``Profile`` of an earlier --report (--profile), else measured now."""
+    import torch
+
+    from .measure import measure
+
     if args.profile:
-        profile = _load_profile(args.profile, names)
+        profile = _load_profile(args.profile, family.names)
         _log(f"measurements from {args.profile}")
-    else:
-        _log(f"measuring {', '.join(names)} on {len(prompts)} prompts ({torch.get_num_threads()} threads)")
-        profile = measure(cascade, prompts_ids, args.max_new_tokens, params, cost_rounds=args.cost_rounds, log=_log)
+        return profile
+    _log(f"measuring {', '.join(family.names)} on {len(prompts_ids)} prompts ({torch.get_num_threads()} threads)")
+    return measure(family.cascade, prompts_ids, args.max_new_tokens, params, cost_rounds=args.cost_rounds, log=_log)
+
+
+def _plan(family: _Family, profile, max_draft: int) -> _Plan:
+    """Search the configurations: by replaying the measured traces where there are any (greedy),
+    else by the expected-walltime model."""
+    from .measure import replayer_for
+    from .planner import best_plain_speculative, predict, search, search_gated
+
     costs, acceptance = profile.costs, profile.acceptance
-    replayer = replayer_for(cascade, profile.traces) if profile.traces else None
+    replay = None
+    if profile.traces:
+        replayer = replayer_for(family.cascade, profile.traces)
 
-    def replay(rows, lenience, mag_first=None):
-        return replayer.predict(rows, lenience, costs, mag_first)
+        def replay(rows, lenience, mag_first=None):
+            return replayer.predict(rows, lenience, costs, mag_first)
 
-    # 2. plan
     started = time.perf_counter()
-    if replayer is None and profile.gated is not None:
+    if replay is None and profile.gated is not None:
         # no traces to replay (sampling): the model judges MaG first too (gate.py)
         gates = {n: profile.gated.model(n) for n in profile.gated.thresholds}
-        result = search_gated(acceptance, gates, costs, max_draft=args.max_new_tokens - 1)
+        result = search_gated(acceptance, gates, costs, max_draft=max_draft)
     else:
-        result = search(acceptance, costs, replay=replay if replayer else None, max_draft=args.max_new_tokens - 1)
-    sd = best_plain_speculative(acceptance, costs, replay=replay if replayer else None)
-    default_rows = _default_rows(num_neural, cascade.mag is not None)
-    default_model = predict(default_rows, acceptance, costs)
-    default_pred = replay(default_rows, 1.0) if replayer else default_model
-    best = result.best
+        result = search(acceptance, costs, replay=replay, max_draft=max_draft)
+    sd = best_plain_speculative(acceptance, costs, replay=replay)
+    default_rows = _default_rows(family.num_neural, family.has_mag)
+    default_prediction = replay(default_rows, 1.0) if replay else predict(default_rows, acceptance, costs)
     _log(
         f"planned in {time.perf_counter() - started:.1f} s: {len(result.explored)} configurations explored, "
         f"{sum(c.replay is not None for c in result.explored)} replayed"
     )
+    return _Plan(result, sd, default_rows, default_prediction, replay, acceptance, costs)
 
-    # 3. write the configuration
-    tuned = _method("tuned", best.k_matrix, best.lenience, best.prediction.speedup, best.keep, best.mag_first)
+
+def _write_tuned_config(args, family: _Family, tuned, best):
+    """Write the tuned configuration to --output (model paths relative to its folder), say what it holds."""
+    names, config, mag_level = family.names, family.config, family.mag_level
     output = Path(args.output)
     folder = output.parent if str(output.parent) else Path(".")
     drafters = [_relative(config.drafters[v - 1], folder) for v in tuned.levels if v != mag_level]
     with_mag = mag_level in tuned.levels
-    from dataclasses import replace
-
     tuned_config = replace(
         config,
         target=_relative(config.target, folder),
@@ -165,85 +257,95 @@ def cmd_tune(args) -> int:
         print(f"  left out: {', '.join(left_out)} (predicted not to pay for themselves)")
     gating = f"   mag_first: {tuned_config.mag_first}" if tuned_config.mag_first is not None else ""
     print(f"  k_matrix: {json.dumps(tuned_config.k_matrix)}   lenience: {best.lenience:g}{gating}")
+    return tuned_config
 
-    methods = [Method("plain", (), ())]
-    methods.append(tuned)
+
+def _compared_methods(family: _Family, tuned, plan: _Plan):
+    """(plain, tuned and the best plain speculative decoding; the default K-matrix as a ``Method``)."""
+    from .compare import Method
+
+    methods = [Method("plain", (), ()), tuned]
+    sd = plan.sd
     if sd is not None:
-        methods.append(_method(f"sd-{names[sd.levels[0]]}", sd.k_matrix, 1.0, sd.prediction.speedup))
-    default_method = _method("default", default_rows, 1.0, default_pred.speedup)
+        methods.append(_method(f"sd-{family.names[sd.levels[0]]}", sd.k_matrix, 1.0, sd.prediction.speedup))
+    default_method = _method("default", plan.default_rows, 1.0, plan.default_prediction.speedup)
+    return methods, default_method
+
+
+def _print_predictions(plan: _Plan, methods: list, default_method) -> None:
+    plain, tuned = methods[0], methods[1]
     print()
-    print("predicted speed (" + ("replay of the measured traces" if replayer else "expected-walltime model") + "):")
+    print("predicted speed (" + ("replay of the measured traces" if plan.replay else "expected-walltime model") + "):")
     print(f"  {'configuration':<22} {'tokens/step':>11} {'tokens/s':>9} {'speedup':>8}   K-matrix")
-    rows_out = [(tuned, best.prediction), (default_method, default_pred)]
-    if sd is not None:
-        rows_out.insert(1, (methods[2], sd.prediction))
-    rows_out.append((methods[0], result.plain.prediction))
+    rows_out = [(tuned, plan.result.best.prediction), (default_method, plan.default_prediction)]
+    if plan.sd is not None:
+        rows_out.insert(1, (methods[2], plan.sd.prediction))
+    rows_out.append((plain, plan.result.plain.prediction))
     for method, pred in rows_out:
         print(
             f"  {method.name:<22} {pred.tokens_per_step:>11.2f} {pred.tokens_per_second:>9.1f} {pred.speedup:>7.2f}x"
             f"   {json.dumps([list(r) for r in method.k_matrix])}"
         )
 
-    # 4. check: measure the tuned configuration against plain and plain SD (and the grid)
-    measured = None
-    grid_methods = []
-    if not args.no_verify:
-        if args.grid:
-            grid_methods = [default_method]
-            extra = _grid(num_neural, cascade.mag is not None, mag_level)
-            embedded = _embedded_default(config, cascade, mag_level)
-            if embedded is not None:
-                extra.append(embedded)
-            for m in extra:
-                rows = _full_rows(m, len(names) - 1)
-                if replayer:
-                    pred = replay(rows, m.lenience, m.mag_first)
-                else:
-                    pred = predict(rows, acceptance, costs, m.lenience)
-                grid_methods.append(replace(m, predicted_speedup=pred.speedup))
 
-        def same(m):
-            return (m.levels, m.k_matrix, m.lenience, m.mag_first)
+def _grid_methods(family: _Family, plan: _Plan, default_method) -> list:
+    """The default, the fixed grid (``_grid``) and the shipped default, each with its prediction."""
+    methods = [default_method]
+    extra = _grid(family.num_neural, family.has_mag, family.mag_level)
+    embedded = _embedded_default(family.config, family.cascade, family.mag_level)
+    if embedded is not None:
+        extra.append(embedded)
+    for m in extra:
+        pred = plan.predict(_full_rows(m, len(family.names) - 1), m.lenience, m.mag_first)
+        methods.append(replace(m, predicted_speedup=pred.speedup))
+    return methods
 
-        taken = {same(m) for m in methods}
-        all_methods = methods + [m for m in grid_methods if same(m) not in taken]
-        _log(
-            f"measuring {len(all_methods)} configurations x {len(prompts)} prompts x {args.trials} trials "
-            f"({args.max_new_tokens} new tokens, interleaved)"
+
+def _check(args, family: _Family, methods: list, grid_methods: list, prompts_ids, params) -> dict:
+    """Measure ``methods`` and the grid (interleaved, against plain decoding), print the results."""
+    from .compare import compare, speedups
+
+    def same(m):
+        return (m.levels, m.k_matrix, m.lenience, m.mag_first)
+
+    taken = {same(m) for m in methods}
+    all_methods = methods + [m for m in grid_methods if same(m) not in taken]
+    num_prompts = len(prompts_ids)
+    _log(
+        f"measuring {len(all_methods)} configurations x {num_prompts} prompts x {args.trials} trials "
+        f"({args.max_new_tokens} new tokens, interleaved)"
+    )
+    measured = compare(family.cascade, all_methods, prompts_ids, args.max_new_tokens, args.trials, params, log=_log)
+    ratio = speedups(measured, "plain")
+    print()
+    print(f"measured ({num_prompts} prompts x {args.max_new_tokens} tokens, median of {args.trials} trials):")
+    print(f"  {'configuration':<22} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'tokens/s':>9}  identical")
+    for m in methods:
+        _print_row(m, measured[m.name], ratio[m.name], params.greedy)
+    if grid_methods:
+        _print_grid_ranking(all_methods, len(grid_methods) - 1, ratio)
+    return measured
+
+
+def _print_grid_ranking(all_methods: list, num_grid: int, ratio: dict[str, float]) -> None:
+    print()
+    ranked = sorted(all_methods, key=lambda m: -ratio[m.name])
+    fastest = ranked[0]
+    print(f"grid: {num_grid} K-matrices + the default, ranked by measured speedup:")
+    for i, m in enumerate(ranked, 1):
+        mark = " <- tuned" if m.name == "tuned" else (" <- default" if m.name == "default" else "")
+        gating = f" mag_first {m.mag_first}" if m.mag_first is not None else ""
+        print(
+            f"  {i:>2}. {m.name:<22} {ratio[m.name]:>6.2f}x (predicted {m.predicted_speedup or 1.0:.2f}x)  "
+            f"{json.dumps([list(r) for r in m.k_matrix])}{gating}{mark}"
         )
-        measured = compare(cascade, all_methods, prompts_ids, args.max_new_tokens, args.trials, params, log=_log)
-        ratio = speedups(measured, "plain")
-        print()
-        print(f"measured ({len(prompts)} prompts x {args.max_new_tokens} tokens, median of {args.trials} trials):")
-        print(f"  {'configuration':<22} {'predicted':>9} {'measured':>9} {'pred/meas':>9} {'tokens/s':>9}  identical")
-        for m in methods:
-            _print_row(m, measured[m.name], ratio[m.name], params.greedy)
-        if grid_methods:
-            print()
-            ranked = sorted(all_methods, key=lambda m: -ratio[m.name])
-            fastest = ranked[0]
-            print(f"grid: {len(grid_methods) - 1} K-matrices + the default, ranked by measured speedup:")
-            for i, m in enumerate(ranked, 1):
-                mark = " <- tuned" if m.name == "tuned" else (" <- default" if m.name == "default" else "")
-                gating = f" mag_first {m.mag_first}" if m.mag_first is not None else ""
-                print(
-                    f"  {i:>2}. {m.name:<22} {ratio[m.name]:>6.2f}x (predicted {m.predicted_speedup or 1.0:.2f}x)  "
-                    f"{json.dumps([list(r) for r in m.k_matrix])}{gating}{mark}"
-                )
-            gap = ratio["tuned"] / ratio[fastest.name]
-            print(
-                f"tuned: rank {[m.name for m in ranked].index('tuned') + 1} of {len(ranked)}, "
-                f"{100 * (1 - gap):.1f}% slower than the fastest ({fastest.name})"
-                + (" - within 5%" if gap >= 0.95 else " - NOT within 5%")
-                + f"; {ratio['tuned'] / ratio['default']:.2f}x the default's speed"
-            )
-    if args.plot:
-        _plot(args.plot, result, names, default_pred, sd, measured)
-        print(f"plot: {args.plot}")
-    if args.report:
-        _report(args.report, profile, result, names, tuned_config, methods + grid_methods, measured)
-        print(f"report: {args.report}")
-    return 0
+    gap = ratio["tuned"] / ratio[fastest.name]
+    print(
+        f"tuned: rank {[m.name for m in ranked].index('tuned') + 1} of {len(ranked)}, "
+        f"{100 * (1 - gap):.1f}% slower than the fastest ({fastest.name})"
+        + (" - within 5%" if gap >= 0.95 else " - NOT within 5%")
+        + f"; {ratio['tuned'] / ratio['default']:.2f}x the default's speed"
+    )
 
 
 def _print_row(method, measured, ratio: float, greedy: bool) -> None:

@@ -282,114 +282,166 @@ def measure_acceptance(
     ``target_forward=False`` (greedy only): the target is not run; its choices are the
     trajectory's tokens, and no traces are made (``autoplan.py`` measures a finished generation
     with the drafters' forwards alone)."""
-    neural = [cascade.target, *cascade.drafters]
-    names = [level.name for level in neural] + (["mag"] if cascade.mag is not None else [])
-    num_levels = len(names)
-    mag_level = num_levels - 1 if cascade.mag is not None else None
-    greedy = params.greedy
-    if not greedy:
-        lenience_values = ()  # lenience is only modelled for greedy decoding
-    if not target_forward and not greedy:
+    if not target_forward and not params.greedy:
         raise ValueError("sampled acceptance needs the target's probabilities (target_forward=True)")
-    gates = tuple(gates) if mag_level is not None else ()
-    rng = None if greedy else random.Random(seed)
-    passes = 1 if greedy else 8
-    sums: dict = {}  # (gate or None, lenience, reviewer, drafter, draft length) -> [num, den]
+    counter = _AcceptanceCounter(cascade, params, lenience_values, run, seed, gates, adaptive_gate, target_forward)
+    for trajectory in trajectories_:
+        counter.observe(trajectory)
+    return counter.acceptance(), counter.traces, counter.gated()
 
-    def add(key, accept, valid, walkers=None):
-        for gate in (None, *(gates if walkers else ())):
+
+@dataclass
+class _Along:
+    """One trajectory as the acceptance counts see it: ``N`` output positions, and a run of
+    ``run`` proposals starting at each."""
+
+    output: np.ndarray  # (N,) the target's output tokens
+    inside: np.ndarray  # (N, run) whether a run's position lies inside the output
+    position: np.ndarray  # (N, run) that output position (the last one past the end)
+    logits: list  # per neural level (N, V) predictions of the output tokens; None: the target, not run
+    top: list | None = None  # greedy: per neural level (N,) its argmax (the target's: the output)
+    top_logit: list | None = None  # greedy: per neural level (N,) its largest logit
+    probs: list | None = None  # sampling: per neural level (N, V) warped probabilities
+    proposals: dict = field(default_factory=dict)  # level -> (N, run) its proposals in a run from each position
+
+
+class _AcceptanceCounter:
+    """``measure_acceptance``'s sums over the trajectories: renewal counts per (gate, lenience,
+    reviewer, drafting level, draft length), the counts behind ``rho`` (lenient carry), the
+    traces and MaG's match lengths and runs."""
+
+    def __init__(self, cascade, params, lenience_values, run, seed, gates, adaptive_gate, target_forward) -> None:
+        self.neural = [cascade.target, *cascade.drafters]
+        self.names = [level.name for level in self.neural] + (["mag"] if cascade.mag is not None else [])
+        self.num_levels = len(self.names)
+        self.mag = cascade.mag
+        self.mag_level = self.num_levels - 1 if cascade.mag is not None else None
+        self.params = params
+        self.greedy = params.greedy
+        self.lenience_values = lenience_values if self.greedy else ()  # lenience is only modelled for greedy
+        self.run = run
+        self.gates = tuple(gates) if self.mag_level is not None else ()
+        self.adaptive_gate = adaptive_gate
+        self.target_forward = target_forward
+        self.rng = None if self.greedy else random.Random(seed)
+        self.passes = 1 if self.greedy else 8
+        self.sums: dict = {}  # (gate or None, lenience, reviewer, drafter, draft length) -> [num, den]
+        self.carry_counts: dict = {}  # (l, r, v) -> [taken by r and right, taken by r, expected right if r's own]
+        self.traces: list[Trace] = []
+        self.match_parts: list[np.ndarray] = []
+        self.run_parts: list[np.ndarray] = []
+
+    def add(self, key, accept, valid, walkers=None) -> None:
+        for gate in (None, *(self.gates if walkers else ())):
             walker = walkers[gate] if gate is not None else None
             for draft_length in DRAFT_LENGTHS:
-                num, den = renewal_counts(accept, valid, min(draft_length, run), rng, passes, walker)
-                slot = sums.setdefault((gate, *key, draft_length), [np.zeros(run), np.zeros(run)])
+                num, den = renewal_counts(accept, valid, min(draft_length, self.run), self.rng, self.passes, walker)
+                slot = self.sums.setdefault((gate, *key, draft_length), [np.zeros(self.run), np.zeros(self.run)])
                 slot[0] += num
                 slot[1] += den
 
-    carry_counts: dict = {}  # (l, r, v) -> [taken by r and right, taken by r, expected right if r's own]
-    traces = []
-    match_parts, run_parts = [], []
-    for trajectory in trajectories_:
-        if target_forward:
-            full = [output_logits(level, trajectory) for level in neural]  # each (N + 1, V)
+    def observe(self, trajectory: Trajectory) -> None:
+        along = self._along(trajectory)
+        walkers = self._observe_mag(trajectory, along) if self.mag_level is not None else None
+        for r in range(len(self.neural)):
+            for v in range(r + 1, self.num_levels):
+                tokens, valid, accept = self._acceptance(along, r, v)
+                self.add((1.0, r, v), accept, valid, walkers)
+                if r > 0 and self.greedy:
+                    self._observe_lenient(along, r, v, tokens, valid)
+
+    def _along(self, trajectory: Trajectory) -> _Along:
+        """Every neural level's predictions along ``trajectory`` (and its trace, greedy)."""
+        if self.target_forward:
+            full = [output_logits(level, trajectory) for level in self.neural]  # each (N + 1, V)
         else:
-            full = [None] + [output_logits(level, trajectory) for level in neural[1:]]
-        if greedy and target_forward:
-            traces.append(make_trace(trajectory.prompt_ids, trajectory.output_ids, full))
+            full = [None] + [output_logits(level, trajectory) for level in self.neural[1:]]
+        if self.greedy and self.target_forward:
+            self.traces.append(make_trace(trajectory.prompt_ids, trajectory.output_ids, full))
         logits = [x[:-1] if x is not None else None for x in full]  # (N, V): predictions of the output tokens
         num = len(trajectory.output_ids)
         output = np.array(trajectory.output_ids)
-        index = np.arange(num)[:, None] + np.arange(run)[None, :]  # (N, run) output position
-        inside = index < num
-        position = np.minimum(index, num - 1)
-        if greedy:
-            top = [x.argmax(dim=-1).numpy() if x is not None else output for x in logits]  # (N,)
-            top[0] = output  # the target's choice is the trajectory
-            top_logit = [x.max(dim=-1).values.numpy() if x is not None else None for x in logits]
-        else:
-            probs = [warp(x, params).numpy() for x in logits]
-        proposals = {}  # level -> (N, run) tokens it proposes in a run starting at each position
-        for v in range(1, len(neural)):
-            if greedy:
-                proposals[v] = top[v][position]  # given the run so far was right, its argmax
-        walkers = None
-        if mag_level is not None:
-            mag = MaG(cascade.mag.bigram, cascade.mag.max_ngram)
-            proposals[mag_level], match_lengths = mag_proposals(mag, trajectory, run)
-            # how many of MaG's tokens from each position continue the output: a gated draft's yield
-            same = (proposals[mag_level] == output[position]) & inside  # (N, run)
-            runs = np.cumprod(same, axis=1).sum(axis=1)  # (N,)
-            match_parts.append(match_lengths)
-            run_parts.append(runs)
-            walkers = {
-                n: functools.partial(GateWalker, match_lengths, runs, n, GateLengths(adaptive_gate)) for n in gates
-            }
-        for r in range(len(neural)):
-            for v in range(r + 1, num_levels):
-                if greedy:
-                    tokens = proposals[v]
-                    valid = inside & (tokens >= 0)
-                    tokens = np.where(valid, tokens, 0)
-                    accept = (tokens == top[r][position]).astype(float)
-                elif v == mag_level:
-                    tokens = proposals[v]
-                    valid = inside & (tokens >= 0)
-                    accept = probs[r][position, np.where(valid, tokens, 0)]  # p_r(x) of a point mass
-                else:
-                    overlap = np.minimum(probs[r], probs[v]).sum(axis=-1)  # (N,) sum_x min(p, q)
-                    valid = inside
-                    accept = overlap[position]
-                add((1.0, r, v), accept, valid, walkers)
-                if r == 0 or not greedy:
-                    continue
-                # drafter r reviewing v: lenient rates, and how the target takes what r accepted
-                gap = logits[r].numpy()[position, tokens] - top_logit[r][position]  # (N, run), <= 0
-                first = valid[:, 0]
-                right = (tokens[:, 0] == top[0])[first]  # v's token is the target's choice
-                own_right = (top[r] == top[0]).mean()  # r's own token is the target's choice
-                for lenience in (1.0, *lenience_values):
-                    within = gap >= -math.log(lenience) - 1e-6
-                    if lenience != 1.0:
-                        add((lenience, r, v), within.astype(float), valid)
-                    taken = within[first, 0]
-                    counts = carry_counts.setdefault((lenience, r, v), np.zeros(3))
-                    counts += [(right & taken).sum(), taken.sum(), own_right * taken.sum()]
+        index = np.arange(num)[:, None] + np.arange(self.run)[None, :]  # (N, run) output position
+        along = _Along(output, index < num, np.minimum(index, num - 1), logits)
+        if not self.greedy:
+            along.probs = [warp(x, self.params).numpy() for x in logits]
+            return along
+        along.top = [x.argmax(dim=-1).numpy() if x is not None else output for x in logits]  # (N,)
+        along.top[0] = output  # the target's choice is the trajectory
+        along.top_logit = [x.max(dim=-1).values.numpy() if x is not None else None for x in logits]
+        for v in range(1, len(self.neural)):
+            along.proposals[v] = along.top[v][along.position]  # given the run so far was right, its argmax
+        return along
 
-    def tables(gate):
+    def _observe_mag(self, trajectory: Trajectory, along: _Along) -> dict:
+        """MaG's proposals along ``trajectory``; returns a fresh-``GateWalker`` factory per gate."""
+        mag = MaG(self.mag.bigram, self.mag.max_ngram)
+        along.proposals[self.mag_level], match_lengths = mag_proposals(mag, trajectory, self.run)
+        # how many of MaG's tokens from each position continue the output: a gated draft's yield
+        same = (along.proposals[self.mag_level] == along.output[along.position]) & along.inside  # (N, run)
+        runs = np.cumprod(same, axis=1).sum(axis=1)  # (N,)
+        self.match_parts.append(match_lengths)
+        self.run_parts.append(runs)
+        return {
+            n: functools.partial(GateWalker, match_lengths, runs, n, GateLengths(self.adaptive_gate))
+            for n in self.gates
+        }
+
+    def _acceptance(self, along: _Along, r: int, v: int):
+        """(tokens, valid, accept): reviewer ``r``'s acceptance of level ``v``'s runs, (N, run) each."""
+        tokens = along.proposals.get(v)
+        if self.greedy:
+            valid = along.inside & (tokens >= 0)
+            tokens = np.where(valid, tokens, 0)
+            accept = (tokens == along.top[r][along.position]).astype(float)
+        elif v == self.mag_level:
+            valid = along.inside & (tokens >= 0)
+            accept = along.probs[r][along.position, np.where(valid, tokens, 0)]  # p_r(x) of a point mass
+        else:
+            overlap = np.minimum(along.probs[r], along.probs[v]).sum(axis=-1)  # (N,) sum_x min(p, q)
+            valid = along.inside
+            accept = overlap[along.position]
+        return tokens, valid, accept
+
+    def _observe_lenient(self, along: _Along, r: int, v: int, tokens, valid) -> None:
+        """Drafter ``r`` reviewing ``v`` (greedy): lenient rates, and how the target takes what ``r`` accepted."""
+        position, top = along.position, along.top
+        gap = along.logits[r].numpy()[position, tokens] - along.top_logit[r][position]  # (N, run), <= 0
+        first = valid[:, 0]
+        right = (tokens[:, 0] == top[0])[first]  # v's token is the target's choice
+        own_right = (top[r] == top[0]).mean()  # r's own token is the target's choice
+        for lenience in (1.0, *self.lenience_values):
+            within = gap >= -math.log(lenience) - 1e-6
+            if lenience != 1.0:
+                self.add((lenience, r, v), within.astype(float), valid)
+            taken = within[first, 0]
+            counts = self.carry_counts.setdefault((lenience, r, v), np.zeros(3))
+            counts += [(right & taken).sum(), taken.sum(), own_right * taken.sum()]
+
+    def _tables(self, gate):
+        sums = self.sums
         strict = {key[2:]: pooled(*value) for key, value in sums.items() if key[0] == gate and key[1] == 1.0}
         loose = {key[1:]: pooled(*value) for key, value in sums.items() if key[0] == gate and key[1] != 1.0}
         return strict, loose
 
-    rates, lenient_rates = tables(None)
-    carry = {}
-    for key, (right, taken, own) in carry_counts.items():
-        if taken >= MIN_COUNT and own > 0:
-            carry[key] = float(right / own)  # P(right | r took it) / P(r's own token right)
-    acceptance = Acceptance(tuple(names), cascade.mag is not None, rates, lenient_rates, carry, params.temperature)
-    gated = None
-    if gates:
-        by_threshold = {n: Acceptance(tuple(names), True, tables(n)[0], temperature=params.temperature) for n in gates}
-        gated = GatedAcceptance(MagRuns(tuple(match_parts), tuple(run_parts)), by_threshold, adaptive_gate)
-    return acceptance, traces, gated
+    def acceptance(self) -> Acceptance:
+        rates, lenient_rates = self._tables(None)
+        carry = {}
+        for key, (right, taken, own) in self.carry_counts.items():
+            if taken >= MIN_COUNT and own > 0:
+                carry[key] = float(right / own)  # P(right | r took it) / P(r's own token right)
+        mag = self.mag_level is not None
+        return Acceptance(tuple(self.names), mag, rates, lenient_rates, carry, self.params.temperature)
+
+    def gated(self) -> GatedAcceptance | None:
+        if not self.gates:
+            return None
+        temperature = self.params.temperature
+        by_threshold = {
+            n: Acceptance(tuple(self.names), True, self._tables(n)[0], temperature=temperature) for n in self.gates
+        }
+        runs = MagRuns(tuple(self.match_parts), tuple(self.run_parts))
+        return GatedAcceptance(runs, by_threshold, self.adaptive_gate)
 
 
 # -- costs -------------------------------------------------------------------------------------

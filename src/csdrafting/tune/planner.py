@@ -405,6 +405,23 @@ class _Fill:
 
 
 @dataclass
+class _FillSums:
+    """What ``_Model.fill`` sums over the reachable states while it fills a draft."""
+
+    at_least: list[float]  # P(A >= j)
+    forwards: list[float]  # expected forwards per level
+    accepted_in: list[float]  # expected accepted positions filled by each column
+    accepted_to_end: list[float]  # P(column non-empty and its last position accepted)
+    seconds: float = 0.0
+
+    @classmethod
+    def empty(cls, limit: int, num_levels: int, num_columns: int) -> _FillSums:
+        at_least = [0.0] * (limit + 1)
+        at_least[0] = 1.0
+        return cls(at_least, [0.0] * num_levels, [0.0] * num_columns, [0.0] * num_columns)
+
+
+@dataclass
 class _Extension:
     """One extension by a neural level: ``steps[t] = P(appends t tokens)``, its cost, the
     forwards it takes and the fraction of its tokens that are its own (not from below)."""
@@ -441,19 +458,13 @@ class _Model:
         cached = self._fills.get(key)
         if cached is not None:
             return cached
-        forwards = [0.0] * self.num_levels
         if limit <= 0 or not self.has_row(reviewer):
-            result = _Fill([1.0], [1.0], 0.0, forwards, [0.0] * self.n)
+            result = _Fill([1.0], [1.0], 0.0, [0.0] * self.num_levels, [0.0] * self.n)
             self._fills[key] = result
             return result
-        at_least = [0.0] * (limit + 1)
-        at_least[0] = 1.0
-        seconds = 0.0
-        accepted_in = [0.0] * self.n  # expected accepted positions filled by each column
-        accepted_to_end = [0.0] * self.n  # P(column non-empty and its last position accepted)
+        sums = _FillSums.empty(limit, self.num_levels, self.n)
         starts = {0: (1.0, 1.0)}  # draft length at a column's start -> (P(reach), P(reach, all accepted))
         for column in range(reviewer, self.n):
-            level = column + 1
             goal = min(self.ends[reviewer][column], limit)
             following: dict[int, list[float]] = {}
             for start, (reach_start, weight_start) in starts.items():
@@ -462,49 +473,7 @@ class _Model:
                     slot[0] += reach_start
                     slot[1] += weight_start
                     continue
-                share = nominal_share(self.rows, reviewer, level, self.mag_level)
-                rates = self.acceptance.run_rates(reviewer, level, share, self.lenience, limit - start)
-                reach = [0.0] * (limit + 1)
-                weight = [0.0] * (limit + 1)
-                reach[start], weight[start] = reach_start, weight_start
-                for ell in range(start, goal):
-                    if reach[ell] == 0.0:
-                        continue
-                    if self.is_mag(level):
-                        steps = {goal - ell: 1.0}
-                        seconds += reach[ell] * self.costs.mag_seconds
-                        forwards[level] += reach[ell]
-                        factor = 1.0
-                    else:
-                        ext = self.extension(level, limit - ell)
-                        steps = ext.steps
-                        seconds += reach[ell] * ext.seconds
-                        for v, f in enumerate(ext.forwards):
-                            forwards[v] += reach[ell] * f
-                        factor = sum(
-                            share * (1.0 if u == level else self.acceptance.ratio(level, u, self.lenience))
-                            for u, share in ext.origins.items()
-                        )
-                    longest = max(steps)
-                    # P(t >= j - ell) for the Q_r update, as a running tail
-                    tail = sum(steps.values())
-                    product = weight[ell]
-                    for t in range(1, longest + 1):
-                        j = ell + t
-                        product *= min(rates[j - start - 1] * factor, MAX_RATE)
-                        at_least[j] += product * tail
-                        accepted_in[column] += product * tail
-                        p_t = steps.get(t, 0.0)
-                        if p_t:
-                            reach[j] += reach[ell] * p_t
-                            weight[j] += product * p_t
-                            tail -= p_t
-                for end in range(goal, limit + 1):
-                    if reach[end]:
-                        slot = following.setdefault(end, [0.0, 0.0])
-                        slot[0] += reach[end]
-                        slot[1] += weight[end]
-                        accepted_to_end[column] += weight[end]
+                self._fill_segment(reviewer, column, start, (reach_start, weight_start), goal, limit, sums, following)
             starts = {k: (v[0], v[1]) for k, v in following.items()}
         length = [0.0] * (limit + 1)
         for ell, (reach_end, _) in starts.items():
@@ -514,11 +483,61 @@ class _Model:
             level = column + 1
             if self.is_mag(level) or not self.rows[reviewer][column]:
                 continue
-            extra = accepted_to_end[column] + sum(accepted_in[column + 1 :])
-            seconds += extra * self.costs.levels[level].per_token
-        result = _Fill(at_least, length, seconds, forwards, accepted_in)
+            extra = sums.accepted_to_end[column] + sum(sums.accepted_in[column + 1 :])
+            sums.seconds += extra * self.costs.levels[level].per_token
+        result = _Fill(sums.at_least, length, sums.seconds, sums.forwards, sums.accepted_in)
         self._fills[key] = result
         return result
+
+    def _fill_segment(self, reviewer, column, start, start_state, goal, limit, sums: _FillSums, following) -> None:
+        """Column ``column`` extends the draft from length ``start`` (reached with probabilities
+        ``start_state``: (P(reach), P(reach, all accepted))) to ``goal`` or past it: adds its cost,
+        forwards and acceptance to ``sums`` and the lengths it ends at to ``following``."""
+        level = column + 1
+        share = nominal_share(self.rows, reviewer, level, self.mag_level)
+        rates = self.acceptance.run_rates(reviewer, level, share, self.lenience, limit - start)
+        reach = [0.0] * (limit + 1)
+        weight = [0.0] * (limit + 1)
+        reach[start], weight[start] = start_state
+        forwards = sums.forwards
+        for ell in range(start, goal):
+            if reach[ell] == 0.0:
+                continue
+            if self.is_mag(level):
+                steps = {goal - ell: 1.0}
+                sums.seconds += reach[ell] * self.costs.mag_seconds
+                forwards[level] += reach[ell]
+                factor = 1.0
+            else:
+                ext = self.extension(level, limit - ell)
+                steps = ext.steps
+                sums.seconds += reach[ell] * ext.seconds
+                for v, f in enumerate(ext.forwards):
+                    forwards[v] += reach[ell] * f
+                factor = sum(
+                    share * (1.0 if u == level else self.acceptance.ratio(level, u, self.lenience))
+                    for u, share in ext.origins.items()
+                )
+            longest = max(steps)
+            # P(t >= j - ell) for the Q_r update, as a running tail
+            tail = sum(steps.values())
+            product = weight[ell]
+            for t in range(1, longest + 1):
+                j = ell + t
+                product *= min(rates[j - start - 1] * factor, MAX_RATE)
+                sums.at_least[j] += product * tail
+                sums.accepted_in[column] += product * tail
+                p_t = steps.get(t, 0.0)
+                if p_t:
+                    reach[j] += reach[ell] * p_t
+                    weight[j] += product * p_t
+                    tail -= p_t
+        for end in range(goal, limit + 1):
+            if reach[end]:
+                slot = following.setdefault(end, [0.0, 0.0])
+                slot[0] += reach[end]
+                slot[1] += weight[end]
+                sums.accepted_to_end[column] += weight[end]
 
     def extension(self, level: int, room: int) -> _Extension:
         key = (level, room)
@@ -828,125 +847,163 @@ def search(
     by ``gate.py`` (``acceptance``: the rates measured under that gate); K = 0 (MaG first over
     plain decoding) is a candidate too.
     """
-    import random
-
     space = space or SearchSpace()
-    n = acceptance.num_drafting
-    mag_level = n if acceptance.mag else None
-    if mag_level is None:
-        gate = None
-    gate_threshold = gate.threshold if gate is not None else None
     lenience_values = lenience_values if lenience_values is not None else acceptance.lenience_values
     plain_prediction = predict((), acceptance, costs)
     plain = Candidate((), 1.0, plain_prediction, plain_prediction if replay is not None else None)
-    seen: dict[tuple, Candidate] = {}
-
-    def evaluate(rows, lenience: float = 1.0, mag_first: int | None = gate_threshold) -> Candidate:
-        key = (canonical(rows), lenience, mag_first)
-        found = seen.get(key)
-        if found is None:
-            modelled = gate if mag_first is not None and mag_first == gate_threshold else None
-            model = predict(key[0], acceptance, costs, lenience, max_draft, modelled)
-            found = Candidate(key[0], lenience, model, mag_first=mag_first, mag_level=mag_level)
-            seen[key] = found
-        return found
-
+    n = acceptance.num_drafting
     if n == 0:
         return SearchResult(plain, [plain], plain)
-    if gate is not None:
-        evaluate([[0] * n for _ in range(n)])  # MaG first over plain decoding
+    state = _Search(acceptance, costs, space, max_draft, replay, gate)
+    if state.gate is not None:
+        state.evaluate([[0] * n for _ in range(n)])  # MaG first over plain decoding
     # 1. a coarse grid over every entry
-    cells = [(r, c) for r in range(n) for c in range(r, n)]
-    choices = [space.grid(r, c + 1, mag_level) for r, c in cells]
-    if math.prod(len(x) for x in choices) <= space.max_grid:
-        points = itertools.product(*choices)
-    else:
-        rng = random.Random(seed)
-        points = (tuple(rng.choice(x) for x in choices) for _ in range(space.max_grid))
-    for point in points:
-        rows = [[0] * n for _ in range(n)]
-        for (r, c), value in zip(cells, point):
-            rows[r][c] = value
-        if any(rows[0]):
-            evaluate(rows)
-
-    def model_speed(c: Candidate) -> float:
-        return c.model.tokens_per_second
-
+    state.evaluate_grid(seed)
     # 2. coordinate descent on the model from the best candidates and the best of each level set
-    ranked = sorted(seen.values(), key=model_speed, reverse=True)
-    starts = ranked[: space.descent_starts]
-    best_per_set: dict[tuple, Candidate] = {}
-    for c in ranked:
-        best_per_set.setdefault(tuple(c.levels), c)
-    starts += [c for c in best_per_set.values() if c not in starts]
-    for start in starts:
-        current, improved = start, True
-        while improved:
-            improved = False
-            for rows in _neighbours(current.k_matrix, space, mag_level):
-                candidate = evaluate(rows, current.lenience)
-                if model_speed(candidate) > model_speed(current) * (1 + 1e-9):
-                    current, improved = candidate, True
+    state.descend_on_model()
     # 3. lenience, where a drafter reviews a smaller drafter
-    ranked = sorted(seen.values(), key=model_speed, reverse=True)
-    for c in ranked[: space.descent_starts]:
+    for c in state.ranked_by_model()[: space.descent_starts]:
         if _reviews_a_drafter(c.k_matrix):
             for lenience in lenience_values:
                 if lenience != 1.0:
-                    evaluate(c.k_matrix, lenience)
+                    state.evaluate(c.k_matrix, lenience)
     if replay is None:
-        explored = sorted([plain, *seen.values()], key=model_speed, reverse=True)
+        explored = sorted([plain, *state.seen.values()], key=_model_speed, reverse=True)
         return SearchResult(explored[0], explored, plain)
 
     # 4. replay the shortlist, then refine the best replayed ones by coordinate descent
-    budget = [space.replay_budget]
+    state.replay_shortlist()
+    # MaG first (a long MaG match drafts alone for the target): only the replay can judge it
+    if state.mag_level is not None:
+        for c in state.ranked_by_replay()[: space.descent_starts]:
+            for mag_first in space.mag_first_values:
+                state.replayed(state.candidate(c.k_matrix, c.lenience, mag_first))
+    for start in state.ranked_by_replay()[:3]:
+        state.refine_by_replay(start, lenience_values)
+    rest = sorted((c for c in state.seen.values() if c.replay is None), key=_model_speed, reverse=True)
+    explored = sorted([plain, *state.ranked_by_replay()], key=_replay_speed, reverse=True) + rest
+    return SearchResult(explored[0], explored, plain)
 
-    def replayed(c: Candidate) -> Candidate:
-        if c.replay is None and budget[0] > 0:
-            c.replay = replay(c.k_matrix, c.lenience, c.mag_first)
-            budget[0] -= 1
+
+def _model_speed(c: Candidate) -> float:
+    return c.model.tokens_per_second
+
+
+def _replay_speed(c: Candidate) -> float:
+    return c.replay.tokens_per_second if c.replay is not None else 0.0
+
+
+class _Search:
+    """One search's state: every configuration evaluated so far (by K-matrix, lenience and MaG
+    first; each evaluated once) and the replays left in the budget."""
+
+    def __init__(self, acceptance: Acceptance, costs: CostModel, space: SearchSpace, max_draft, replay, gate) -> None:
+        self.acceptance = acceptance
+        self.costs = costs
+        self.space = space
+        self.max_draft = max_draft
+        self.replay = replay
+        self.n = acceptance.num_drafting
+        self.mag_level = self.n if acceptance.mag else None
+        self.gate = gate if self.mag_level is not None else None
+        self.gate_threshold = self.gate.threshold if self.gate is not None else None
+        self.seen: dict[tuple, Candidate] = {}
+        self.replays_left = space.replay_budget
+
+    def evaluate(self, rows, lenience: float = 1.0) -> Candidate:
+        """The model's candidate, with MaG first at the modelled gate's threshold when there is one."""
+        return self.candidate(rows, lenience, self.gate_threshold)
+
+    def candidate(self, rows, lenience: float, mag_first: int | None) -> Candidate:
+        key = (canonical(rows), lenience, mag_first)
+        found = self.seen.get(key)
+        if found is None:
+            modelled = self.gate if mag_first is not None and mag_first == self.gate_threshold else None
+            model = predict(key[0], self.acceptance, self.costs, lenience, self.max_draft, modelled)
+            found = Candidate(key[0], lenience, model, mag_first=mag_first, mag_level=self.mag_level)
+            self.seen[key] = found
+        return found
+
+    def replayed(self, c: Candidate) -> Candidate:
+        """``c``, replayed if it was not yet and the budget allows."""
+        if c.replay is None and self.replays_left > 0:
+            c.replay = self.replay(c.k_matrix, c.lenience, c.mag_first)
+            self.replays_left -= 1
         return c
 
-    def replay_speed(c: Candidate) -> float:
-        return c.replay.tokens_per_second if c.replay is not None else 0.0
+    def ranked_by_model(self) -> list[Candidate]:
+        return sorted(self.seen.values(), key=_model_speed, reverse=True)
 
-    ranked = sorted(seen.values(), key=model_speed, reverse=True)
-    shortlist = ranked[: space.replay_shortlist]
-    per_set: dict[tuple, list[Candidate]] = {}
-    for c in ranked:
-        per_set.setdefault(tuple(c.levels), []).append(c)
-    for group in per_set.values():
-        shortlist += [c for c in group[:3] if c not in shortlist]
-    for c in shortlist:
-        replayed(c)
-    # MaG first (a long MaG match drafts alone for the target): only the replay can judge it
-    if mag_level is not None:
-        best_replayed = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)
-        for c in best_replayed[: space.descent_starts]:
-            for mag_first in space.mag_first_values:
-                replayed(evaluate(c.k_matrix, c.lenience, mag_first))
-    tops = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)[:3]
-    for start in tops:
+    def ranked_by_replay(self) -> list[Candidate]:
+        """The replayed candidates, fastest first."""
+        return sorted((c for c in self.seen.values() if c.replay is not None), key=_replay_speed, reverse=True)
+
+    def evaluate_grid(self, seed: int) -> None:
+        """Every point of the space's coarse grid (a random sample of ``max_grid`` when larger)."""
+        import random
+
+        n, space = self.n, self.space
+        cells = [(r, c) for r in range(n) for c in range(r, n)]
+        choices = [space.grid(r, c + 1, self.mag_level) for r, c in cells]
+        if math.prod(len(x) for x in choices) <= space.max_grid:
+            points = itertools.product(*choices)
+        else:
+            rng = random.Random(seed)
+            points = (tuple(rng.choice(x) for x in choices) for _ in range(space.max_grid))
+        for point in points:
+            rows = [[0] * n for _ in range(n)]
+            for (r, c), value in zip(cells, point):
+                rows[r][c] = value
+            if any(rows[0]):
+                self.evaluate(rows)
+
+    def descend_on_model(self) -> None:
+        """Coordinate descent on the model's speed from the best candidates and the best of each level set."""
+        ranked = self.ranked_by_model()
+        starts = ranked[: self.space.descent_starts]
+        best_per_set: dict[tuple, Candidate] = {}
+        for c in ranked:
+            best_per_set.setdefault(tuple(c.levels), c)
+        starts += [c for c in best_per_set.values() if c not in starts]
+        for start in starts:
+            current, improved = start, True
+            while improved:
+                improved = False
+                for rows in _neighbours(current.k_matrix, self.space, self.mag_level):
+                    candidate = self.evaluate(rows, current.lenience)
+                    if _model_speed(candidate) > _model_speed(current) * (1 + 1e-9):
+                        current, improved = candidate, True
+
+    def replay_shortlist(self) -> None:
+        """Replay the model's best candidates and the best three of each level set."""
+        ranked = self.ranked_by_model()
+        shortlist = ranked[: self.space.replay_shortlist]
+        per_set: dict[tuple, list[Candidate]] = {}
+        for c in ranked:
+            per_set.setdefault(tuple(c.levels), []).append(c)
+        for group in per_set.values():
+            shortlist += [c for c in group[:3] if c not in shortlist]
+        for c in shortlist:
+            self.replayed(c)
+
+    def refine_by_replay(self, start: Candidate, lenience_values) -> None:
+        """Coordinate descent on the replayed speed from ``start`` (first improvement, while the
+        budget lasts), then the lenience values and MaG-first lengths at the point it reached."""
         current, improved = start, True
-        while improved and budget[0] > 0:
+        while improved and self.replays_left > 0:
             improved = False
-            for rows in _neighbours(current.k_matrix, space, mag_level, deltas=(1, -1)):
-                candidate = replayed(evaluate(rows, current.lenience, current.mag_first))
-                if replay_speed(candidate) > replay_speed(current) * (1 + 1e-9):
+            for rows in _neighbours(current.k_matrix, self.space, self.mag_level, deltas=(1, -1)):
+                candidate = self.replayed(self.candidate(rows, current.lenience, current.mag_first))
+                if _replay_speed(candidate) > _replay_speed(current) * (1 + 1e-9):
                     current, improved = candidate, True
                     break
         if _reviews_a_drafter(current.k_matrix):
             for lenience in lenience_values:
                 if lenience != current.lenience:
-                    replayed(evaluate(current.k_matrix, lenience, current.mag_first))
-        if mag_level is not None:
-            for mag_first in (None, *space.mag_first_values):
-                replayed(evaluate(current.k_matrix, current.lenience, mag_first))
-    done = sorted((c for c in seen.values() if c.replay is not None), key=replay_speed, reverse=True)
-    rest = sorted((c for c in seen.values() if c.replay is None), key=model_speed, reverse=True)
-    explored = sorted([plain, *done], key=replay_speed, reverse=True) + rest
-    return SearchResult(explored[0], explored, plain)
+                    self.replayed(self.candidate(current.k_matrix, lenience, current.mag_first))
+        if self.mag_level is not None:
+            for mag_first in (None, *self.space.mag_first_values):
+                self.replayed(self.candidate(current.k_matrix, current.lenience, mag_first))
 
 
 def search_gated(
