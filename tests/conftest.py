@@ -15,6 +15,9 @@ while modules a test hands in keep transformers' layout (``LlamaRunner``).
 over tiny models nondeterministic, so the suite runs with planning off (``"auto"`` is then the
 fixed start of ``CascadeConfig.resolve``, adapted online) and the tests of the planner turn it
 on themselves. Nothing is written to the user's cache: it points at a fresh folder.
+
+Fixtures shared by several modules live in ``server_fixtures.py`` (the ``csd serve`` tests) and
+``gguf_fixtures.py`` (GGUF files of the committed models), registered here.
 """
 
 import os
@@ -29,3 +32,5 @@ os.environ.setdefault("CSDRAFTING_KERNEL", "linear")
 os.environ["CSDRAFTING_AUTO_PLAN"] = "off"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="csdrafting-test-cache-")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tiny import ...`
+
+pytest_plugins = ["server_fixtures", "gguf_fixtures"]

@@ -296,11 +296,30 @@ def test_the_stall_probe_passes_on_an_idle_thread_team():
     assert any(probe.clear() for _ in range(20))
 
 
-def test_an_unwritable_cache_is_not_an_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    cache = kernels.KernelCache(blocker / "sub" / "kernels.json")  # its folder cannot be made
-    kernels.plan({"qkv": (24, 16)}, CPU, torch.float64, "auto", cache=cache)
+@pytest.mark.parametrize("blocked", ["folder", "file"])
+def test_an_unwritable_cache_is_not_an_error(monkeypatch, tmp_path, blocked):
+    """The plan is made and used, the write fails quietly, and no temporary file is left."""
+    monkeypatch.setattr(kernels._StallProbe, "clear", lambda self: True)  # reliable: plan stores it
+    (tmp_path / "blocker").write_text("")
+    if blocked == "folder":
+        path = tmp_path / "blocker" / "sub" / "kernels.json"  # its folder cannot be made
+    else:
+        path = tmp_path / "kernels.json"
+        path.mkdir()  # the rename onto it fails
+    cache = kernels.KernelCache(path)
+    stored, real_store = [], cache.store
+
+    def store(key, times):
+        stored.append(key)
+        real_store(key, times)
+
+    monkeypatch.setattr(cache, "store", store)
+    choices = kernels.plan({"qkv": (24, 16)}, CPU, torch.float64, "auto", cache=cache)
+    assert len(stored) == 1  # the write was tried...
+    assert not choices["qkv"].forced and choices["qkv"].expected_ms() > 0  # ...and the measured plan used
+    assert cache.lookup(stored[0]) == {}
+    left = {"blocker"} if blocked == "folder" else {"blocker", "kernels.json"}
+    assert {p.name for p in tmp_path.rglob("*")} == left  # no temporary file
 
 
 def test_the_cache_lives_in_the_user_cache_dir(monkeypatch, tmp_path):

@@ -190,13 +190,7 @@ def test_a_failed_conversion_leaves_no_file_in_the_cache(family, cache_home, mon
 
 
 # -- the tokenizer over a GGUF's vocabulary -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pycode_gguf(tmp_path_factory):
-    from csdrafting.convert import convert
-
-    return convert(MODELS_DIR / "pycode-1m", tmp_path_factory.mktemp("pycode") / "pycode-1m.gguf", "q8_0").path
+# (pycode_gguf: gguf_fixtures.py)
 
 
 def test_gguf_tokenizer_round_trips_like_the_hf_tokenizer(pycode_gguf):

@@ -149,17 +149,7 @@ def test_tied_embeddings_and_q8_0_fallback(tmp_path):
 
 
 # -- the real pycode tokenizer --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pycode_gguf(tmp_path_factory):
-    if not HAS_LLAMA:
-        pytest.skip("llama-cpp-python / gguf not installed")
-    path = tmp_path_factory.mktemp("pycode") / "pycode-1m-f32.gguf"
-    result = convert(PYCODE_1M, path, "f32")
-    assert result.has_tokenizer
-    return path
-
+# (pycode_gguf: gguf_fixtures.py)
 
 AWKWARD = [
     "x = 1\n\n\n    return  y  \n",

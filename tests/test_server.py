@@ -24,11 +24,11 @@ from csdrafting.cli import build_parser, cascade_from_args, main  # noqa: E402
 from csdrafting.server.app import create_app  # noqa: E402
 from csdrafting.server.cli import bind_socket  # noqa: E402
 from csdrafting.server.protocol import STATS_FIELD, ApiError, chat_prompt_ids, chat_prompt_text  # noqa: E402
+from server_fixtures import ServerSettings  # noqa: E402
 from server_helpers import (  # noqa: E402
     MODEL,
     TIMEOUT,
     ServerThread,
-    embedded_cascade,
     http_client,
     make_client,
     metric,
@@ -44,42 +44,25 @@ STOP = "\n"
 
 
 @pytest.fixture(scope="module")
-def cascade():
-    """See ``embedded_cascade`` (test_embedded_default_as_csd_serve_runs_it runs the adaptive one)."""
-    return embedded_cascade()
+def server_settings() -> ServerSettings:
+    return ServerSettings({"max_queue": 8, "request_timeout": 60})
 
 
 @pytest.fixture(scope="module")
-def reference(cascade):
-    """The library's outputs, computed before any server shares the cascade."""
-    greedy = {p: cascade.generate(p, max_new_tokens=MAX_TOKENS) for p in PROMPTS}
-    chat_text = chat_prompt_text(cascade.tokenizer, CHAT)
+def reference(server_cascade):
+    """The library's outputs, computed before the module's server shares the cascade (the
+    embedded one with its K-matrix fixed: test_embedded_default_as_csd_serve_runs_it runs the
+    adaptive one)."""
+    greedy = {p: server_cascade.generate(p, max_new_tokens=MAX_TOKENS) for p in PROMPTS}
+    chat_text = chat_prompt_text(server_cascade.tokenizer, CHAT)
     return {
         "greedy": greedy,
-        "prompt_ids": {p: cascade.encode(p) for p in PROMPTS},
-        "chat": cascade.generate(chat_text, max_new_tokens=MAX_TOKENS),
-        "chat_prompt_ids": cascade.encode(chat_text),
-        "sampled": cascade.generate(PROMPTS[0], max_new_tokens=MAX_TOKENS, **SAMPLED),
-        "stop": cascade.generate(PROMPTS[2], max_new_tokens=MAX_TOKENS, stop=[STOP]),
+        "prompt_ids": {p: server_cascade.encode(p) for p in PROMPTS},
+        "chat": server_cascade.generate(chat_text, max_new_tokens=MAX_TOKENS),
+        "chat_prompt_ids": server_cascade.encode(chat_text),
+        "sampled": server_cascade.generate(PROMPTS[0], max_new_tokens=MAX_TOKENS, **SAMPLED),
+        "stop": server_cascade.generate(PROMPTS[2], max_new_tokens=MAX_TOKENS, stop=[STOP]),
     }
-
-
-@pytest.fixture(scope="module")
-def server(cascade, reference):
-    with ServerThread(create_app(cascade, MODEL, max_queue=8, request_timeout=60)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with make_client(server) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server) as c:
-        yield c
 
 
 def idle(client: httpx.Client) -> bool:
@@ -247,7 +230,7 @@ def test_embedded_default_as_csd_serve_runs_it(reference):
 
 def test_concurrent_clients_get_the_library_output(server, reference):
     def run(i: int) -> list[str]:
-        with make_client(server) as c:
+        with make_client(server.url) as c:
             return [
                 c.completions.create(
                     model=MODEL, prompt=PROMPTS[(i + j) % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0
@@ -452,10 +435,14 @@ HOSTILE = [
 ]
 
 
+def send_hostile(http, method: str, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    return http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+
+
 @pytest.mark.parametrize("kind,method,path,body,status,param", HOSTILE, ids=[case[0] for case in HOSTILE])
 def test_hostile_request_gets_a_clear_4xx(http, kind, method, path, body, status, param):
-    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    response = http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+    response = send_hostile(http, method, path, body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -476,6 +463,8 @@ def test_openai_client_surfaces_the_errors(client):
 
 def test_server_is_healthy_and_correct_after_hostile_requests(client, http, reference):
     assert len(HOSTILE) >= 20
+    for _, method, path, body, status, _ in HOSTILE:  # sent here too: this test runs alone as well
+        assert send_hostile(http, method, path, body).status_code == status
     assert http.get("/health").json()["status"] == "ok"
     for prompt in PROMPTS:
         assert_greedy_completion(client, reference, prompt)
@@ -513,7 +502,7 @@ def test_disconnect_mid_stream_cancels_the_generation(client, http, reference):
 def test_disconnect_while_waiting_for_a_plain_response(server, http, client, reference):
     cancelled = metric(http, "csd_requests_total", model=MODEL, outcome="cancelled")
     body = _body(prompt=PROMPTS[1], max_tokens=LONG, ignore_eos=True)
-    with httpx.Client(base_url=server, timeout=httpx.Timeout(TIMEOUT, read=1.5), trust_env=False) as impatient:
+    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(TIMEOUT, read=1.5), trust_env=False) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post(COMPLETIONS, json=body)
     wait_until(lambda: idle(http), seconds=10)
@@ -521,8 +510,8 @@ def test_disconnect_while_waiting_for_a_plain_response(server, http, client, ref
     assert_greedy_completion(client, reference, PROMPTS[1])
 
 
-def test_full_queue_gets_503_with_retry_after(cascade, reference):
-    with ServerThread(create_app(cascade, MODEL, max_queue=1, request_timeout=60)) as url, make_client(url) as c:
+def test_full_queue_gets_503_with_retry_after(server_cascade, reference):
+    with ServerThread(create_app(server_cascade, MODEL, max_queue=1, request_timeout=60)) as url, make_client(url) as c:
         with http_client(url) as h:
             running = _long(c)
             next(iter(running))  # generating now
@@ -541,8 +530,11 @@ def test_full_queue_gets_503_with_retry_after(cascade, reference):
             assert_greedy_completion(c, reference, PROMPTS[2])
 
 
-def test_request_timeout(cascade, reference):
-    with ServerThread(create_app(cascade, MODEL, max_queue=4, request_timeout=3.0)) as url, make_client(url) as c:
+def test_request_timeout(server_cascade, reference):
+    with (
+        ServerThread(create_app(server_cascade, MODEL, max_queue=4, request_timeout=3.0)) as url,
+        make_client(url) as c,
+    ):
         with http_client(url) as h:
             with pytest.raises(openai.APIStatusError) as timed_out:
                 c.completions.create(
@@ -560,9 +552,42 @@ def test_request_timeout(cascade, reference):
 # -- metrics -----------------------------------------------------------------------------------------------
 
 
-def test_metrics(http):
-    text = http.get("/metrics").text
-    assert http.get("/metrics").headers["content-type"].startswith("text/plain")
+def level_reviews(stats) -> dict[str, int]:
+    return {level.name: level.review.num_reviews for level in stats.levels if level.review is not None}
+
+
+def counters(http: httpx.Client, levels) -> dict[str, float]:
+    """The counters test_metrics watches: missing ones (nothing counted yet) read as 0."""
+    values = {
+        "tokens": metric(http, "csd_generation_tokens_total", 0, model=MODEL),
+        "target steps": metric(http, "csd_target_steps_total", 0, model=MODEL),
+        "400s": metric(http, "csd_http_requests_total", 0, method="POST", endpoint=COMPLETIONS, status="400"),
+    }
+    for level in levels:
+        values[f"{level} reviews"] = metric(http, "csd_level_reviews_total", 0, model=MODEL, level=level)
+    return values
+
+
+def test_metrics(client, http, reference):
+    """The counters move by exactly what this test's own requests did (one greedy completion,
+    whose stats are the library's, and one 400), whatever ran before it."""
+    expected = reference["greedy"][PROMPTS[0]].stats
+    reviews = level_reviews(expected)
+    assert reviews.get("pycode-5m", 0) > 0, "the reference generation must exercise a drafter's review"
+    before = counters(http, reviews)
+    assert_greedy_completion(client, reference, PROMPTS[0])
+    assert http.post(COMPLETIONS, json=_body(n=2)).status_code == 400
+    after = counters(http, reviews)
+    moved = {
+        "tokens": expected.num_new_tokens,
+        "target steps": expected.num_target_steps,
+        "400s": 1,
+        **{f"{level} reviews": count for level, count in reviews.items()},
+    }
+    assert {name: after[name] - before[name] for name in after} == moved
+
+    response = http.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
     for name in (
         "csd_http_requests_total",
         "csd_requests_total",
@@ -572,14 +597,11 @@ def test_metrics(http):
         "csd_level_acceptance_rate",
         "csd_level_mean_acceptance_length",
     ):
-        assert f"# TYPE {name} " in text
-    assert metric(http, "csd_generation_tokens_total", model=MODEL) > 0
+        assert f"# TYPE {name} " in response.text
     assert metric(http, "csd_tokens_per_second", model=MODEL) > 0
     rate = metric(http, "csd_level_acceptance_rate", model=MODEL, level=MODEL)
     length = metric(http, "csd_level_mean_acceptance_length", model=MODEL, level=MODEL)
     assert 0 < rate <= 1 and length >= 1
-    assert metric(http, "csd_http_requests_total", method="POST", endpoint=COMPLETIONS, status="400") >= 20
-    assert metric(http, "csd_level_reviews_total", model=MODEL, level="pycode-5m") > 0
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -26,15 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from csdrafting.server.app import create_app  # noqa: E402
 from csdrafting.server.guard import LOOPBACK_HOSTS, allowed_hosts, host_name  # noqa: E402
+from server_fixtures import ServerSettings  # noqa: E402
 from server_helpers import (  # noqa: E402
     MODEL,
     ServerThread,
     connect,
-    embedded_cascade,
     exchange,
     http_client,
     json_post,
-    make_client,
     metric,
     openai_error,
     parse_response,
@@ -52,40 +51,22 @@ VALID = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperat
 
 
 @pytest.fixture(scope="module")
-def cascade():
-    return embedded_cascade()
+def server_settings() -> ServerSettings:
+    """A server logging at info level (as ``csd serve`` does by default), with a short body timeout."""
+    return ServerSettings({"body_timeout": BODY_TIMEOUT}, log_level="info")
 
 
 @pytest.fixture(scope="module")
-def reference(cascade):
-    """The library's greedy outputs, computed before the server shares the cascade."""
+def reference(server_cascade):
+    """The library's greedy outputs, computed before the module's server shares the cascade."""
     from csdrafting.server.protocol import chat_prompt_text
 
     return {
-        "completion": cascade.generate(PROMPT, max_new_tokens=MAX_TOKENS).text,
-        "chat": cascade.generate(chat_prompt_text(cascade.tokenizer, CHAT), max_new_tokens=MAX_TOKENS).text,
+        "completion": server_cascade.generate(PROMPT, max_new_tokens=MAX_TOKENS).text,
+        "chat": server_cascade.generate(
+            chat_prompt_text(server_cascade.tokenizer, CHAT), max_new_tokens=MAX_TOKENS
+        ).text,
     }
-
-
-@pytest.fixture(scope="module")
-def server(cascade, reference):
-    """A server logging at info level (as ``csd serve`` does by default), with a short body timeout."""
-    thread = ServerThread(create_app(cascade, MODEL, body_timeout=BODY_TIMEOUT), log_level="info")
-    with thread as url:
-        thread.url = url
-        yield thread
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with make_client(server.url) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with http_client(server.url) as c:
-        yield c
 
 
 # -- 1. temperatures and top_p anywhere in the documented ranges -----------------------------------
@@ -216,10 +197,10 @@ def test_many_stalled_bodies_are_all_answered_within_the_timeout(server, http):
 
 
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["idle", "partial head"])  # fmt: skip
-def test_slow_request_head_is_closed_at_the_timeout(cascade, sent):
+def test_slow_request_head_is_closed_at_the_timeout(server_cascade, sent):
     """uvicorn itself would wait forever for a request line and headers, even sent 1 byte at a time.
     (Its own server: a short head timeout also closes idle keep-alive connections of the clients.)"""
-    server = ServerThread(create_app(cascade, MODEL), head_timeout=BODY_TIMEOUT)
+    server = ServerThread(create_app(server_cascade, MODEL), head_timeout=BODY_TIMEOUT)
     with server:
         started = time.monotonic()
         with connect(server.port, timeout=BODY_TIMEOUT + 10) as sock:
@@ -232,10 +213,10 @@ def test_slow_request_head_is_closed_at_the_timeout(cascade, sent):
         assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 5
 
 
-def test_head_timeout_does_not_cut_a_long_answer(cascade):
+def test_head_timeout_does_not_cut_a_long_answer(server_cascade):
     """The head timer stops once the head is in: a request running well past it gets its own
     answer (here the 504 of --timeout), not a closed connection."""
-    app = create_app(cascade, MODEL, request_timeout=3 * BODY_TIMEOUT)
+    app = create_app(server_cascade, MODEL, request_timeout=3 * BODY_TIMEOUT)
     with ServerThread(app, head_timeout=BODY_TIMEOUT) as url, http_client(url) as http:
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1800, "temperature": 0, "ignore_eos": True}
         response = http.post(COMPLETIONS, json=body)
