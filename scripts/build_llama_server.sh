@@ -4,8 +4,8 @@
 #   ${XDG_CACHE_HOME:-~/.cache}/csdrafting/llama-server/<version>/llama-server
 # and prints its path. Idempotent: a present, runnable binary is not rebuilt (pass --force to rebuild).
 # Measured: 38 minutes (2291 s, sdist download included) at nice 19 on 2 cores shared with other test runs;
-# 17-25 minutes expected on 2 idle cores (not measured). The binary links only system libraries (libstdc++, libgomp). Run it away
-# from benchmarks, e.g.
+# 17-25 minutes expected on 2 idle cores (not measured). The binary links only system libraries (libstdc++,
+# libgomp). Run it away from benchmarks, e.g.
 #   flock -x /tmp/csd-cpu.lock nice -n 19 bash scripts/build_llama_server.sh
 # Needs: a C/C++ compiler, cmake, network access to the package registry (PyPI) for the sdist.
 set -euo pipefail
