@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own `llama-server` from the llama.cpp source vendored in the pinned llama-cpp-python sdist,
-# so the peer we compare against runs the same llama.cpp our llama backend links. Installs one static binary into
+# so the peer we compare against runs the same llama.cpp our llama backend links. Installs one binary (llama.cpp
+# and ggml linked in statically) into
 #   ${XDG_CACHE_HOME:-~/.cache}/csdrafting/llama-server/<version>/llama-server
 # and prints its path. Idempotent: a present, runnable binary is not rebuilt (pass --force to rebuild).
 # Measured: 38 minutes (2291 s, sdist download included) at nice 19 on 2 cores shared with other test runs;
