@@ -356,7 +356,7 @@ def _load_extensions() -> list:
     import importlib
 
     found = []
-    for name in ("csdrafting.bench.cli", "csdrafting.tune.cli", "csdrafting.server.cli"):
+    for name in ("csdrafting.bench.cli", "csdrafting.tune.cli", "csdrafting.server.cli", "csdrafting.families"):
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..chat_template import gguf_chat_template
 from ..errors import GenerationInputError
 from ..stats import GenerationStats
 from .schema import ChatCompletionRequest, CompletionRequest, GenerationRequestBase, json_type
@@ -254,12 +255,15 @@ def chat_request(body: ChatCompletionRequest, cascade, model_names: set[str]) ->
 def chat_prompt_text(tokenizer, messages: list[dict]) -> str:
     """The prompt text for chat ``messages`` (each ``{"role", "content"}`` with string content).
 
-    With a chat template (``tokenizer.chat_template``) this is the template's rendering with the
-    generation prompt added. Without one, the plain-text fallback: one ``"{role}: {content}"``
+    With a chat template (``tokenizer.chat_template``, or a GGUF family's ``tokenizer.chat_template``
+    metadata: ``chat_template.py``) this is the template's rendering with the generation prompt added. Without one, the plain-text fallback: one ``"{role}: {content}"``
     line per message, then ``"assistant:"`` for the model to continue.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    gguf_template = gguf_chat_template(tokenizer)  # a GGUF family's own template (metadata), if it has one
+    if gguf_template is not None:
+        return gguf_template.render(messages, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
@@ -270,10 +274,11 @@ def chat_prompt_ids(cascade, messages: list[dict]) -> list[int]:
     if tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so it cannot serve chat completions", param="messages")
     try:
+        templated = bool(getattr(tokenizer, "chat_template", None)) or gguf_chat_template(tokenizer) is not None
         text = chat_prompt_text(tokenizer, messages)
     except Exception as exc:  # jinja TemplateError and whatever a template raises on purpose
         raise ApiError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
-    if getattr(tokenizer, "chat_template", None):
+    if templated:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise ApiError(400, "messages render to an empty prompt", param="messages")
