@@ -69,7 +69,7 @@ class Config:
     reviewers: tuple = field(default_factory=tuple)  # drafters that must have reviewed smaller levels' drafts
     unrelated: bool = False  # d1 unrelated to the target (many rejections: broken reviewers show)
     adaptive: bool = False  # online adaptation of the schedule (deterministic per seed when seeded)
-    mag_first: int | None = None  # MaG's draft straight to the target after a match this long
+    mag_first: int | str | None = None  # MaG's draft straight to the target after a match this long (or where it pays)
     tree: bool = False  # the target verifies token trees (chain + MaG alternatives)
 
 
@@ -179,6 +179,17 @@ CONFIGS = [
         origins=("d1", "mag"),
         reviewers=("d1",),
         mag_first=2,
+    ),
+    Config(
+        "MaG first where it pays (auto): MaG alone, K=[[0]], T=1",
+        0,
+        True,
+        [[0]],
+        1.0,
+        SamplingParams(1.0),
+        num_tokens=4,
+        origins=("mag",),
+        mag_first="auto",
     ),
     Config(
         "tree: MaG alone, K=[[2]], T=1.3",

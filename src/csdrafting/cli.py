@@ -20,6 +20,15 @@ DEFAULT_DRAFTERS = [MODELS_DIR / "pycode-5m", MODELS_DIR / "pycode-1m"]
 DEFAULT_CONFIG = MODELS_DIR / "csd_default.json"
 
 
+def _mag_first_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a match length or 'auto', got {text!r}") from None
+
+
 def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that choose and configure the cascade (shared by generate, bench, tune and serve).
 
@@ -53,10 +62,11 @@ def add_cascade_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--mag-first",
-        type=int,
+        type=_mag_first_arg,
         default=None,
-        metavar="N",
-        help="when MaG's proposal continues a suffix match of >= N tokens, send it to the target directly",
+        metavar="N|auto",
+        help="when MaG's proposal continues a suffix match of >= N tokens, send it to the target directly; "
+        "auto: where its measured acceptance and the target's measured costs say it pays",
     )
     group.add_argument(
         "--lenience", type=float, default=None, help="how leniently drafters review smaller drafters (>= 1; default 1)"

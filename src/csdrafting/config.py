@@ -72,7 +72,7 @@ class CascadeConfig:
     k_matrix: tuple[tuple[int, ...], ...] | str = AUTO
     lenience: float = 1.0
     adaptive: bool | None = None
-    mag_first: int | None = None
+    mag_first: int | str | None = None  # a match length, or "auto": where it pays (payoff.py)
     bigram: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -229,8 +229,10 @@ def _lenience(value) -> float:
 
 
 def _check_mag_first(value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"mag_first must be a positive integer (a match length) or None, got {value!r}")
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'mag_first must be a positive integer (a match length), "auto" or None, got {value!r}')
 
 
 def _check_drafter_window(value) -> None:

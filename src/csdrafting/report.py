@@ -66,6 +66,7 @@ class StepReport:
     origins: list[int] = field(default_factory=list)
     speculative: bool = False
     mag_first: bool = False
+    num_drafted: int = 0  # draft tokens the target was given (a tree: the chain's)
     num_accepted: int = 0  # draft tokens the target accepted (a tree: the chain's)
     seconds: float = 0.0
     forwards: list[ForwardRecord] = field(default_factory=list)

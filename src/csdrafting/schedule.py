@@ -29,11 +29,12 @@ verification stays exact and the output stays the target's: adaptation changes s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Protocol
 
 from .kmatrix import KMatrix
+from .payoff import PayoffGate, PayoffParams
 from .report import Segment, StepReport
 
 __all__ = ["AdaptiveSchedule", "LevelJudge", "ScheduleParams", "Segment", "StaticSchedule"]
@@ -67,6 +68,7 @@ class ScheduleParams:
     judge_levels_max: int = 256  # the interval doubles up to this while every drafter keeps paying
     level_margin: float = 0.03
     long_decay: float = 0.98  # acceptance and cost scales for judging: a longer memory than the lengths'
+    payoff: PayoffParams = field(default_factory=PayoffParams)  # mag_first="auto" (payoff.py)
 
 
 class StaticSchedule:
@@ -79,7 +81,9 @@ class StaticSchedule:
         self.k_matrix = k_matrix
         self._ends = [k_matrix.cumulative(r) for r in range(k_matrix.size)]
         # MaG first: a MaG proposal continuing a suffix match of at least ``mag_first`` tokens
-        # goes to the target alone for that step (None: off)
+        # goes to the target alone for that step (None: off; "auto": where it is expected to pay,
+        # for as many tokens as pay, payoff.py)
+        self.payoff = PayoffGate(self.params.payoff) if mag_first == "auto" else None
         self.mag_first = mag_first
         row0_total = sum(k_matrix.rows[0]) if k_matrix.size else 0
         self.mag_first_start = max(self._first_mag_first_tokens(), row0_total)
@@ -100,6 +104,8 @@ class StaticSchedule:
         learned (greedy, unseeded sampling); else start afresh without the clock (seeded
         sampling must be reproducible)."""
         self.mag_first_tokens = self.mag_first_start
+        if self.payoff is not None:
+            self.payoff.begin(use_timing=carry_over)
         if carry_over:
             self.resume()
         else:
@@ -116,7 +122,16 @@ class StaticSchedule:
 
     def mag_first_length(self) -> int:
         """How many tokens a MaG-first draft may have this step."""
+        if self.payoff is not None:
+            return self.payoff.params.max_depth  # the gate keeps as many as pay
         return self.mag_first_tokens
+
+    def mag_first_tokens_for(self, match_length: int, available: int) -> int:
+        """How many of the ``available`` tokens of a MaG proposal that matched ``match_length``
+        tokens go to the target alone this step (0: none, the step drafts as configured)."""
+        if self.payoff is not None:
+            return self.payoff.length(match_length, available)
+        return available if match_length >= self.mag_first else 0
 
     def after_mag_first(self, num_accepted: int) -> None:
         """The target accepted ``num_accepted`` tokens of a MaG-first draft."""
@@ -141,6 +156,8 @@ class StaticSchedule:
             if review.reviewer < self.size:  # a reviewer row exists (even if its draft came out empty)
                 self.after_review(review.reviewer, list(review.segments), review.num_accepted)
         self._observe_forwards(report)
+        if self.payoff is not None:
+            self.payoff.observe(report)
         if report.mag_first:
             self.after_mag_first(report.num_accepted)
         seconds, num_tokens = report.seconds, len(report.tokens)

@@ -186,6 +186,7 @@ class CascadeStep:
             gated = self._mag_first(ids, limit)
             report.mag_first = bool(gated)
             draft = gated if gated else self._fill(0, ids, limit, report, may_branch)
+        report.num_drafted = len(draft)
         tree = self._grow_tree(ids, draft, limit) if may_branch else None
         if tree is not None:
             self._verify_tree(ids, tree, draft, report)
@@ -289,11 +290,12 @@ class CascadeStep:
             return None
         mag = self.levels[self.mag_index]
         proposal = mag.propose(ids, self.num_committed, min(self.schedule.mag_first_length(), limit))
-        if proposal.match_length < self.schedule.mag_first:
+        # (a shorter proposal is a prefix of a longer one: the schedule may keep only part of it)
+        num = self.schedule.mag_first_tokens_for(proposal.match_length, len(proposal.tokens))
+        if num == 0:
             return None
-        num = len(proposal.tokens)
         draft = Draft()
-        draft.add(proposal.tokens, [self.mag_index] * num, [None] * num)
+        draft.add(proposal.tokens[:num], [self.mag_index] * num, [None] * num)
         if self.stop_at_eos:
             self._cut_after_eos(draft)
         return draft
