@@ -133,12 +133,18 @@ def _add_backend_arguments(parser: argparse.ArgumentParser, group) -> None:
         )
 
 
-def _backends(args, suite_backends: list[str] | None) -> list[str]:
+def _backends(args, suite_backends: list[str] | None, target: str) -> list[str]:
     """The backends to run: --backends, else --backend when the cascade flags have it, else the
-    suite's, without llama.cpp when its library is missing (an explicit request for it errs)."""
+    suite's, without llama.cpp when its library is missing (an explicit request for it errs).
+    A GGUF target runs on llama.cpp only: it has no transformers model."""
+    from ..backends import is_gguf
     from .llamacpp_peers import check_backends, llama_extra_available
 
     explicit = args.backends or ([args.backend] if getattr(args, "backend", None) else None)
+    if is_gguf(target):
+        if args.backends and "torch" in args.backends:
+            raise ConfigError(f"{target} is a GGUF file: its methods run on llama.cpp only (--backends llama.cpp)")
+        return check_backends(["llama.cpp"])
     if explicit:
         return check_backends(explicit)
     backends = list(suite_backends or ["torch"])
@@ -235,9 +241,10 @@ def cmd_bench(args) -> int:
         only=args.only,
         modes=args.modes,
         lengths=args.lengths,
-        backends=_backends(args, data["suites"].get(args.suite, {}).get("backends")),
+        backends=_backends(args, data["suites"].get(args.suite, {}).get("backends"), target),
     )
-    prompts_file = args.prompts or str(DEFAULT_PROMPTS_FILE)
+    suite = _without_missing_server(suite)
+    prompts_file = args.prompts or suite.prompts or str(DEFAULT_PROMPTS_FILE)
     prompts = load_prompts(prompts_file, args.num_prompts)
     if args.output:
         output = Path(args.output)
@@ -273,6 +280,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _without_missing_server(suite):
+    """The suite without its llama-server peers when the binary is not built (a note says so)."""
+    import dataclasses
+
+    from .llama_server_peer import default_server_path, server_available
+
+    if server_available() or not any(m.engine == "llama-server" for m in suite.methods):
+        return suite
+    print(
+        f"csd bench: no llama-server at {default_server_path()}, skipping its methods "
+        "(build it with scripts/build_llama_server.sh)"
+    )
+    return dataclasses.replace(suite, methods=tuple(m for m in suite.methods if m.engine != "llama-server"))
+
+
 def cmd_report(args) -> int:
     from .report import load_rows, write_report
 
@@ -286,7 +308,7 @@ def cmd_profile(args) -> int:
     from .profile import ProfileConfig, run_profile
 
     cascade_config, target, drafters, flagged = _family(args)
-    backends = _backends(args, ["torch"])
+    backends = _backends(args, ["torch"], target)
     config = ProfileConfig(
         **_model_fields(args, cascade_config, target, drafters),
         prompts_file=args.prompts,

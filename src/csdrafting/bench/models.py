@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..backends import llama_level
+from ..backends import is_gguf, llama_level
 from ..errors import ConfigError
 from ..gguf_cache import cached_gguf
+from ..gguf_tokenizer import LlamaCppTokenizer
 from ..levels.mag import BigramTable
 from ..levels.model import model_level
 from ..loading import (
@@ -31,7 +32,11 @@ class Models:
     loads them; our levels get their own copies, loaded on first use (one per model and runner),
     because our lean runner re-lays the weights out (fused projections, the kernels' layouts, or
     packed into a form the module cannot run) and transformers' methods are measured as users run
-    them, not on our layout."""
+    them, not on our layout.
+
+    A GGUF target (``--target X.gguf``, a family with no HF folder) is a llama.cpp-only family: no
+    transformers modules load, the tokenizer and the end-of-generation ids come from the GGUF, and
+    every level runs on llama.cpp (``llama_levels``)."""
 
     def __init__(
         self,
@@ -56,24 +61,15 @@ class Models:
             self.paths[name] = str(path)
         self.target_name = Path(target).name
         self.drafter_names = [Path(p).name for p in drafters]
-        self.tokenizer = load_tokenizer(target)
-        for path in drafters:
-            check_same_tokenizer(self.tokenizer, path)
-        self.modules = {name: load_model(path, self.device, torch_dtype) for name, path in self.paths.items()}
-        self.num_params = {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
-        self.weight_bytes = {
-            name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
-        }
+        self.gguf_family = is_gguf(target)
         self.runner = runner
         self.kernel = kernel
         self._torch_dtype = torch_dtype
         self._level_modules: dict[tuple[str, str], torch.nn.Module] = {}  # our copies, see the class docstring
         self._levels: dict[tuple[str, str], object] = {}
-        target_module = self.modules[self.target_name]
-        self.eos_token_ids = eos_ids(target_module, self.tokenizer)
-        pad = getattr(target_module.generation_config, "pad_token_id", None)
-        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.max_context = int(getattr(target_module.config, "max_position_embeddings", 1 << 30))
+        self.drafter_outtype = drafter_outtype
+        self.gguf_dir = gguf_dir
+        self._llama_levels = None
         self.bigram_path = None
         self.bigram = None
         bigram_path = Path(bigram) if bigram is not None else Path(target) / "csd_bigram.npy"
@@ -82,13 +78,49 @@ class Models:
         if bigram_path.is_file():
             self.bigram = BigramTable.load(bigram_path)
             self.bigram_path = str(bigram_path)
+        if self.gguf_family:
+            self._load_gguf_family(drafters)
+        else:
+            self._load_hf_family(target, drafters)
+
+    def _load_hf_family(self, target: str, drafters: list[str]) -> None:
+        """The transformers modules the peers run (our levels load their own copies on first use)."""
+        self.tokenizer = load_tokenizer(target)
+        for path in drafters:
+            check_same_tokenizer(self.tokenizer, path)
+        self.modules = {name: load_model(path, self.device, self._torch_dtype) for name, path in self.paths.items()}
+        self.num_params = {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}
+        self.weight_bytes = {
+            name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in self.modules.items()
+        }
+        target_module = self.modules[self.target_name]
+        self.eos_token_ids = eos_ids(target_module, self.tokenizer)
+        pad = getattr(target_module.generation_config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        self.max_context = int(getattr(target_module.config, "max_position_embeddings", 1 << 30))
         # transformers peers: count forward calls per model with a pre-hook (microseconds per call)
         self.num_forwards = dict.fromkeys(self.modules, 0)
         for name, module in self.modules.items():
             module.register_forward_pre_hook(self._counter(name))
-        self.drafter_outtype = drafter_outtype
-        self.gguf_dir = gguf_dir
-        self._llama_levels = None
+
+    def _load_gguf_family(self, drafters: list[str]) -> None:
+        """A GGUF target: the tokenizer and end-of-generation ids from its file; parameters, context
+        and weight bytes from the llama.cpp levels, loaded now (every method runs on them)."""
+        if self.device.type != "cpu":
+            raise ConfigError(f"a GGUF target runs on llama.cpp, on the CPU: use device 'cpu', not {self.device}")
+        self.tokenizer = LlamaCppTokenizer(self.paths[self.target_name])
+        vocab = None
+        for path in drafters:
+            vocab = check_same_tokenizer(self.tokenizer, path, vocab)
+        self.modules = {}
+        self.num_forwards = {}
+        self.eos_token_ids = sorted(self.tokenizer.eos_token_ids)
+        self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        levels = self.llama_levels()
+        runners = {level.name: level.runner for level in (levels.target, *levels.drafters)}
+        self.num_params = {name: runner.num_params for name, runner in runners.items()}
+        self.weight_bytes = {name: self.gguf(name).stat().st_size for name in runners}
+        self.max_context = runners[self.target_name].max_positions
 
     @classmethod
     def for_config(cls, config) -> Models:
@@ -97,7 +129,10 @@ class Models:
         return cls(*(getattr(config, name) for name in fields))
 
     def gguf(self, name: str) -> Path:
-        """The GGUF file of model ``name`` (target f32, drafters at ``drafter_outtype``), converted once."""
+        """The GGUF file of model ``name``: a .gguf path as given, else its folder converted once (the
+        target f32, drafters at ``drafter_outtype``)."""
+        if is_gguf(self.paths[name]):
+            return Path(self.paths[name])
         outtype = TARGET_OUTTYPE if name == self.target_name else self.drafter_outtype
         return cached_gguf(self.paths[name], outtype, self.gguf_dir)
 

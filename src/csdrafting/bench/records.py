@@ -29,6 +29,7 @@ class Outcome:
     acceptance_rate: float | None
     config: dict
     engine_stats: dict | None = None
+    memory: dict | None = None  # a peer in its own process: its peak RSS (else the bench measures its own)
 
     @classmethod
     def of_peer(

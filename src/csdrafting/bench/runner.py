@@ -36,10 +36,12 @@ from .. import timing
 from ..errors import ConfigError
 from ..levels.kernels import cpu_model
 from ..paths import PACKAGE_DIR
+from .llama_server_peer import LlamaServerPeer
 from .llamacpp_peers import LlamaCppPeer
 from .models import Models
 from .records import Outcome, Request
 from .suite import Method, Suite
+from .workload import encode_prompt, record_fixed_length, record_max_new_tokens
 
 SCHEMA = "csd-bench/1"
 COST_MODEL_LABEL = (
@@ -317,6 +319,8 @@ def make_runner(method: Method, models: Models):
         return TransformersMethod(method, models)
     if method.engine == "llama.cpp":
         return LlamaCppPeer(method, models)
+    if method.engine == "llama-server":
+        return LlamaServerPeer(method, models)
     return CascadeMethod(method, models)
 
 
@@ -441,6 +445,9 @@ def run_benchmark(config: BenchConfig, log=print) -> Path:
                 sink.flush()
     finally:
         bar.close()
+        for runner in runners.values():  # peers in their own processes (llama-server) stop here
+            if hasattr(runner, "close"):
+                runner.close()
     elapsed = time.perf_counter() - clock_start
     log(f"csd bench: {num_rows} rows in {elapsed:.0f} s -> {config.output}")
     return config.output
@@ -465,10 +472,11 @@ def _common_fields(config: BenchConfig, models: Models, started_at: datetime.dat
 
 
 def _encode_prompts(config: BenchConfig, models: Models) -> list[list[int]]:
-    """The prompts' token ids; each must leave room in the target's context for the longest generation."""
-    prompt_ids = [list(models.tokenizer(p["text"])["input_ids"]) for p in config.prompts]
-    longest = max(config.suite.lengths)
+    """The prompts' token ids (a workload's ``messages`` through the target's chat template); each must
+    leave room in the target's context for its longest generation."""
+    prompt_ids = [encode_prompt(p, models.tokenizer) for p in config.prompts]
     for prompt, ids in zip(config.prompts, prompt_ids):
+        longest = record_max_new_tokens(prompt, max(config.suite.lengths))
         if not ids:
             raise ConfigError(f"prompt {prompt['id']} encodes to no tokens")
         if len(ids) + longest > models.max_context:
@@ -491,13 +499,15 @@ class _Case:
     mode: str
 
 
-def _request(config: BenchConfig, ids: list[int], length: int, mode: str, seed: int) -> Request:
+def _request(config: BenchConfig, prompt: dict, ids: list[int], length: int, mode: str, seed: int) -> Request:
+    """One generation's request; a workload record's ``max_new_tokens`` and ``ignore_eos`` win over
+    the suite's length and the mode's stop rule."""
     decoding, stop = mode.split("-")
     return Request(
         prompt_ids=ids,
-        max_new_tokens=length,
+        max_new_tokens=record_max_new_tokens(prompt, length),
         greedy=decoding == "greedy",
-        fixed_length=stop == "fixed",
+        fixed_length=record_fixed_length(prompt, stop == "fixed"),
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
@@ -508,7 +518,7 @@ def _request(config: BenchConfig, ids: list[int], length: int, mode: str, seed: 
 def _case_request(config: BenchConfig, case: _Case, trial: int) -> Request:
     """A case's request in one trial: sampling seeds differ by trial and prompt."""
     seed = config.seed + 1000 * trial + case.prompt_index
-    return _request(config, case.prompt_ids, case.length, case.mode, seed)
+    return _request(config, case.prompt, case.prompt_ids, case.length, case.mode, seed)
 
 
 def _by_case(timed_calls, num_methods: int):
@@ -537,12 +547,16 @@ class _BenchLoop:
         self.memory.start()
         outcome = self.runners[method.name].generate(_case_request(self.config, case, trial))
         self.bar.update()
-        return outcome, self.memory.stop()
+        memory = self.memory.stop()
+        # a peer in its own process (llama-server) measures that process: our RSS says nothing of it
+        return outcome, outcome.memory or memory
 
     def warm(self, method: Method, decoding: str, ids: list[int]) -> None:
         self.bar.set_postfix_str(f"warm-up {method.name} {decoding}")
         longest = max(self.config.suite.lengths)
-        self.runners[method.name].generate(_request(self.config, ids, longest, f"{decoding}-fixed", self.config.seed))
+        prompt = {**self.config.prompts[0], "ignore_eos": True}  # the whole length, whatever the record says
+        request = _request(self.config, prompt, ids, longest, f"{decoding}-fixed", self.config.seed)
+        self.runners[method.name].generate(request)
         self.bar.update()
 
     def rows(self, group: list, common: dict) -> list[dict]:
@@ -562,7 +576,8 @@ class _BenchLoop:
     def _row(self, common: dict, timed, req: Request, baseline_tokens: list[int]) -> dict:
         method, case = timed.method, timed.case
         outcome, mem = timed.result
-        decoding, stop = case.mode.split("-")
+        decoding = case.mode.split("-")[0]
+        stop = "fixed" if req.fixed_length else "natural"  # a workload record may override the mode's
         greedy = decoding == "greedy"
         num_new = len(outcome.token_ids)
         cost, swi = cost_model(outcome.levels, num_new, self.target_params)

@@ -12,6 +12,9 @@ A method spec is a JSON object:
   (prompt lookup decoding), ``generate_options`` (more keyword arguments for ``model.generate``).
 * llama.cpp: llama-cpp-python's ``Llama.generate`` on the target's GGUF; ``prompt_lookup_num_tokens``
   (its ``LlamaPromptLookupDecoding`` as draft model).
+* llama-server: llama.cpp's own server on the target's GGUF, timed through its HTTP API
+  (``llama_server_peer.py``); ``spec_type`` (its ``--spec-type``, e.g. ``"ngram-mod"``; null: plain)
+  and ``draft_model`` (a drafter's name, ``"smallest"`` or ``"largest"``: its ``-md``).
 * csd: ``drafters`` (a list of drafter names, largest first, or ``"all"``: the default), ``mag``
   (default true), ``k_matrix`` (JSON rows, the shorthand string, or ``"auto"``: the default, a
   starting matrix adapted online), ``lenience`` (default 1.0), ``adaptive`` (true / false / null:
@@ -39,16 +42,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..paths import DEFAULT_SUITE_FILE
+from ..paths import DEFAULT_SUITE_FILE, PACKAGE_DIR
+
+REPOSITORY_DIR = PACKAGE_DIR.parents[1]  # src/csdrafting -> the checkout (benchmarks/ lives there)
 
 MODES = ("greedy-fixed", "greedy-natural", "sampling-fixed", "sampling-natural")
-ENGINES = ("transformers", "csd", "llama.cpp")
+ENGINES = ("transformers", "csd", "llama.cpp", "llama-server")
 BACKENDS = ("torch", "llama.cpp")
-ENGINE_BACKENDS = {"transformers": "torch", "llama.cpp": "llama.cpp"}  # where each peer runs
+# where each peer runs
+ENGINE_BACKENDS = {"transformers": "torch", "llama.cpp": "llama.cpp", "llama-server": "llama.cpp"}
 LLAMA_SUFFIX = "@llama.cpp"  # a csd method's name on the llama.cpp backend
 TEMPLATE_KEYS = ("drafter", "k00", "lenience")  # "{key}" in a name expands over these
 _TRANSFORMERS_KEYS = {"assistant", "prompt_lookup_num_tokens", "generate_options"}
 _LLAMA_KEYS = {"prompt_lookup_num_tokens"}
+_LLAMA_SERVER_KEYS = {"spec_type", "draft_model"}
 _CSD_KEYS = {
     "drafters",
     "mag",
@@ -92,6 +99,7 @@ class Suite:
     baseline: str  # the first backend's plain decoding
     description: str = ""
     baselines: dict = field(default_factory=dict, hash=False, compare=False)  # backend -> its baseline
+    prompts: str | None = None  # the suite's prompt set (a workload), when it names one
 
     def baseline_of(self, method: Method) -> str:
         """The method greedy rows are compared with and speedups are over: its backend's plain decoding."""
@@ -185,7 +193,21 @@ def build_suite(
         baseline=baselines[backends[0]],
         description=entry.get("description", ""),
         baselines=baselines,
+        prompts=_suite_prompts(suite_name, entry.get("prompts")),
     )
+
+
+def _suite_prompts(suite_name: str, prompts) -> str | None:
+    """A suite's prompt set: an absolute path, else relative to the repository (``benchmarks/...``),
+    else to the working directory."""
+    if prompts is None:
+        return None
+    if not isinstance(prompts, str) or not prompts:
+        raise ConfigError(f"suite {suite_name!r}: 'prompts' must be a path to a prompts JSONL file")
+    path = Path(prompts)
+    if not path.is_absolute() and (REPOSITORY_DIR / path).is_file():
+        path = REPOSITORY_DIR / path
+    return str(path)
 
 
 def _resolve_methods(resolver: _Resolver, names: list[str], backends: list[str]) -> dict[str, Method]:
@@ -315,9 +337,13 @@ class _Resolver:
         engine = spec.setdefault("engine", "csd")
         if engine not in ENGINES:
             raise ConfigError(f"method {name!r}: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        allowed = (
-            _COMMON_KEYS | {"transformers": _TRANSFORMERS_KEYS, "llama.cpp": _LLAMA_KEYS, "csd": _CSD_KEYS}[engine]
-        )
+        engine_keys = {
+            "transformers": _TRANSFORMERS_KEYS,
+            "llama.cpp": _LLAMA_KEYS,
+            "llama-server": _LLAMA_SERVER_KEYS,
+            "csd": _CSD_KEYS,
+        }
+        allowed = _COMMON_KEYS | engine_keys[engine]
         unknown = set(spec) - allowed - set(TEMPLATE_KEYS)
         if unknown:
             raise ConfigError(f"method {name!r}: unknown keys {sorted(unknown)} for engine {engine!r}")
@@ -325,6 +351,8 @@ class _Resolver:
             _check_transformers(name, spec, self.drafters)
         elif engine == "llama.cpp":
             _check_lookup(name, spec)
+        elif engine == "llama-server":
+            spec = _normalize_server(name, spec, self.drafters)
         else:
             spec = _normalize_csd(name, spec, self.drafters)
         return Method(name, engine, spec)
@@ -350,6 +378,21 @@ def _check_transformers(name: str, spec: dict, drafters: list[str]) -> None:
     options = spec.get("generate_options", {})
     if not isinstance(options, dict):
         raise ConfigError(f"method {name!r}: generate_options must be a JSON object")
+
+
+def _normalize_server(name: str, spec: dict, drafters: list[str]) -> dict:
+    """``spec_type`` a comma-separated string or null; ``draft_model`` a loaded drafter's name."""
+    spec_type = spec.get("spec_type")
+    if spec_type is not None and (not isinstance(spec_type, str) or not spec_type.strip()):
+        raise ConfigError(f"method {name!r}: spec_type must be a llama-server --spec-type string or null")
+    draft = spec.get("draft_model")
+    if draft in ("smallest", "largest"):
+        if not drafters:
+            raise ConfigError(f"method {name!r}: draft_model {draft!r} needs a loaded drafter")
+        draft = drafters[-1] if draft == "smallest" else drafters[0]
+    if draft is not None and draft not in drafters:
+        raise ConfigError(f"method {name!r}: draft_model {draft!r} is not a loaded drafter ({', '.join(drafters)})")
+    return {**spec, "spec_type": spec_type, "draft_model": draft}
 
 
 def _check_lookup(name: str, spec: dict) -> None:
