@@ -93,7 +93,7 @@ def test_bench_runs_a_gguf_family_with_workload_records(gguf_family, tmp_path):
 
 @pytest.mark.skipif(not server_available(BUILT_SERVER), reason="llama-server not built (scripts/build_llama_server.sh)")
 def test_llama_server_peers_run_in_the_same_bench(gguf_family, tmp_path, monkeypatch):
-    monkeypatch.setenv("CSD_LLAMA_SERVER", str(BUILT_SERVER))
+    monkeypatch.setenv("CSDRAFTING_LLAMA_SERVER", str(BUILT_SERVER))
     rows = _bench(gguf_family, tmp_path, "llama-plain,llama-server-plain,llama-server-ngram-mod,llama-server-draft-*")
     servers = [r for r in rows if r["engine"] == "llama-server"]
     assert sorted({r["method"] for r in servers}) == [

@@ -6,7 +6,7 @@ forward round differently). The test asserts it compared most tokens, so it cann
 
 Skips when the family is not in the cache, except under CI=true, where a missing family is a failure (.ci/run
 fetches it). The tests' own cache (conftest) is a temporary folder, so the family is looked up in the user
-cache: ``CSD_FAMILY_CACHE`` if set, else ``~/.cache/csdrafting``. Runtime: ~200 target-sized forwards and four
+cache: ``CSDRAFTING_FAMILY_CACHE`` if set, else ``~/.cache/csdrafting``. Runtime: ~200 target-sized forwards and four
 loads of the 1.5B (mmap, ~3 s each); 4.7 minutes on 2 cores shared with two other test runs (load average 5.8),
 where one forward took ~0.8 s instead of the ~35 ms it takes on an idle machine.
 """
@@ -26,7 +26,7 @@ from csdrafting.families import qwen_coder_paths
 HAS_LLAMA = all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", "gguf"))
 pytestmark = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python / gguf not installed")
 
-USER_CACHE = Path(os.environ.get("CSD_FAMILY_CACHE") or Path.home() / ".cache" / "csdrafting")
+USER_CACHE = Path(os.environ.get("CSDRAFTING_FAMILY_CACHE") or Path.home() / ".cache" / "csdrafting")
 NUM_NEW = 24
 # Top-2 logit margin below which a batched and a one-token forward may disagree on the argmax. Measured on the
 # 1.5B Q4_K_M (12 positions of a code prompt): the mean |logit| difference between the two is 0.04-0.08 and

@@ -13,7 +13,7 @@ reuse of the previous request's prefix), greedy as temperature 0. Tokens come ba
 own peak RSS (``/proc/PID/status`` VmHWM, reset before each request where Linux allows it).
 
 The binary: ``scripts/build_llama_server.sh`` builds it from the llama.cpp source vendored in the pinned
-llama-cpp-python, into ``~/.cache/csdrafting/llama-server/VERSION/`` (``CSD_LLAMA_SERVER`` names another).
+llama-cpp-python, into ``~/.cache/csdrafting/llama-server/VERSION/`` (``CSDRAFTING_LLAMA_SERVER`` names another).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pinned llama-cpp-python whose vendore
 
 
 def default_server_path() -> Path:
-    """Where ``scripts/build_llama_server.sh`` puts the binary (or ``$CSD_LLAMA_SERVER``)."""
-    explicit = os.environ.get("CSD_LLAMA_SERVER")
+    """Where ``scripts/build_llama_server.sh`` puts the binary (or ``$CSDRAFTING_LLAMA_SERVER``)."""
+    explicit = os.environ.get("CSDRAFTING_LLAMA_SERVER")
     if explicit:
         return Path(explicit)
     return cache_dir() / "llama-server" / LLAMA_CPP_PYTHON_VERSION / "llama-server"
