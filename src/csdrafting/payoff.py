@@ -75,12 +75,13 @@ class PayoffGate:
         """Tokens to draft from a proposal that matched ``match_length`` tokens (0: none)."""
         key = (match_bucket(match_length), self.whole)
         limit = min(available, self.params.max_depth)
-        best_k, best_speed = 0, 1.0 / self.seconds(1)
+        seconds = self.curve(limit + 1)  # computed once per decision: this runs every step
+        best_k, best_speed = 0, 1.0 / seconds[0]
         reach, expected = 1.0, 0.0
-        for k in range(1, limit + 1):
-            reach *= self.rate(key, k)
+        for k, rate in enumerate(self.rates(key, limit), start=1):
+            reach *= rate
             expected += reach
-            speed = (1.0 + expected) / self.seconds(k + 1)
+            speed = (1.0 + expected) / seconds[k]
             if speed > best_speed:
                 best_k, best_speed = k, speed
         if best_k == 0 and limit > 0:
@@ -90,39 +91,47 @@ class PayoffGate:
         self._pending = key if best_k else None
         return best_k
 
-    def rate(self, key: tuple, depth: int) -> float:
-        """The chance the token at ``depth`` (1-based) is accepted, given the ones before were.
-        Each depth's counts are shrunk toward the depth above it (the first toward the prior):
-        copying goes on or does not, so a depth seldom tried goes as the ones before it, and
-        drafts grow while they are right."""
+    def rates(self, key: tuple, max_depth: int) -> list[float]:
+        """For depths 1..``max_depth``, the chance the token there is accepted given the ones before
+        were. Each depth's counts are shrunk toward the depth above it (the first toward the prior):
+        copying goes on or does not, so a depth seldom tried goes as the ones before it, and drafts
+        grow while they are right."""
         weight = self.params.prior_weight
         rate = self.params.prior_acceptance
         tries, hits = self._tries.get(key, ()), self._hits.get(key, ())
-        for d in range(min(depth, len(tries))):
-            rate = (hits[d] + rate * weight) / (tries[d] + weight)
-        return rate
+        out = []
+        for d in range(max_depth):
+            if d < len(tries):
+                rate = (hits[d] + rate * weight) / (tries[d] + weight)
+            out.append(rate)
+        return out
+
+    def rate(self, key: tuple, depth: int) -> float:
+        """The chance the token at ``depth`` (1-based) is accepted, given the ones before were."""
+        return self.rates(key, depth)[-1]
 
     def seconds(self, num_tokens: int) -> float:
-        """The target's expected seconds over ``num_tokens`` tokens: measured, interpolated or
-        extrapolated; 1.0 per forward (a unit) before anything is measured."""
+        """The target's expected seconds over ``num_tokens`` tokens (``curve``)."""
+        return self.curve(num_tokens)[-1]
+
+    def curve(self, max_tokens: int) -> list[float]:
+        """The target's expected seconds over 1..``max_tokens`` tokens: measured, interpolated
+        between measured sizes or extrapolated past them; in units of one forward, rising by
+        ``prior_token_share`` a token, before anything is measured (or scaled to the one size
+        measured)."""
         sizes = sorted(self._weights)
-        if not sizes:
-            return 1.0 + self.params.prior_token_share * (num_tokens - 1)
         mean = {t: self._seconds[t] / self._weights[t] for t in sizes}
-        if num_tokens in mean:
-            return mean[num_tokens]
-        if len(sizes) == 1:
-            t = sizes[0]
-            unit = mean[t] / (1 + self.params.prior_token_share * (t - 1))
-            return unit * (1 + self.params.prior_token_share * (num_tokens - 1))
-        below = [t for t in sizes if t < num_tokens]
-        above = [t for t in sizes if t > num_tokens]
-        if below and above:
-            lo, hi = below[-1], above[0]  # interpolate
-        else:
-            lo, hi = (sizes[-2], sizes[-1]) if below else (sizes[0], sizes[1])  # extrapolate
-        slope = (mean[hi] - mean[lo]) / (hi - lo)
-        return max(mean[lo] + slope * (num_tokens - lo), 1e-9)
+        share = self.params.prior_token_share
+        unit = mean[sizes[0]] / (1 + share * (sizes[0] - 1)) if len(sizes) == 1 else 1.0
+        out = []
+        for num_tokens in range(1, max_tokens + 1):
+            if num_tokens in mean:
+                out.append(mean[num_tokens])
+            elif len(sizes) < 2:
+                out.append(unit * (1 + share * (num_tokens - 1)))
+            else:
+                out.append(_line(mean, sizes, num_tokens))
+        return out
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -148,3 +157,15 @@ class PayoffGate:
             tries[depth] = decay * tries[depth] + 1
             hits[depth] = decay * hits[depth] + (depth < report.num_accepted)
         self.whole = report.num_accepted == num_drafted
+
+
+def _line(mean: dict[int, float], sizes: list[int], num_tokens: int) -> float:
+    """Seconds at ``num_tokens`` on the line through the nearest measured sizes."""
+    below = [t for t in sizes if t < num_tokens]
+    above = [t for t in sizes if t > num_tokens]
+    if below and above:
+        lo, hi = below[-1], above[0]  # interpolate
+    else:
+        lo, hi = (sizes[-2], sizes[-1]) if below else (sizes[0], sizes[1])  # extrapolate
+    slope = (mean[hi] - mean[lo]) / (hi - lo)
+    return max(mean[lo] + slope * (num_tokens - lo), 1e-9)
